@@ -1,0 +1,133 @@
+"""``QuantConfig``: every setting of a quantization run, validated up front with errors that say the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "gptq", "agq", "vsraq")
+ROUTER_MODES = ("refit", "quantize", "keep")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the field and what to use instead."""
+
+
+@dataclass
+class QuantConfig:
+    """Settings of one quantization run (GPTQ conventions, plus the VSRAQ knobs of DESIGN 3).
+
+    ``method``: ``rtn`` (round to nearest), ``gptq`` (stock GPTQ), ``agq`` (MoEQuant's affinity-guided
+    GPTQ) or ``vsraq`` (GPTQ with the routing-alignment terms). With every ``lambda_*`` = 0, ``vsraq``
+    solves exactly what ``gptq`` solves.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    damp_auto_increment: float = 0.01
+    block_size: int = 128
+    method: str = "vsraq"
+    true_sequential: bool = True
+    # Experts with fewer calibration tokens than this fall back to all-token coverage, then RTN (DESIGN 3.5).
+    min_expert_tokens: int = 16
+
+    # --- VSRAQ knobs (DESIGN 3.3-3.6); 0 switches a term off ---
+    lambda_value: float = 1.0  # router token fragility weight: w_t = 1 + lambda_value * phi(m_t)
+    lambda_structure: float = 1.0  # extra weight on boundary-participant rows of the router
+    lambda_expert: float = 1.0  # expert tokens: downstream (next-layer) fragility
+    lambda_attention: float = 0.0  # attention / shared experts: own-layer fragility
+    lambda_metric: float = 1.0  # routing metric on residual writers (o_proj, down_proj)
+    near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
+    margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
+    reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
+    fp_target_alpha: float = 0.0  # blend of FP-stream targets (DESIGN 3.5c); 0 = quantized stream only
+    router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
+
+    # Per-module overrides, GPTQ ``dynamic`` style: {"regex": {"bits": 3}}.
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first bad field and the fix."""
+        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
+            raise ConfigError(f"bits={self.bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+            raise ConfigError(f"group_size={self.group_size!r} must be an int: -1 (per row) or a positive size.")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError(
+                f"group_size={self.group_size} is invalid; use -1 for one group per row or a positive size "
+                "such as 32, 64 or 128."
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown; use one of {METHODS}.")
+        if self.router_mode not in ROUTER_MODES:
+            raise ConfigError(f"router_mode={self.router_mode!r} is unknown; use one of {ROUTER_MODES}.")
+        if not (0.0 < self.damp_percent < 1.0) or not math.isfinite(self.damp_percent):
+            raise ConfigError(f"damp_percent={self.damp_percent} must lie in (0, 1); GPTQ's usual value is 0.01.")
+        if not (0.0 <= self.damp_auto_increment < 1.0):
+            raise ConfigError(
+                f"damp_auto_increment={self.damp_auto_increment} must lie in [0, 1); 0 disables escalation."
+            )
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size={self.block_size} must be positive; 128 is GPTQ's default.")
+        if self.min_expert_tokens < 0:
+            raise ConfigError(f"min_expert_tokens={self.min_expert_tokens} must be >= 0.")
+        for name in (
+            "lambda_value",
+            "lambda_structure",
+            "lambda_expert",
+            "lambda_attention",
+            "lambda_metric",
+            "near_miss_weight",
+            "margin_band",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r} must be a finite number >= 0; 0 switches the term off.")
+        if not (0.0 <= self.fp_target_alpha <= 1.0):
+            raise ConfigError(f"fp_target_alpha={self.fp_target_alpha} must lie in [0, 1].")
+        if self.reweight_rounds < 0:
+            raise ConfigError(f"reweight_rounds={self.reweight_rounds} must be >= 0.")
+        if not isinstance(self.dynamic, dict):
+            raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")
+        for pattern, override in self.dynamic.items():
+            if not isinstance(override, dict):
+                raise ConfigError(f"dynamic[{pattern!r}] must be a dict such as {{'bits': 3}}.")
+            if "bits" in override and override["bits"] not in SUPPORTED_BITS:
+                raise ConfigError(
+                    f"dynamic[{pattern!r}]['bits']={override['bits']!r} is not supported; use one of {SUPPORTED_BITS}."
+                )
+
+    def check_in_features(self, in_features: int, name: str = "layer") -> None:
+        """A group must tile the input dimension exactly (the GPTQ v1 format stores whole groups)."""
+        if self.group_size != -1 and in_features % self.group_size != 0:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            hint = f"use group_size in {divisors} or -1" if divisors else "use group_size=-1"
+            raise ConfigError(
+                f"group_size={self.group_size} does not divide {name}'s input dimension {in_features}; {hint}."
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        return dataclasses.replace(self, **changes)

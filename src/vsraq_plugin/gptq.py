@@ -1,0 +1,328 @@
+"""The GPTQ engine: weighted Hessian accumulation and the blocked column solve, batched over matrices.
+
+One call solves B same-shape weight matrices (the experts of a layer) at once: batched Cholesky, and the
+column loop runs once for all of them. A distinct Hessian per output row (the router, DESIGN 3.4) is the
+same solve with each row treated as a one-row matrix.
+
+The solve follows the GPTQ reference (Frantar et al., ``gptq.py``): quantize column j, spread its error
+over the columns not yet quantized with row j of the upper Cholesky factor of H^-1, lazily per block.
+Everything here is a pure function of tensors; the pipeline feeds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import QuantizedWeight, compute_qparams, dequantize, group_count, quantize
+
+
+class HessianError(RuntimeError):
+    """The Hessian cannot be used (no data, or not positive definite even after damping)."""
+
+
+class HessianAccumulator:
+    """Streaming, count-normalised ``H = sum_t w_t x_t x_t^T / sum_t w_t`` for ``num_matrices`` matrices.
+
+    ``add(x)`` feeds every matrix the same tokens; ``add(x, index=e)`` sends token t to matrix ``e[t]``
+    only (experts: one scatter into a padded batch, then one batched matmul); a 2-D ``weight`` of shape
+    ``(tokens, num_matrices)`` gives each matrix its own token weights (row-specific Hessians, DESIGN 3.1).
+    Normalising by the weight sum makes integer weights identical to duplicated tokens.
+    """
+
+    def __init__(self, in_features: int, num_matrices: int = 1, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.num_matrices = num_matrices
+        self.H = torch.zeros(num_matrices, in_features, in_features, device=device)
+        self.weight_sum = torch.zeros(num_matrices, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(num_matrices, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n, d = x.shape
+        if d != self.in_features:
+            raise ValueError(f"inputs have {d} features, the accumulator expects {self.in_features}.")
+        if n == 0:
+            return
+        if weight is None:
+            weight = torch.ones(n, device=x.device)
+        weight = weight.float().reshape(n, -1)
+        if (weight < 0).any() or not torch.isfinite(weight).all():
+            raise ValueError("token weights must be finite and >= 0.")
+        if not torch.isfinite(x).all():
+            raise ValueError("calibration activations hold NaN/Inf; the model's forward is broken upstream.")
+
+        if weight.shape[1] == self.num_matrices and self.num_matrices > 1:  # row-specific weights
+            if index is not None:
+                raise ValueError("pass either a per-matrix weight matrix or an index, not both.")
+            added = torch.einsum("nd,ne,nf->edf", x, weight, x)
+            wsum, count = weight.sum(0).double(), (weight > 0).sum(0)
+        elif index is None:
+            w = weight[:, 0]
+            added = ((x * w[:, None]).T @ x).expand(self.num_matrices, d, d)
+            wsum = w.sum().double().expand(self.num_matrices)
+            count = torch.full((self.num_matrices,), int((w > 0).sum()), device=x.device)
+        else:
+            index = index.reshape(n).long()
+            if index.numel() and (index.min() < 0 or index.max() >= self.num_matrices):
+                raise ValueError(f"index values must lie in [0, {self.num_matrices}).")
+            w = weight[:, 0]
+            counts = torch.bincount(index, minlength=self.num_matrices)
+            order = torch.argsort(index, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(n, device=x.device) - starts.repeat_interleave(counts)
+            buf = x.new_zeros(self.num_matrices, int(counts.max()), d)
+            buf[index[order], pos] = x[order] * w[order].sqrt()[:, None]
+            added = buf.transpose(1, 2) @ buf
+            wsum = torch.zeros(self.num_matrices, dtype=torch.float64, device=x.device)
+            wsum.index_add_(0, index, w.double())
+            count = torch.bincount(index[w > 0], minlength=self.num_matrices)
+
+        new_sum = self.weight_sum + wsum
+        keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
+        self.H.mul_(keep.float()[:, None, None])
+        self.H.add_(added / new_sum.clamp(min=1e-300).float()[:, None, None])
+        self.weight_sum = new_sum
+        self.tokens += count
+
+
+def _damped_inverse_cholesky(
+    H: torch.Tensor, damp_percent: float, damp_increment: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, per matrix of the batch.
+
+    Damping starts at ``damp_percent`` and grows by ``damp_increment`` for the matrices whose
+    factorisation fails, until it succeeds or reaches 1 (then ``HessianError``).
+    """
+    n, d, _ = H.shape
+    eye = torch.eye(d, device=H.device, dtype=H.dtype)
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    damp = torch.full((n,), damp_percent, device=H.device, dtype=H.dtype)
+    out = torch.empty_like(H)
+    todo = None  # None = the whole batch (no gather/scatter copies on the common path)
+    while True:
+        Hd = (H if todo is None else H[todo]) + (damp if todo is None else damp[todo])[:, None, None] * (
+            mean_diag if todo is None else mean_diag[todo]
+        )[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info2 == 0)
+        if todo is None and bool(ok.all()):
+            return U, damp
+        idx = torch.arange(n, device=H.device) if todo is None else todo
+        out[idx[ok]] = U[ok]
+        todo = idx[~ok]
+        if not todo.numel():
+            return out, damp
+        if damp_increment <= 0 or float(damp[todo].max()) + damp_increment >= 1.0:
+            raise HessianError(
+                f"the Hessian of matrix/matrices {todo.tolist()[:8]} is not positive definite even with "
+                f"damping {float(damp[todo].max()):.3f}: too few or degenerate calibration tokens. Use more "
+                "calibration data, raise damp_percent, or quantize this layer with RTN."
+            )
+        damp[todo] += damp_increment
+
+
+# Bytes of one in-block working set (block columns x rows x chunk of matrices) the column loop keeps hot.
+_CHUNK_BYTES = 2 << 20
+
+
+def _solve_columns(
+    Wt: torch.Tensor,
+    Hinv: torch.Tensor,
+    perm: torch.Tensor,
+    bits: int,
+    sym: bool,
+    group_size: int,
+    static: tuple[torch.Tensor, torch.Tensor] | None,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's blocked column solve on column-major weights ``Wt`` ``(N, in, rows)`` (modified in place),
+    with ``Hinv`` the upper Cholesky factor of each damped, permuted ``H^-1``. Returns codes and dequantized
+    weight ``(N, in, rows)`` in quantization order, and scales/zeros ``(N, rows, groups)``."""
+    N, d, r = Wt.shape
+    gs = d if group_size == -1 else group_size
+    ngroups = d // gs
+
+    def grid(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, k, r) -> params (N, r)
+        return compute_qparams(cols.transpose(1, 2), bits, sym)
+
+    codes = torch.empty_like(Wt)
+    Q = torch.empty_like(Wt)
+    if static is not None:
+        scales, zeros = static
+        static_scale, static_zero = static
+    else:
+        scales = torch.zeros(N, r, ngroups, device=Wt.device)
+        zeros = torch.zeros(N, r, ngroups, device=Wt.device)
+    if group_size == -1:
+        scale, zero = grid(Wt)
+        scales[..., 0], zeros[..., 0] = scale, zero
+
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        W1 = Wt[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            w = W1[:, i]
+            if group_size != -1:
+                if static is not None:
+                    g = perm[:, col] // gs  # original column's group, per matrix
+                    scale = torch.gather(static_scale, 2, g[:, None, None].expand(N, r, 1))[..., 0]
+                    zero = torch.gather(static_zero, 2, g[:, None, None].expand(N, r, 1))[..., 0]
+                elif col % gs == 0:
+                    # As in the GPTQ reference: the group's grid comes from the global W, whose columns in
+                    # this block have not yet received this block's in-block updates.
+                    scale, zero = grid(Wt[:, col : col + gs])
+                    scales[:, :, col // gs], zeros[:, :, col // gs] = scale, zero
+            q = quantize(w, scale, zero, bits)
+            codes[:, col] = q
+            wq = dequantize(q, scale, zero)
+            Q[:, col] = wq
+            err = (w - wq) / Hinv1[:, i, i, None]
+            # OBS update of the block's remaining columns: W[:, j] -= err * Hinv[i, j] (upper factor row i).
+            W1[:, i + 1 :].baddbmm_(Hinv1[:, i, i + 1 :, None], err[:, None, :], alpha=-1)
+            Err1[:, i] = err
+        # Lazy batch: the block's accumulated error reaches all later columns in one matmul.
+        Wt[:, i2:].baddbmm_(Hinv[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1)
+    return codes, Q, scales, zeros
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, row_hessian: bool) -> None:
+    if W.dim() != 3:
+        raise ValueError(f"W must be (B, rows, in); got shape {tuple(W.shape)}.")
+    B, R, d = W.shape
+    want = (B, R, d, d) if row_hessian else (B, d, d)
+    if tuple(H.shape) != want:
+        raise ValueError(f"H must have shape {want} for W of shape {tuple(W.shape)}; got {tuple(H.shape)}.")
+    if not torch.isfinite(W).all():
+        raise ValueError("the weight holds NaN or Inf values; it cannot be quantized (check the checkpoint).")
+    if not torch.isfinite(H).all():
+        raise HessianError("the Hessian holds NaN or Inf values; the calibration activations overflowed.")
+    flat = H.reshape(-1, d, d)
+    empty = (torch.diagonal(flat, dim1=-2, dim2=-1) == 0).all(-1)
+    if empty.any():
+        which = empty.nonzero().flatten().tolist()[:8]
+        raise HessianError(
+            f"the Hessian of matrix/row(s) {which} is all zero: no calibration token reached it. Feed more "
+            "calibration data, or quantize it with RTN (the pipeline does this for starved experts)."
+        )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = True,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    damp_auto_increment: float = 0.01,
+    block_size: int = 128,
+) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """GPTQ-quantize a batch of weights ``W`` ``(B, rows, in)`` with Hessians ``H``.
+
+    ``H`` is ``(B, in, in)``, or ``(B, rows, in, in)`` for a distinct Hessian per output row. Returns the
+    quantized weight (codes, fp16-exact scales, zeros, ``g_idx``, dequantized weight, all in the original
+    column order), the Hessian-weighted error ``tr((W-Q) H (W-Q)^T)`` per matrix with the undamped H, and
+    the relative damping each matrix needed.
+    """
+    row_hessian = H.dim() == 4
+    _check_inputs(W, H, row_hessian)
+    B, R, d = W.shape
+    ngroups = group_count(d, group_size)
+    gs = d // ngroups
+    W0 = W.float()
+    H0 = H.float()
+
+    if row_hessian:  # each row is a one-row matrix with its own Hessian; act-order shares one permutation
+        Hs = H0.reshape(B * R, d, d)
+        Ws = W0.reshape(B * R, 1, d)
+        perm_source = torch.diagonal(H0, dim1=-2, dim2=-1).sum(1)  # (B, d)
+    else:
+        Hs, Ws = H0, W0
+        perm_source = torch.diagonal(H0, dim1=-2, dim2=-1)
+    N, r = Ws.shape[0], Ws.shape[1]
+    rep = R if row_hessian else 1
+
+    # Column-major working copy (N, in, rows): one column of W is one contiguous slice, so the per-column
+    # work and the rank-1 updates stream through memory.
+    Hs = Hs.clone()
+    Wt = Ws.transpose(1, 2).contiguous()
+    diag = torch.diagonal(Hs, dim1=-2, dim2=-1)
+    dead = diag == 0  # columns no token ever activates: weight irrelevant, set to 0 as GPTQ does
+    diag.masked_fill_(dead, 1.0)
+    Wt.masked_fill_(dead[:, :, None], 0.0)
+
+    # Static groups: grid parameters from the (dead-zeroed) weight before any error feedback.
+    static = None
+    if static_groups and group_size != -1:
+        static = compute_qparams(Wt.reshape(N, ngroups, gs, r).permute(0, 3, 1, 2), bits, sym)  # (N, r, groups)
+
+    if desc_act:
+        perm = torch.argsort(perm_source, dim=-1, descending=True, stable=True)  # (B, d)
+        perm_n = perm.repeat_interleave(rep, dim=0)
+        Wt = torch.gather(Wt, 1, perm_n[:, :, None].expand(N, d, r))
+        Hs = torch.gather(Hs, 1, perm_n[:, :, None].expand(N, d, d))
+        Hs = torch.gather(Hs, 2, perm_n[:, None, :].expand(N, d, d))
+    else:
+        perm = torch.arange(d, device=W.device).expand(B, d)
+        perm_n = perm.expand(N, d)
+
+    Hinv, damp = _damped_inverse_cholesky(Hs, damp_percent, damp_auto_increment)
+
+    # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column:
+    # chunks sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
+    chunk = max(1, _CHUNK_BYTES // (min(block_size, d) * r * 4))
+    parts = []
+    for c in range(0, N, chunk):
+        part = slice(c, c + chunk)
+        static_part = None if static is None else (static[0][part], static[1][part])
+        parts.append(_solve_columns(Wt[part], Hinv[part], perm_n[part], bits, sym, group_size, static_part, block_size))
+    codes, Q, scales, zeros = (torch.cat(t) for t in zip(*parts, strict=True))
+
+    if desc_act:
+        inv = torch.argsort(perm_n, dim=-1)
+        codes = torch.gather(codes, 1, inv[:, :, None].expand(N, d, r))
+        Q = torch.gather(Q, 1, inv[:, :, None].expand(N, d, r))
+    codes = codes.transpose(1, 2)
+    Q = Q.transpose(1, 2)
+
+    # g_idx: group of each original column. Act-order without static groups groups the columns in
+    # quantization order, so column perm[j] belongs to group j // gs.
+    if desc_act and not static_groups and group_size != -1:
+        g_idx = torch.empty_like(perm)
+        g_idx.scatter_(1, perm, (torch.arange(d, device=W.device) // gs).expand(B, d).contiguous())
+    else:
+        g_idx = (torch.arange(d, device=W.device) // gs).expand(B, d)
+
+    codes = codes.reshape(B, R, d)
+    Q = Q.reshape(B, R, d).contiguous()
+    error = hessian_error(W0, Q, H0)
+    if row_hessian:
+        damp = damp.reshape(B, R).amax(1)
+    qw = QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales.reshape(B, R, ngroups),
+        zeros=zeros.reshape(B, R, ngroups).to(torch.int32),
+        g_idx=g_idx.to(torch.int32).contiguous(),
+        weight=Q,
+        bits=bits,
+        group_size=group_size,
+    )
+    return qw, error, damp
+
+
+def hessian_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``tr((W-Q) H (W-Q)^T)`` per matrix: the quantity GPTQ minimises (H: ``(B,d,d)`` or ``(B,R,d,d)``)."""
+    diff = (W - Q).float()
+    if H.dim() == 4:
+        return torch.einsum("brd,brde,bre->b", diff, H.float(), diff)
+    return torch.einsum("brd,bde,bre->b", diff, H.float(), diff)
+
+
+__all__ = ["HessianAccumulator", "HessianError", "gptq_quantize", "hessian_error"]

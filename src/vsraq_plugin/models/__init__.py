@@ -1,0 +1,45 @@
+"""Model adapters and their registry: ``get_adapter(model_or_config)``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer
+from .deepseek_v3 import DeepseekV3Adapter
+from .mixtral import MixtralAdapter
+from .olmoe import OlmoeAdapter
+from .qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
+
+ADAPTERS: dict[str, type[MoEAdapter]] = {
+    t: cls
+    for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter)
+    for t in cls.model_types
+}
+
+# Config fields whose presence (> 0) marks a model as a mixture of experts.
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is a MoE of a family no adapter knows."""
+
+
+def _is_moe(config) -> bool:
+    return any(isinstance(getattr(config, f, None), int) and getattr(config, f) > 0 for f in _MOE_FIELDS)
+
+
+def get_adapter(model_or_config) -> MoEAdapter:
+    """The adapter of a model (or its config). Dense models get the generic adapter (no routers)."""
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    model_type = getattr(config, "model_type", None)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type](config)
+    if _is_moe(config):
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a mixture of experts that vsraq-plugin has no adapter for; supported "
+            f"MoE families: {sorted(ADAPTERS)}. Add an adapter in vsraq_plugin/models/ (see base.py)."
+        )
+    return MoEAdapter(config)
+
+
+__all__ = ["ADAPTERS", "EXPERT_PROJECTIONS", "MoEAdapter", "MoELayer", "UnsupportedModelError", "get_adapter"]

@@ -1,0 +1,107 @@
+"""The uniform integer grid with GPTQ's conventions: per-(row, group) scale and zero point, sym or asym.
+
+Conventions (those of the GPTQ reference ``quant.py``, which every GPTQ v1 loader assumes):
+the range always contains 0 (``xmin <= 0 <= xmax``); an all-zero group gets the range [-1, 1];
+``sym`` uses ``zero = (maxq + 1) / 2``; codes are ``clamp(round(x / scale) + zero, 0, maxq)`` and
+dequantize to ``scale * (code - zero)``. Scales are rounded to fp16 here, because fp16 is what the
+checkpoint stores: the weight the solver sees is then exactly the weight a loader reconstructs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Smallest positive fp16 (a subnormal); a smaller scale would be stored as 0.
+_FP16_TINY = 2.0**-24
+
+
+def maxq_for(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point over the last dimension of ``w`` (one group per leading index).
+
+    Returns ``scale`` (float32, fp16-representable) and ``zero`` (float32 holding an integer in
+    ``[0, maxq]``), both shaped ``w.shape[:-1]``.
+    """
+    maxq = maxq_for(bits)
+    w = w.float()
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = ((xmax - xmin) / maxq).clamp(min=_FP16_TINY).half().float()
+    if not torch.isfinite(scale).all():
+        raise ValueError(
+            "a weight group's range overflows the fp16 scale of the GPTQ format (|w| > ~1e6); "
+            "check the model's weights for corruption."
+        )
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid (``scale``/``zero`` broadcast against ``w``), as float32."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq_for(bits))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes.float() - zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight on the GPTQ grid. ``scales``/``zeros`` are ``(..., rows, groups)``; ``g_idx`` maps each
+    input column to its group; ``weight`` is the dequantized float32 weight."""
+
+    codes: torch.Tensor  # (..., rows, in) uint8
+    scales: torch.Tensor  # (..., rows, groups) float32, fp16-representable
+    zeros: torch.Tensor  # (..., rows, groups) int32
+    g_idx: torch.Tensor  # (..., in) int32
+    weight: torch.Tensor  # (..., rows, in) float32
+    bits: int
+    group_size: int
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    if group_size == -1:
+        return 1
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension {in_features}; "
+            "choose a group size that divides it, or -1."
+        )
+    return in_features // group_size
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w`` (``(..., rows, in)``) with contiguous groups."""
+    *lead, rows, cols = w.shape
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight holds NaN or Inf values; it cannot be quantized.")
+    groups = group_count(cols, group_size)
+    gs = cols // groups
+    wg = w.float().reshape(*lead, rows, groups, gs)
+    scale, zero = compute_qparams(wg, bits, sym)
+    codes = quantize(wg, scale[..., None], zero[..., None], bits)
+    deq = dequantize(codes, scale[..., None], zero[..., None]).reshape(*lead, rows, cols)
+    g_idx = (torch.arange(cols, device=w.device) // gs).to(torch.int32).expand(*lead, cols).contiguous()
+    return QuantizedWeight(
+        codes=codes.reshape(*lead, rows, cols).to(torch.uint8),
+        scales=scale,
+        zeros=zero.to(torch.int32),
+        g_idx=g_idx,
+        weight=deq,
+        bits=bits,
+        group_size=group_size,
+    )

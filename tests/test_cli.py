@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from tiny_models import tiny_model
+from vsraq_plugin.cli import fixture_path, main
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    """A tiny Mixtral and a perturbed copy saved as model folders, with a tokenizer from the fixture."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = AutoTokenizer.from_pretrained(fixture_path())
+    ref = tiny_model("mixtral", seed=2)
+    ref.resize_token_embeddings(len(tok))
+    ref.save_pretrained(root / "fp")
+    tok.save_pretrained(root / "fp")
+    with torch.no_grad():
+        ref.model.layers[0].mlp.gate.weight.mul_(-1.0)  # reverses layer 0's expert ranking
+    ref.save_pretrained(root / "q")
+    (root / "text.txt").write_text("It is a truth universally acknowledged, that a single man. " * 80)
+    return root
+
+
+def test_eval_writes_report_and_flags_the_changed_router(saved_pair, tmp_path, capsys):
+    root = saved_pair
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            str(root / "fp"),
+            "--model",
+            str(root / "q"),
+            "--model",
+            str(root / "fp"),
+            "--text",
+            str(root / "text.txt"),
+            "--out",
+            str(tmp_path),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    q, same = report["models"][str(root / "q")], report["models"][str(root / "fp")]
+    assert same["topk_set_agreement"] == 1.0 and same["kl"] == pytest.approx(0, abs=1e-7)
+    assert q["per_layer"]["topk_set_agreement"][0] == 0.0  # negated logits: top-2 becomes bottom-2
+    assert report["text"]["tokens"] == 4 * 32
+    assert "| FP reference |" in capsys.readouterr().out
+
+
+def test_eval_errors_are_one_clear_line(saved_pair, tmp_path, capsys):
+    root = saved_pair
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            str(root / "fp"),
+            "--model",
+            str(tmp_path),
+            "--text",
+            str(root / "text.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2
+    assert "is not a model directory (no config.json)" in capsys.readouterr().err
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            str(root / "fp"),
+            "--model",
+            str(pickled),
+            "--text",
+            str(root / "text.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2
+    assert "safetensors only" in capsys.readouterr().err
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            str(root / "fp"),
+            "--model",
+            str(root / "q"),
+            "--text",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

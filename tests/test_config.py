@@ -1,0 +1,51 @@
+import pytest
+
+from vsraq_plugin import ConfigError, QuantConfig
+
+
+def test_round_trip_preserves_every_field():
+    cfg = QuantConfig(
+        bits=3,
+        group_size=64,
+        sym=False,
+        desc_act=True,
+        method="agq",
+        lambda_metric=2.5,
+        dynamic={r"experts\.3\.": {"bits": 4}},
+    )
+    again = QuantConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"bits": 5}, "bits"),
+        ({"bits": True}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": -2}, "group_size"),
+        ({"method": "awq"}, "method"),
+        ({"damp_percent": 0.0}, "damp_percent"),
+        ({"damp_percent": float("nan")}, "damp_percent"),
+        ({"lambda_value": -1.0}, "lambda_value"),
+        ({"router_mode": "train"}, "router_mode"),
+        ({"fp_target_alpha": 1.5}, "fp_target_alpha"),
+        ({"dynamic": {"x": {"bits": 6}}}, "dynamic"),
+    ],
+)
+def test_bad_values_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**changes)
+
+
+def test_unknown_key_lists_known_fields():
+    with pytest.raises(ConfigError, match=r"unknown QuantConfig field.*wbits"):
+        QuantConfig.from_dict({"wbits": 4})
+
+
+def test_group_size_must_divide_in_features():
+    cfg = QuantConfig(group_size=128)
+    cfg.check_in_features(256)
+    with pytest.raises(ConfigError, match=r"does not divide .*input dimension 96.*group_size in \[32\]"):
+        cfg.check_in_features(96, "model.layers.0.mlp.down_proj")

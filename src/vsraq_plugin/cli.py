@@ -1,4 +1,4 @@
-"""The ``vsraq`` command line: ``demo`` and ``eval`` (``quantize`` and ``bench`` join as they land)."""
+"""The ``vsraq`` command line: ``quantize``, ``eval`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,24 @@ def load_model(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def load_any(path: str | Path):
+    """A GPTQ checkpoint through the plugin's loader, any other model through transformers."""
+    import json
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        qcfg = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+        if qcfg.get("quant_method") == "gptq":
+            from .checkpoint import CheckpointError, load_checkpoint
+
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as exc:
+                raise CLIError(str(exc)) from exc
+    return load_model(path)
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
@@ -54,6 +72,66 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def resolve_model(name: str) -> Path:
+    """A model folder, or the name of the shipped fixture (``tiny-mixtral``)."""
+    return fixture_path() if name == FIXTURE else Path(name)
+
+
+def load_calibration(calib: str):
+    """A text file, a ``.json``/``.jsonl`` file with a ``text`` field, or a ``datasets`` folder (save_to_disk)."""
+    path = Path(calib)
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            return load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise CLIError(f"--calib {path} is a folder but not a dataset saved with save_to_disk ({exc}).") from exc
+    if not path.is_file():
+        raise CLIError(f"--calib {path} does not exist; pass a text file, a JSON-lines file or a dataset folder.")
+    if path.suffix in (".json", ".jsonl"):
+        from datasets import load_dataset
+
+        return load_dataset("json", data_files=str(path), split="train")
+    return str(path)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .config import QuantConfig
+    from .pipeline import calibration_windows, quantize_model
+
+    _set_threads(args.threads)
+    path = resolve_model(args.model)
+    cfg = QuantConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=not args.asym,
+        desc_act=args.desc_act,
+        damp_percent=args.damp_percent,
+        method=args.method,
+    )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite.")
+    tok = load_tokenizer(path)
+    model = load_model(path)
+    windows = None
+    if cfg.method != "rtn":
+        calib = args.calib or (str(path / "calib.txt") if (path / "calib.txt").is_file() else None)
+        if calib is None:
+            raise CLIError(f"method {cfg.method} needs calibration data: pass --calib FILE|DATASET_DIR.")
+        windows = calibration_windows(tok, load_calibration(calib), args.seq_len, args.n_samples)
+        print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}")
+    result = quantize_model(model, windows, cfg, batch_size=args.batch_size, work_dir=args.resume_dir)
+    save_checkpoint(model, result, out, tokenizer=tok, overwrite=args.overwrite)
+    fallbacks = result.summary["fallbacks"]
+    print(f"{cfg.method} W{cfg.bits}g{cfg.group_size}: {result.summary['seconds']:.1f}s, wrote {out}")
+    for f in fallbacks:
+        print(f"  fallback: {f['target']}[{f['index']}] -> {f['action']} ({f['reason']})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import build_report, evaluate, markdown_table, named, token_windows, write_report
 
@@ -61,10 +139,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text_path = Path(args.text)
     if not text_path.is_file():
         raise CLIError(f"--text {text_path} does not exist; pass a UTF-8 text file.")
-    tok = load_tokenizer(args.reference)
+    tok = load_tokenizer(resolve_model(args.reference))
     windows = token_windows(tok, text_path.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
-    reference = load_model(args.reference)
-    models = named((m, load_model(m)) for m in args.model)
+    reference = load_model(resolve_model(args.reference))
+    models = named((m, load_any(m)) for m in args.model)
     report = build_report(
         evaluate(reference, models, windows, args.batch_size), args.reference, str(text_path), windows.numel()
     )
@@ -77,10 +155,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import QuantConfig
     from .evaluation import build_report, evaluate, markdown_table, token_windows, write_report
-    from .pipeline import quantize_rtn
+    from .pipeline import calibration_windows, quantize_model
 
     _set_threads(args.threads)
-    path = Path(args.model) if args.model else fixture_path()
+    path = resolve_model(args.model)
     if not (path / "config.json").is_file():
         raise CLIError(f"the demo model is missing at {path}; reinstall vsraq-plugin or pass --model.")
     tok = load_tokenizer(path)
@@ -91,14 +169,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"model {path.name}: {sum(p.numel() for p in reference.parameters()):,} parameters; "
         f"eval text {text.name}: {windows.numel():,} tokens"
     )
+    calib = calibration_windows(tok, path / "calib.txt", args.seq_len, args.n_samples)
     models = {}
     for bits in args.bits:
-        cfg = QuantConfig(bits=bits, group_size=args.group_size, method="rtn")
-        t0 = time.perf_counter()
-        model = copy.deepcopy(reference)
-        quantize_rtn(model, cfg)
-        models[f"rtn W{bits}g{args.group_size}"] = model
-        print(f"rtn W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
+        for method in args.methods:
+            cfg = QuantConfig(bits=bits, group_size=args.group_size, method=method)
+            t0 = time.perf_counter()
+            model = copy.deepcopy(reference)
+            quantize_model(model, calib, cfg, batch_size=args.batch_size)
+            models[f"{method} W{bits}g{args.group_size}"] = model
+            print(f"{method} W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
     report = build_report(evaluate(reference, models, windows, args.batch_size), str(path), str(text), windows.numel())
     paths = write_report(report, Path(args.out))
     print()
@@ -125,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="torch threads (default: OMP_NUM_THREADS, else torch's default)",
         )
 
+    q = sub.add_parser("quantize", help="quantize a model and write a GPTQ v1 checkpoint")
+    q.add_argument("model", help=f"model folder (safetensors), or '{FIXTURE}' for the shipped fixture")
+    q.add_argument("--method", choices=["gptq", "agq", "rtn"], default="gptq")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    q.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
+    q.add_argument("--desc-act", action="store_true", help="act-order (quantize columns by decreasing diag(H))")
+    q.add_argument("--damp-percent", type=float, default=0.01)
+    q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--resume-dir", help="keep per-layer state here; a re-run resumes after the last finished layer")
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
+    q.set_defaults(func=cmd_quantize)
+
     e = sub.add_parser("eval", help="compare quantized models with their full-precision reference")
     e.add_argument("--model", action="append", required=True, help="a model folder to evaluate (repeatable)")
     e.add_argument("--reference", required=True, help="the full-precision model folder (and its tokenizer)")
@@ -134,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize the shipped tiny Mixtral with every method and compare")
-    d.add_argument("--model", help="model folder (default: the shipped fixture)")
+    d.add_argument("--model", default=FIXTURE, help="model folder with calib.txt (default: the shipped fixture)")
+    d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "agq"], choices=["rtn", "gptq", "agq"])
+    d.add_argument("--n-samples", type=int, default=64, help="calibration windows")
     d.add_argument("--text", help="evaluation text (default: the fixture's eval.txt)")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     d.add_argument("--group-size", type=int, default=64)
@@ -145,13 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .gptq import HessianError
+    from .models import UnsupportedModelError
+    from .pipeline import CalibrationError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CLIError as exc:
-        print(f"vsraq {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # config and input validation errors carry their own fix
+    except (CLIError, ConfigError, CalibrationError, CheckpointError, UnsupportedModelError, HessianError) as exc:
         print(f"vsraq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

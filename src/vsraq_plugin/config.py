@@ -33,7 +33,7 @@ class QuantConfig:
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.01
     block_size: int = 128
-    method: str = "vsraq"
+    method: str = "gptq"
     true_sequential: bool = True
     # Experts with fewer calibration tokens than this fall back to all-token coverage, then RTN (DESIGN 3.5).
     min_expert_tokens: int = 16

@@ -106,7 +106,7 @@ def pack_linear(
         qweight=pack_codes(codes.T.contiguous(), bits),
         qzeros=pack_codes(zm1, bits).T.contiguous(),
         scales=scales.T.contiguous().to(torch.float16),
-        g_idx=g_idx.to(torch.int32).contiguous(),
+        g_idx=g_idx.to(torch.int32).clone(),
         bits=bits,
         in_features=in_f,
         out_features=out_f,

@@ -1,29 +1,347 @@
-"""Model-level quantization: which weights get quantized, in which order, and with which method.
+"""Layer-by-layer calibration with two streams (DESIGN 3.2), stock baselines, starved experts, resume.
 
-The quantization targets of a decoder layer, in true-sequential order (DESIGN 3.2): attention linears,
-then (MoE layers) the experts' gate/up and down projections as batched ``(E, out, in)`` views of the fused
-weights, then shared experts or the dense MLP. Routers, norms, embeddings and ``lm_head`` stay in 16 bits.
+For each decoder layer, in true-sequential order: attention's first linears (q/k/v), then o_proj, then
+the experts' gate/up together with the shared experts' gate/up, then every down projection. Each stage
+re-runs the layer over the calibration batches with the stages before it already quantized, so every
+linear sees the inputs the quantized model really gives it. The experts' Hessians are accumulated by
+scatter into one ``(E, d, d)`` tensor and solved as one batch.
+
+Two streams are kept: the quantized stream (inputs produced by the layers already quantized) feeds the
+solves; the full-precision stream (the original model's inputs) records the FP router logits that the
+routing-aware methods use as targets.
+
+Methods: ``rtn``; ``gptq`` = stock GPTQ (unweighted Hessians, each expert sees the tokens the partially
+quantized model routes to it, router untouched); ``agq`` = MoEQuant's affinity-guided GPTQ (expert Hessians
+weighted by the gate score of the token).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
+from .gptq import HessianAccumulator, HessianError, gptq_quantize
+from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 
+# Weight of each all-token sample in a starved expert's Hessian, relative to a routed token (DESIGN 3.5).
+COVERAGE_WEIGHT = 0.05
 
+
+class CalibrationError(ValueError):
+    """The calibration data cannot drive a quantization run; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def calibration_windows(tokenizer, calib, seq_len: int = 256, n_samples: int = 128) -> torch.Tensor:
+    """Token windows ``(n, seq_len)`` from a text file path, a list of texts, a ``datasets.Dataset`` with a
+    ``text`` column, or token tensors (``(n, seq_len)`` or a list of 1-D tensors)."""
+    if isinstance(calib, torch.Tensor) or (
+        isinstance(calib, (list, tuple)) and calib and all(isinstance(t, torch.Tensor) for t in calib)
+    ):
+        ids = torch.cat([t.reshape(-1) for t in (calib if not isinstance(calib, torch.Tensor) else [calib])])
+        ids = ids.long()
+    else:
+        texts = _calibration_texts(calib)
+        if tokenizer is None:
+            raise CalibrationError("texts need a tokenizer; pass tokenizer=... or token tensors.")
+        eos = tokenizer.eos_token_id
+        flat: list[int] = []
+        for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            flat.extend(doc)
+            if eos is not None:
+                flat.append(eos)
+        ids = torch.tensor(flat, dtype=torch.long)
+    n = min(n_samples, ids.numel() // seq_len)
+    if n == 0:
+        raise CalibrationError(
+            f"the calibration data hold {ids.numel()} tokens, fewer than one window of {seq_len}; pass more or "
+            "longer texts, or a smaller seq_len."
+        )
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _calibration_texts(calib) -> list[str]:
+    if isinstance(calib, (str, os.PathLike)):
+        path = Path(calib)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {path} does not exist.")
+        calib = [d for d in path.read_text(encoding="utf-8").split("\n\n")]
+    elif hasattr(calib, "column_names"):  # datasets.Dataset
+        if "text" not in calib.column_names:
+            raise CalibrationError(f"the dataset has columns {calib.column_names}; it needs a 'text' column.")
+        calib = list(calib["text"])
+    if not isinstance(calib, (list, tuple)) or not all(isinstance(t, str) for t in calib):
+        raise CalibrationError(
+            "calibration data must be a text file, a list of strings, a datasets.Dataset "
+            "with a 'text' column, or token tensors."
+        )
+    texts = [t for t in calib if t.strip()]
+    if not texts:
+        raise CalibrationError("the calibration set is empty (no non-blank text); pass real texts.")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------- layer runner
+class _Stop(Exception):
+    pass
+
+
+class LayerRunner:
+    """Runs single decoder layers on stored hidden states with the kwargs the model gives its layers."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, windows: torch.Tensor, batch_size: int) -> None:
+        self.adapter = adapter
+        layers = adapter.decoder_layers(model)
+        captured: list[torch.Tensor] = []
+        kwargs: dict = {}
+
+        def catch(_module, args, kw):
+            captured.append((args[0] if args else kw["hidden_states"]).detach())
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=windows[start : start + batch_size], use_cache=False)
+        finally:
+            handle.remove()
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        self.kwargs = kwargs
+        self.inputs = captured  # layer-0 inputs, one tensor per batch
+
+    def run(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outs = []
+        for h in hidden:
+            out = layer(h, **self.kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+class _LinearInputs:
+    """Forward-pre hooks streaming each named linear's inputs into its own Hessian accumulator."""
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.acc = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
+        self.handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            self.acc[name].add(args[0].detach())
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    vals = list(args) + [kwargs[n] for n in names[len(args) :]]
+    return vals[0].detach(), vals[1].detach(), vals[2].detach().float()
+
+
+def expert_pairs(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs of a routing decision as token indices and expert ids, flattened."""
+    T, k = idx.shape
+    return torch.arange(T, device=x.device).repeat_interleave(k), idx.reshape(-1).long()
+
+
+def expert_hidden(
+    experts: nn.Module, gate_up: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, expert_ids: torch.Tensor
+) -> torch.Tensor:
+    """The down projection's input ``gate(x W_gu^T)`` for each (token, expert) pair, one padded bmm."""
+    E = gate_up.shape[0]
+    counts = torch.bincount(expert_ids, minlength=E)
+    order = torch.argsort(expert_ids, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=x.device) - starts.repeat_interleave(counts)
+    buf = x.new_zeros(E, int(counts.max()) if counts.numel() else 0, x.shape[-1])
+    buf[expert_ids, pos] = x[tokens]
+    out = torch.bmm(buf, gate_up.transpose(1, 2).to(buf.dtype))
+    gate_fn = getattr(experts, "_apply_gate", None)
+    h = gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
+    return h[expert_ids, pos]
+
+
+class _ExpertInputs:
+    """Forward-pre hook on a fused experts module: scatter its routed inputs into per-expert Hessians.
+
+    ``stage="gate_up"`` accumulates the expert inputs (and all tokens, for starved experts' coverage);
+    ``stage="down"`` accumulates the down projection's inputs, computed with the current gate/up weights.
+    """
+
+    def __init__(self, experts: nn.Module, stage: str, weighted: bool, coverage: torch.Tensor | None = None):
+        self.experts, self.stage, self.weighted = experts, stage, weighted
+        E, two_i, d = experts.gate_up_proj.shape
+        dim = d if stage == "gate_up" else two_i // 2
+        self.acc = HessianAccumulator(dim, E)
+        self.all_tokens = HessianAccumulator(d) if stage == "gate_up" else None
+        self.coverage_ids = coverage  # experts that need all-token Hessians of their down input
+        self.coverage = HessianAccumulator(dim, len(coverage)) if coverage is not None and len(coverage) else None
+        self.handle = experts.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, _module, args, kwargs):
+        x, idx, w = _routing_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        tokens, eids = expert_pairs(x, idx)
+        weight = w.reshape(-1) if self.weighted else None
+        if self.stage == "gate_up":
+            self.acc.add(x[tokens], weight, index=eids)
+            self.all_tokens.add(x)
+            return
+        gate_up = self.experts.gate_up_proj.detach().float()
+        self.acc.add(expert_hidden(self.experts, gate_up, x, tokens, eids), weight, index=eids)
+        if self.coverage is not None:
+            T = x.shape[0]
+            ids = self.coverage_ids
+            all_tok = torch.arange(T, device=x.device).repeat(len(ids))
+            all_eid = torch.as_tensor(ids, device=x.device).repeat_interleave(T)
+            h = expert_hidden(self.experts, gate_up, x, all_tok, all_eid)
+            self.coverage.add(h, index=torch.arange(len(ids), device=x.device).repeat_interleave(T))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- solves
+@dataclass
+class QuantizationResult:
+    """Quantized weights by target (``(B, out, in)`` batches; experts ``B = E``) plus a run summary."""
+
+    weights: dict[str, QuantizedWeight]
+    config: QuantConfig
+    summary: dict = field(default_factory=dict)
+    fp_router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    qw, _, _ = gptq_quantize(
+        W,
+        H,
+        cfg.bits,
+        cfg.group_size,
+        cfg.sym,
+        cfg.desc_act,
+        cfg.static_groups,
+        cfg.damp_percent,
+        cfg.damp_auto_increment,
+        cfg.block_size,
+    )
+    return qw
+
+
+def _take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedWeight:
+    """Assemble per-subset results (batch indices, result) into one batch of B."""
+    first = qws[0][1]
+
+    def gather(attr: str) -> torch.Tensor:
+        ref = getattr(first, attr)
+        out = ref.new_empty((B, *ref.shape[1:]))
+        for ids, qw in qws:
+            out[ids] = getattr(qw, attr)
+        return out
+
+    return QuantizedWeight(
+        codes=gather("codes"),
+        scales=gather("scales"),
+        zeros=gather("zeros"),
+        g_idx=gather("g_idx"),
+        weight=gather("weight"),
+        bits=first.bits,
+        group_size=first.group_size,
+    )
+
+
+def solve_batch(
+    W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, name: str, fallbacks: list[dict]
+) -> QuantizedWeight:
+    """GPTQ on a batch; matrices whose Hessian is unusable fall back to RTN (reported), never NaN or a crash."""
+    B = W.shape[0]
+    dead = torch.diagonal(H, dim1=-2, dim2=-1).eq(0).all(-1) | ~torch.isfinite(H).all(-1).all(-1)
+    solved = (~dead).nonzero().flatten()
+    parts = []
+    if solved.numel():
+        try:
+            parts.append((solved, _gptq(W[solved], H[solved], cfg)))
+        except HessianError:
+            for i in solved.tolist():  # isolate the failing matrices
+                try:
+                    parts.append((torch.tensor([i]), _gptq(W[i : i + 1], H[i : i + 1], cfg)))
+                except HessianError as exc:
+                    dead[i] = True
+                    fallbacks.append({"target": name, "index": i, "action": "rtn", "reason": str(exc)[:200]})
+    for i in dead.nonzero().flatten().tolist():
+        if not any(f["target"] == name and f["index"] == i for f in fallbacks):
+            fallbacks.append({"target": name, "index": i, "action": "rtn", "reason": "no calibration token"})
+        parts.append((torch.tensor([i]), rtn(W[i : i + 1].float(), cfg.bits, cfg.group_size, cfg.sym)))
+    return _take(parts, B)
+
+
+def _with_coverage(
+    acc: HessianAccumulator, cov_H: torch.Tensor, cov_tokens: int, starved: list[int], name: str, fallbacks: list[dict]
+) -> torch.Tensor:
+    """Starved experts' Hessians blended with all-token coverage at a small per-token weight (DESIGN 3.5)."""
+    H = acc.H.clone()
+    for j, e in enumerate(starved):
+        n_e, extra = float(acc.weight_sum[e]), COVERAGE_WEIGHT * cov_tokens
+        cov = cov_H[j if cov_H.shape[0] > 1 else 0]
+        H[e] = (n_e * acc.H[e] + extra * cov) / max(n_e + extra, 1e-12)
+        fallbacks.append(
+            {
+                "target": name,
+                "index": e,
+                "action": "all-token coverage",
+                "reason": f"{int(acc.tokens[e])} routed tokens < min_expert_tokens",
+            }
+        )
+    return H
+
+
+def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeight]:
+    """Split a result along its output rows (GPTQ is separable over rows: the parts are exact)."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        out.append(
+            QuantizedWeight(
+                qw.codes[:, rows],
+                qw.scales[:, rows],
+                qw.zeros[:, rows],
+                qw.g_idx,
+                qw.weight[:, rows],
+                qw.bits,
+                qw.group_size,
+            )
+        )
+        start += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- targets (rtn)
 @dataclass
 class Target:
     """One batch of same-shape weights to quantize: ``weight`` is ``(B, out, in)`` (a view into the model)."""
 
-    name: str  # module path inside the model, e.g. "model.layers.0.mlp.experts.down_proj"
+    name: str
     weight: torch.Tensor
     kind: str  # "attention" | "expert" | "shared" | "mlp"
 
@@ -41,24 +359,307 @@ def layer_targets(adapter: MoEAdapter, layer: MoELayer) -> Iterator[Target]:
         yield Target(f"{prefix}.{name}", lin.weight[None], "shared" if layer.is_moe else "mlp")
 
 
-def _group_size_for(config: QuantConfig, name: str, in_features: int) -> int:
-    config.check_in_features(in_features, name)
-    return config.group_size
+def _check_group_sizes(adapter: MoEAdapter, model: nn.Module, cfg: QuantConfig) -> None:
+    for layer in adapter.layers(model):
+        for t in layer_targets(adapter, layer):
+            cfg.check_in_features(t.weight.shape[-1], t.name)
 
 
+# ---------------------------------------------------------------------------------------------- the pipeline
 @torch.no_grad()
-def quantize_rtn(model: nn.Module, config: QuantConfig, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Round-to-nearest every target in place (the model then computes with the dequantized weights).
+def quantize_model(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    config: QuantConfig,
+    *,
+    batch_size: int = 8,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    on_layer_done: Callable[[int], None] | None = None,
+) -> QuantizationResult:
+    """Quantize ``model`` in place with ``config.method`` on calibration ``windows`` ``(n, seq_len)``.
 
-    Returns the quantized weights by target name (codes, scales, zeros, ``g_idx``) for packing.
+    The model ends up computing with the dequantized weights (float32); the returned result holds the
+    integer codes and grids for the checkpoint. With ``work_dir``, every finished layer is saved there and a
+    re-run with the same model, data and config resumes after the last finished layer, bit for bit.
     """
     adapter = get_adapter(model)
-    results: dict[str, QuantizedWeight] = {}
+    if config.method == "vsraq":
+        raise NotImplementedError("method='vsraq' lands with the VSRAQ issue; use 'gptq', 'agq' or 'rtn'.")
+    _check_group_sizes(adapter, model, config)
+    if config.method != "rtn" and (windows is None or windows.dim() != 2 or windows.numel() == 0):
+        raise CalibrationError(
+            f"method={config.method!r} needs calibration windows: a non-empty (n, seq_len) "
+            "token tensor (see calibration_windows)."
+        )
+    if next(model.parameters()).dtype != torch.float32:
+        model.float()  # the in-memory model must hold the grid values exactly (bf16 cannot)
+    model.eval()
+    t_start = time.perf_counter()
     layers = adapter.layers(model)
-    for layer in tqdm(layers, desc=f"rtn W{config.bits}g{config.group_size}", unit="layer", disable=not progress):
-        for target in layer_targets(adapter, layer):
-            gs = _group_size_for(config, target.name, target.weight.shape[-1])
-            qw = rtn(target.weight.float(), config.bits, gs, config.sym)
-            target.weight.copy_(qw.weight.to(target.weight.dtype))
-            results[target.name] = qw
-    return results
+    result = QuantizationResult(
+        weights={}, config=config, summary={"method": config.method, "fallbacks": [], "layer_seconds": []}
+    )
+    if config.method == "rtn":
+        for layer in tqdm(layers, desc=f"rtn W{config.bits}", unit="layer", disable=not progress):
+            t0 = time.perf_counter()
+            for t in layer_targets(adapter, layer):
+                qw = rtn(t.weight.float(), config.bits, config.group_size, config.sym)
+                t.weight.copy_(qw.weight)
+                result.weights[t.name] = qw
+            result.summary["layer_seconds"].append(time.perf_counter() - t0)
+        result.summary["seconds"] = time.perf_counter() - t_start
+        return result
+
+    runner = LayerRunner(model, adapter, windows, batch_size)
+    x_q = runner.inputs
+    x_fp = [h.clone() for h in x_q]
+    state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
+    first = 0
+    if state is not None:
+        first, restored_q, restored_fp = state.restore(adapter, layers, result)
+        if first:
+            x_q, x_fp = restored_q, restored_fp
+    bar = tqdm(
+        total=len(layers),
+        initial=first,
+        desc=f"{config.method} W{config.bits}g{config.group_size}",
+        unit="layer",
+        disable=not progress,
+    )
+    for layer in layers[first:]:
+        t0 = time.perf_counter()
+        x_fp = _fp_pass(runner, adapter, layer, x_fp, result)
+        _quantize_layer(runner, adapter, layer, x_q, config, result)
+        x_q = runner.run(layer.layer, x_q)
+        result.summary["layer_seconds"].append(time.perf_counter() - t0)
+        if state is not None:
+            state.save_layer(layer.index, result, x_q, x_fp)
+        bar.update(1)
+        if on_layer_done is not None:
+            on_layer_done(layer.index)
+    bar.close()
+    result.summary["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def _fp_pass(
+    runner: LayerRunner, adapter: MoEAdapter, layer: MoELayer, x_fp: list[torch.Tensor], result: QuantizationResult
+) -> list[torch.Tensor]:
+    """Advance the full-precision stream through the (still unquantized) layer; record its router logits."""
+    logits: list[torch.Tensor] = []
+    handle = None
+    if layer.is_moe:
+
+        def hook(_m, _a, out):
+            logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+        handle = layer.router.register_forward_hook(hook)
+    try:
+        out = runner.run(layer.layer, x_fp)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if logits:
+        result.fp_router_logits[layer.index] = torch.cat([t.reshape(-1, t.shape[-1]) for t in logits])
+    return out
+
+
+def _quantize_layer(
+    runner: LayerRunner,
+    adapter: MoEAdapter,
+    layer: MoELayer,
+    x_q: list[torch.Tensor],
+    cfg: QuantConfig,
+    result: QuantizationResult,
+) -> None:
+    prefix = f"model.layers.{layer.index}"
+    fallbacks = result.summary["fallbacks"]
+    dense = adapter.dense_mlp_linears(layer)
+    dense_stages = sequential_stages(dense) if dense else []
+    stages: list[tuple[dict[str, nn.Linear], str | None]] = [
+        (s, None) for s in sequential_stages(adapter.attention_linears(layer))
+    ]
+    if layer.is_moe:
+        stages.append((dense_stages[0] if dense_stages else {}, "gate_up"))
+        stages.append((dense_stages[1] if len(dense_stages) > 1 else {}, "down"))
+    else:
+        stages += [(s, None) for s in dense_stages]
+
+    starved: list[int] = []
+    for linears, expert_stage in stages:
+        hooks = _LinearInputs(linears)
+        ehook = None
+        if expert_stage is not None:
+            ehook = _ExpertInputs(
+                layer.experts,
+                expert_stage,
+                weighted=cfg.method == "agq",
+                coverage=starved if expert_stage == "down" else None,
+            )
+        try:
+            runner.run(layer.layer, x_q)
+        finally:
+            hooks.close()
+            if ehook is not None:
+                ehook.close()
+        for name, lin in linears.items():
+            qw = solve_batch(lin.weight[None].float(), hooks.acc[name].H, cfg, f"{prefix}.{name}", fallbacks)
+            lin.weight.copy_(qw.weight[0])
+            result.weights[f"{prefix}.{name}"] = qw
+        if ehook is None:
+            continue
+        experts = layer.experts
+        E = experts.gate_up_proj.shape[0]
+        if expert_stage == "gate_up":
+            acc = ehook.acc
+            starved = [e for e in range(E) if int(acc.tokens[e]) < cfg.min_expert_tokens]
+            H = _with_coverage(
+                acc,
+                ehook.all_tokens.H,
+                int(ehook.all_tokens.tokens[0]),
+                starved,
+                f"{prefix}.mlp.experts.gate_up_proj",
+                fallbacks,
+            )
+            W = experts.gate_up_proj
+            name = f"{prefix}.mlp.experts.gate_up_proj"
+        else:
+            cov_tokens = int(ehook.coverage.tokens.max()) if ehook.coverage is not None else 0
+            H = _with_coverage(
+                ehook.acc,
+                ehook.coverage.H if ehook.coverage is not None else ehook.acc.H[:1],
+                cov_tokens,
+                starved,
+                f"{prefix}.mlp.experts.down_proj",
+                fallbacks,
+            )
+            W = experts.down_proj
+            name = f"{prefix}.mlp.experts.down_proj"
+        qw = solve_batch(W.float(), H, cfg, name, fallbacks)
+        W.copy_(qw.weight)
+        if expert_stage == "gate_up":
+            inter = W.shape[1] // 2
+            gate, up = split_rows(qw, [inter, inter])
+            result.weights[f"{prefix}.mlp.experts.gate_proj"] = gate
+            result.weights[f"{prefix}.mlp.experts.up_proj"] = up
+        else:
+            result.weights[f"{prefix}.mlp.experts.down_proj"] = qw
+
+
+# ---------------------------------------------------------------------------------------------- resume
+_FIELDS = ("codes", "scales", "zeros", "g_idx")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():  # safetensors refuses tensors that share memory (gate/up share g_idx)
+        v = v.contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    save_file(out, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _ResumeState:
+    """Per-layer state on disk: ``layer_NNNN.safetensors`` (that layer's codes and grids), the two streams
+    after the last finished layer, and ``progress.json`` (written last, so a kill at any point leaves a
+    consistent state). A fingerprint of the model, data and config guards against resuming another run."""
+
+    def __init__(self, work_dir: str | Path, model: nn.Module, windows: torch.Tensor, config: QuantConfig):
+        self.dir = Path(work_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+        h.update(windows.numpy().tobytes())
+        h.update(model.config.to_json_string().encode())
+        for p in model.parameters():
+            h.update(p.detach().float().flatten()[:: max(1, p.numel() // 64)].numpy().tobytes())
+        self.fingerprint = h.hexdigest()
+
+    def restore(self, adapter: MoEAdapter, layers: list[MoELayer], result: QuantizationResult):
+        prog = self.dir / "progress.json"
+        if not prog.exists():
+            return 0, None, None
+        data = json.loads(prog.read_text())
+        if data.get("fingerprint") != self.fingerprint:
+            raise CalibrationError(
+                f"the work dir {self.dir} belongs to another run (model, calibration data or config differ); "
+                "delete it or pass a fresh one."
+            )
+        done = int(data["completed_layers"])
+        result.summary.update({k: v for k, v in data["summary"].items() if k in ("fallbacks", "layer_seconds")})
+        for layer in layers[:done]:
+            tensors = load_file(str(self.dir / f"layer_{layer.index:04d}.safetensors"))
+            names = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("__")})
+            for name in names:
+                qw = _from_tensors(tensors, name, result.config)
+                result.weights[name] = qw
+            _apply_layer(adapter, layer, result.weights)
+            if "__fp_router_logits__" in tensors:
+                result.fp_router_logits[layer.index] = tensors["__fp_router_logits__"]
+        streams = load_file(str(self.dir / f"streams_{done - 1:04d}.safetensors"))
+        n = len([k for k in streams if k.startswith("q.")])
+        x_q = [streams[f"q.{i}"] for i in range(n)]
+        x_fp = [streams[f"fp.{i}"] for i in range(n)]
+        return done, x_q, x_fp
+
+    def save_layer(
+        self, index: int, result: QuantizationResult, x_q: list[torch.Tensor], x_fp: list[torch.Tensor]
+    ) -> None:
+        prefix = f"model.layers.{index}."
+        tensors = {}
+        for name, qw in result.weights.items():
+            if name.startswith(prefix):
+                for f in _FIELDS:
+                    tensors[f"{name}.{f}"] = getattr(qw, f)
+        if index in result.fp_router_logits:
+            tensors["__fp_router_logits__"] = result.fp_router_logits[index]
+        _atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
+        streams = {f"q.{i}": t for i, t in enumerate(x_q)} | {f"fp.{i}": t for i, t in enumerate(x_fp)}
+        _atomic_save(streams, self.dir / f"streams_{index:04d}.safetensors")
+        _atomic_write_text(
+            self.dir / "progress.json",
+            json.dumps(
+                {"fingerprint": self.fingerprint, "completed_layers": index + 1, "summary": result.summary}, indent=1
+            ),
+        )
+        old = self.dir / f"streams_{index - 1:04d}.safetensors"
+        if old.exists():
+            old.unlink()
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], name: str, cfg: QuantConfig) -> QuantizedWeight:
+    codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
+    zeros, g_idx = tensors[f"{name}.zeros"], tensors[f"{name}.g_idx"]
+    return QuantizedWeight(
+        codes, scales, zeros, g_idx, dequantize_grid(codes, scales, zeros, g_idx), cfg.bits, cfg.group_size
+    )
+
+
+def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor):
+    """``scale[g] * (code - zero[g])`` per column, batched ``(B, out, in)``: the solver's own arithmetic."""
+    g = g_idx.long()[:, None, :].expand(-1, codes.shape[1], -1)
+    s = torch.gather(scales, 2, g)
+    z = torch.gather(zeros.float(), 2, g)
+    return s * (codes.float() - z)
+
+
+def _apply_layer(adapter: MoEAdapter, layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
+    """Write a restored layer's dequantized weights into the model."""
+    prefix = f"model.layers.{layer.index}"
+    for name, lin in {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}.items():
+        lin.weight.copy_(weights[f"{prefix}.{name}"].weight[0])
+    if layer.is_moe:
+        ex = layer.experts
+        gate, up = weights[f"{prefix}.mlp.experts.gate_proj"], weights[f"{prefix}.mlp.experts.up_proj"]
+        ex.gate_up_proj.copy_(torch.cat([gate.weight, up.weight], dim=1))
+        ex.down_proj.copy_(weights[f"{prefix}.mlp.experts.down_proj"].weight)

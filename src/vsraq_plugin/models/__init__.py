@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer
+from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, sequential_stages
 from .deepseek_v3 import DeepseekV3Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
@@ -42,4 +42,12 @@ def get_adapter(model_or_config) -> MoEAdapter:
     return MoEAdapter(config)
 
 
-__all__ = ["ADAPTERS", "EXPERT_PROJECTIONS", "MoEAdapter", "MoELayer", "UnsupportedModelError", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "EXPERT_PROJECTIONS",
+    "MoEAdapter",
+    "MoELayer",
+    "UnsupportedModelError",
+    "get_adapter",
+    "sequential_stages",
+]

@@ -19,6 +19,18 @@ from ..routing import RouterRule, Routing, route
 # Expert projections, in true-sequential order (gate/up read the layer input, down reads their product).
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
+# True-sequential stage of a linear inside attention or an MLP, by its leaf name: a linear is solved only
+# after the linears that feed it (MLA: q_a/kv_a -> q_b/kv_b -> o_proj; MLP: gate/up -> down).
+_STAGE_OF = {"q_b_proj": 1, "kv_b_proj": 1, "o_proj": 2, "down_proj": 1}
+
+
+def sequential_stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """Split named linears into true-sequential stages (module order kept inside a stage)."""
+    stages: dict[int, dict[str, nn.Linear]] = {}
+    for name, lin in linears.items():
+        stages.setdefault(_STAGE_OF.get(name.rsplit(".", 1)[-1], 0), {})[name] = lin
+    return [stages[k] for k in sorted(stages)]
+
 
 @dataclass
 class MoELayer:

@@ -1,0 +1,258 @@
+"""GPTQ v1 checkpoints (DESIGN 5): save with atomic rename, load back onto transformers 5 models.
+
+A saved folder holds ``model.safetensors`` (per-expert ``qweight``/``qzeros``/``scales``/``g_idx`` under the
+family's original names; routers, norms, embeddings and ``lm_head`` unquantized), ``config.json`` with
+``quantization_config`` (``quant_method: "gptq"``, ``meta.quantizer`` = ``["vsraq:<version>"]``, and a
+``vsraq`` block with every setting), ``quantize_config.json``, and the tokenizer when given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .config import QuantConfig
+from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
+from .nn import QuantExperts, QuantLinear
+from .packing import pack_linear
+from .pipeline import QuantizationResult
+
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _native_to_checkpoint(adapter: MoEAdapter, name: str) -> str:
+    """Transformers-5 parameter name -> the family's original checkpoint name (Mixtral: block_sparse_moe)."""
+    if adapter.moe_block_key != "mlp" and ".mlp." in name:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+            return name.replace(".mlp.", f".{adapter.moe_block_key}.", 1)
+    return name
+
+
+def _linear_targets(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Linear]:
+    return {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}
+
+
+def quantization_config(config: QuantConfig, summary: dict | None = None) -> dict:
+    """The ``quantization_config`` block that GPTQ loaders (transformers, gptqmodel, vLLM) read."""
+    vsraq = config.to_dict()
+    if summary:
+        vsraq["fallbacks"] = summary.get("fallbacks", [])
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "desc_act": config.desc_act,
+        "sym": config.sym,
+        "static_groups": config.static_groups,
+        "true_sequential": config.true_sequential,
+        "damp_percent": config.damp_percent,
+        "lm_head": False,
+        "dynamic": config.dynamic or None,
+        "meta": {"quantizer": [f"vsraq:{__version__}"], "vsraq": vsraq},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- save
+def checkpoint_tensors(model: nn.Module, result: QuantizationResult) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its name in the file."""
+    adapter = get_adapter(model)
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_params: set[str] = set()
+    for layer in adapter.layers(model):
+        prefix = f"model.layers.{layer.index}"
+        for name, lin in _linear_targets(adapter, layer).items():
+            full = f"{prefix}.{name}"
+            if full not in result.weights:
+                raise CheckpointError(f"{full} was not quantized; run the quantization before saving.")
+            qw = result.weights[full]
+            packed = pack_linear(qw.codes[0], qw.scales[0], qw.zeros[0], qw.g_idx[0], qw.bits)
+            key = _native_to_checkpoint(adapter, full)
+            tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
+            if lin.bias is not None:
+                tensors[f"{key}.bias"] = lin.bias.detach().contiguous()
+            quantized_params.update({f"{full}.weight", f"{full}.bias"})
+        if layer.is_moe:
+            for proj in EXPERT_PROJECTIONS:
+                qw = result.weights[f"{prefix}.mlp.experts.{proj}"]
+                for e in range(qw.codes.shape[0]):
+                    packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], qw.bits)
+                    key = adapter.expert_key(layer.index, e, proj)
+                    tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
+            quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if name in quantized_params or (tied and name == "lm_head.weight"):
+            continue
+        tensors[_native_to_checkpoint(adapter, name)] = tensor.detach().contiguous()
+    return tensors
+
+
+def save_checkpoint(
+    model: nn.Module, result: QuantizationResult, out_dir: str | Path, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write the GPTQ v1 checkpoint into ``out_dir``: built in a temporary folder beside it, then renamed,
+    so a failure never leaves a half-written checkpoint."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose another --out or pass overwrite=True.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}; pick a writable --out.") from exc
+    try:
+        tensors = checkpoint_tensors(model, result)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        qcfg = quantization_config(result.config, result.summary)
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _open_weights(path: Path) -> dict[str, torch.Tensor]:
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = f" (found pickled {pickles}: vsraq never unpickles weights)" if pickles else ""
+        raise CheckpointError(f"{path} holds no *.safetensors weights{hint}; save the model with safetensors.")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    tensors[k] = fh.get_tensor(k)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"{f} is not a readable safetensors file ({exc}); the checkpoint is corrupt or truncated: re-create it."
+            ) from exc
+    return tensors
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a GPTQ v1 MoE checkpoint (ours, or any per-expert GPTQ checkpoint of a supported family) onto
+    the transformers 5 model, with ``QuantLinear``/``QuantExperts`` in place of the quantized modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; it is not a saved model folder.")
+    tensors = _open_weights(path)
+    config = AutoConfig.from_pretrained(path)
+    qcfg = getattr(config, "quantization_config", None)
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "gptq":
+        raise CheckpointError(
+            f"{path} is not a GPTQ checkpoint (quantization_config.quant_method != 'gptq'); "
+            "load it with transformers' from_pretrained instead."
+        )
+    if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise CheckpointError(
+            f"checkpoint_format={qcfg.get('checkpoint_format')!r} is not supported; vsraq reads GPTQ v1 ('gptq')."
+        )
+    del config.quantization_config
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = get_adapter(model)
+    consumed: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is missing; the checkpoint is incomplete or of another "
+                "layout (expected per-expert GPTQ tensors under the family's names)."
+            )
+        consumed.add(key)
+        return tensors[key]
+
+    with torch.no_grad():
+        for layer in adapter.layers(model):
+            prefix = f"model.layers.{layer.index}"
+            for name, lin in _linear_targets(adapter, layer).items():
+                key = _native_to_checkpoint(adapter, f"{prefix}.{name}")
+                ql = QuantLinear(
+                    lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None, dtype=dtype
+                )
+                for buf in ("qweight", "qzeros", "scales", "g_idx"):
+                    getattr(ql, buf).copy_(take(f"{key}.{buf}"))
+                if lin.bias is not None:
+                    ql.bias.copy_(take(f"{key}.bias"))
+                _replace(layer.layer, name, ql)
+            if layer.is_moe:
+                qe = QuantExperts(layer.experts, bits, group_size)
+                for proj in EXPERT_PROJECTIONS:
+                    for buf in ("qweight", "qzeros", "scales", "g_idx"):
+                        stacked = torch.stack(
+                            [take(f"{adapter.expert_key(layer.index, e, proj)}.{buf}") for e in range(qe.num_experts)]
+                        )
+                        getattr(qe, f"{proj}_{buf}").copy_(stacked)
+                _replace(layer.layer, "mlp." + _child_name(layer.mlp, layer.experts), qe)
+        rest = {}
+        for name in model.state_dict():
+            key = _native_to_checkpoint(adapter, name)
+            if key in tensors and key not in consumed:
+                rest[name] = tensors[key]
+                consumed.add(key)
+        model.load_state_dict(rest, strict=False)
+    quant_names = {
+        f"{mod_name}.{k}"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, (QuantLinear, QuantExperts))
+        for k in mod.state_dict()
+    }
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [
+        n for n in model.state_dict() if n not in quant_names and n not in rest and not (tied and n == "lm_head.weight")
+    ]
+    leftover = sorted(set(tensors) - consumed)
+    if missing or leftover:
+        raise CheckpointError(
+            f"{path}: tensors missing from the checkpoint {missing[:5]} or not used {leftover[:5]}; "
+            "it does not match this model family's layout."
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(n for n, m in parent.named_children() if m is child)
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    *path, leaf = dotted.split(".")
+    parent = root
+    for p in path:
+        parent = getattr(parent, p)
+    setattr(parent, leaf, new)

@@ -1,0 +1,92 @@
+"""``QuantExperts``: a transformers-5 fused experts module whose weights are per-expert GPTQ v1 tensors.
+
+It stands in for the family's experts module (``MixtralExperts``, ``Qwen3MoeExperts`` ...) and computes
+through the *same* transformers experts implementation (``config._experts_implementation``: grouped_mm,
+batched_mm or the family's eager loop), fed with the dequantized weights, so a loaded checkpoint computes
+exactly what the in-memory quantized model computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..packing import dequantize_packed, packed_rows
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class QuantExperts(nn.Module):
+    def __init__(self, experts: nn.Module, bits: int, group_size: int) -> None:
+        super().__init__()
+        E, two_i, d = experts.gate_up_proj.shape
+        inter = two_i // 2
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, d, inter
+        self.bits, self.group_size = bits, group_size
+        # What transformers' experts implementations read from the module.
+        self.config = experts.config
+        self.act_fn = experts.act_fn
+        for attr, default in (
+            ("has_gate", True),
+            ("has_bias", False),
+            ("is_transposed", False),
+            ("is_concatenated", True),
+            ("_is_expert_parallel", False),
+            ("has_post_expert_norm", False),
+        ):
+            setattr(self, attr, getattr(experts, attr, default))
+        cls = type(experts)
+        self._eager_forward = getattr(cls.forward, "__wrapped__", cls.forward)
+        self._gate_fn = getattr(cls, "_apply_gate", None)
+        shapes = {"gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}  # (in, out)
+        for proj, (fin, fout) in shapes.items():
+            groups = 1 if group_size == -1 else fin // group_size
+            self.register_buffer(f"{proj}_qweight", torch.zeros(E, packed_rows(fin, bits), fout, dtype=torch.int32))
+            self.register_buffer(f"{proj}_qzeros", torch.zeros(E, groups, packed_rows(fout, bits), dtype=torch.int32))
+            self.register_buffer(f"{proj}_scales", torch.zeros(E, groups, fout, dtype=torch.float16))
+            self.register_buffer(f"{proj}_g_idx", torch.zeros(E, fin, dtype=torch.int32))
+        self._shapes = shapes
+
+    def _dequantize(self, proj: str, dtype: torch.dtype) -> torch.Tensor:
+        fin, fout = self._shapes[proj]
+        q, z = getattr(self, f"{proj}_qweight"), getattr(self, f"{proj}_qzeros")
+        s, g = getattr(self, f"{proj}_scales"), getattr(self, f"{proj}_g_idx")
+        return torch.stack(
+            [dequantize_packed(q[e], z[e], s[e], g[e], self.bits, fin, fout, dtype) for e in range(self.num_experts)]
+        )
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        dtype = self.gate_proj_scales.dtype if self._compute_dtype is None else self._compute_dtype
+        return torch.cat([self._dequantize("gate_proj", dtype), self._dequantize("up_proj", dtype)], dim=1)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        dtype = self.gate_proj_scales.dtype if self._compute_dtype is None else self._compute_dtype
+        return self._dequantize("down_proj", dtype)
+
+    _compute_dtype: torch.dtype | None = None
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        if self._gate_fn is not None:
+            return self._gate_fn(self, gate_up_out)
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        impl = ALL_EXPERTS_FUNCTIONS.get_interface(
+            getattr(self.config, "_experts_implementation", None) or "eager", self._eager_forward
+        )
+        self._compute_dtype = hidden_states.dtype
+        try:
+            return impl(self, hidden_states, top_k_index, top_k_weights)
+        finally:
+            self._compute_dtype = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, bits={self.bits}, group_size={self.group_size}"
+        )

@@ -108,3 +108,79 @@ def test_eval_errors_are_one_clear_line(saved_pair, tmp_path, capsys):
     )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
+    q = tmp_path / "q"
+    args = [
+        "quantize",
+        "tiny-mixtral",
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--out",
+        str(q),
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    assert (q / "model.safetensors").is_file() and (q / "tokenizer.json").is_file()
+    qcfg = json.loads((q / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 4 and qcfg["meta"]["vsraq"]["method"] == "gptq"
+    assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            "tiny-mixtral",
+            "--model",
+            str(q),
+            "--text",
+            str(fixture_path() / "eval.txt"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--seq-len",
+            "64",
+            "--max-windows",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())["models"][str(q)]
+    assert 0 < m["kl"] < 0.1 and 0.8 < m["topk_set_agreement"] < 1.0  # quantized: close, not identical
+
+
+def test_demo_runs_every_method(tmp_path, capsys):
+    rc = main(
+        [
+            "demo",
+            "--bits",
+            "3",
+            "--methods",
+            "rtn",
+            "gptq",
+            "--n-samples",
+            "4",
+            "--seq-len",
+            "64",
+            "--max-windows",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"rtn W3g64", "gptq W3g64"}
+    assert "| gptq W3g64 |" in capsys.readouterr().out

@@ -34,8 +34,13 @@ def _run(tmp_path: Path, work_dir: str, out: Path, kill_after: int) -> subproces
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script), work_dir, str(out), str(kill_after)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), work_dir, str(out), str(kill_after)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_killed_run_resumes_to_a_bit_identical_checkpoint(tmp_path):

@@ -187,43 +187,53 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     adapter = get_adapter(model)
     consumed: set[str] = set()
 
-    def take(key: str) -> torch.Tensor:
-        if key not in tensors:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} is missing; the checkpoint is incomplete or of another "
-                "layout (expected per-expert GPTQ tensors under the family's names)."
-            )
-        consumed.add(key)
-        return tensors[key]
+    def take(*keys: str) -> torch.Tensor:
+        """The first of the candidate names present: the family's original name (what vsraq, vLLM and
+        AutoGPTQ write), then the transformers-5 module name (what gptqmodel 7 writes)."""
+        for key in keys:
+            if key in tensors:
+                consumed.add(key)
+                return tensors[key]
+        raise CheckpointError(
+            f"{path}: tensor {keys[0]!r} is missing; the checkpoint is incomplete or of another "
+            "layout (expected per-expert GPTQ tensors under the family's names)."
+        )
 
     with torch.no_grad():
         for layer in adapter.layers(model):
             prefix = f"model.layers.{layer.index}"
             for name, lin in _linear_targets(adapter, layer).items():
-                key = _native_to_checkpoint(adapter, f"{prefix}.{name}")
+                keys = (_native_to_checkpoint(adapter, f"{prefix}.{name}"), f"{prefix}.{name}")
                 ql = QuantLinear(
                     lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None, dtype=dtype
                 )
                 for buf in ("qweight", "qzeros", "scales", "g_idx"):
-                    getattr(ql, buf).copy_(take(f"{key}.{buf}"))
+                    getattr(ql, buf).copy_(take(*(f"{k}.{buf}" for k in keys)))
                 if lin.bias is not None:
-                    ql.bias.copy_(take(f"{key}.bias"))
+                    ql.bias.copy_(take(*(f"{k}.bias" for k in keys)))
                 _replace(layer.layer, name, ql)
             if layer.is_moe:
                 qe = QuantExperts(layer.experts, bits, group_size)
                 for proj in EXPERT_PROJECTIONS:
                     for buf in ("qweight", "qzeros", "scales", "g_idx"):
                         stacked = torch.stack(
-                            [take(f"{adapter.expert_key(layer.index, e, proj)}.{buf}") for e in range(qe.num_experts)]
+                            [
+                                take(
+                                    f"{adapter.expert_key(layer.index, e, proj)}.{buf}",
+                                    f"{prefix}.mlp.experts.{e}.{proj}.{buf}",
+                                )
+                                for e in range(qe.num_experts)
+                            ]
                         )
                         getattr(qe, f"{proj}_{buf}").copy_(stacked)
                 _replace(layer.layer, "mlp." + _child_name(layer.mlp, layer.experts), qe)
         rest = {}
         for name in model.state_dict():
-            key = _native_to_checkpoint(adapter, name)
-            if key in tensors and key not in consumed:
-                rest[name] = tensors[key]
-                consumed.add(key)
+            for key in (_native_to_checkpoint(adapter, name), name):
+                if key in tensors and key not in consumed:
+                    rest[name] = tensors[key]
+                    consumed.add(key)
+                    break
         model.load_state_dict(rest, strict=False)
     quant_names = {
         f"{mod_name}.{k}"

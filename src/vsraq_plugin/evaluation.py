@@ -196,6 +196,7 @@ def plot_agreement(report: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -203,6 +204,7 @@ def plot_agreement(report: dict, path: Path) -> bool:
         ys = [100 * y for y in m["per_layer"]["topk_set_agreement"]]
         ax.plot(range(len(ys)), ys, marker="o", label=name)
     ax.set_xlabel("MoE layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("top-k set agreement with FP (%)")
     ax.set_title("Routing agreement per layer")
     ax.grid(alpha=0.3)

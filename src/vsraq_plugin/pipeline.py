@@ -132,20 +132,58 @@ class LayerRunner:
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
 
+    def capture(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> None:
+        """Run the layer only as far as the capture hooks need (they raise ``_Stop`` when done)."""
+        for h in hidden:
+            with contextlib.suppress(_Stop):
+                layer(h, **self.kwargs)
+
 
 # ---------------------------------------------------------------------------------------------- hooks
-class _LinearInputs:
-    """Forward-pre hooks streaming each named linear's inputs into its own Hessian accumulator."""
+class _StageCapture:
+    """Forward-pre hooks for one true-sequential stage: each named linear's inputs stream into its own
+    Hessian accumulator; with ``experts``, the routed expert inputs are scattered into per-expert Hessians
+    and kept (the down projections' inputs are derived from them later). Once every hooked module has
+    fired in a forward, the forward is cut short: the rest of the layer is not needed for this stage."""
 
-    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], experts: nn.Module | None = None, weighted: bool = False):
         self.acc = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
-        self.handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
+        self.handles = [lin.register_forward_pre_hook(self._linear_hook(name)) for name, lin in linears.items()]
+        self.pending = set(linears) | ({"experts"} if experts is not None else set())
+        self.seen: set[str] = set()
+        self.experts, self.weighted = experts, weighted
+        self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if experts is not None:
+            E, _, d = experts.gate_up_proj.shape
+            self.expert_acc = HessianAccumulator(d, E)
+            self.all_tokens = HessianAccumulator(d)
+            self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
-    def _hook(self, name: str):
+    def _done(self, name: str) -> None:
+        self.seen.add(name)
+        if self.seen >= self.pending:
+            self.seen = set()
+            raise _Stop
+
+    def _linear_hook(self, name: str):
         def hook(_module, args):
             self.acc[name].add(args[0].detach())
+            self._done(name)
 
         return hook
+
+    def _experts_hook(self, _module, args, kwargs):
+        x, idx, w = _routing_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        tokens, eids = expert_pairs(x, idx)
+        self.expert_acc.add(x[tokens], w.reshape(-1) if self.weighted else None, index=eids)
+        self.all_tokens.add(x)
+        self.routed.append((x, idx, w))
+        self._done("experts")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pending)
 
     def close(self) -> None:
         for h in self.handles:
@@ -182,44 +220,29 @@ def expert_hidden(
     return h[expert_ids, pos]
 
 
-class _ExpertInputs:
-    """Forward-pre hook on a fused experts module: scatter its routed inputs into per-expert Hessians.
-
-    ``stage="gate_up"`` accumulates the expert inputs (and all tokens, for starved experts' coverage);
-    ``stage="down"`` accumulates the down projection's inputs, computed with the current gate/up weights.
-    """
-
-    def __init__(self, experts: nn.Module, stage: str, weighted: bool, coverage: torch.Tensor | None = None):
-        self.experts, self.stage, self.weighted = experts, stage, weighted
-        E, two_i, d = experts.gate_up_proj.shape
-        dim = d if stage == "gate_up" else two_i // 2
-        self.acc = HessianAccumulator(dim, E)
-        self.all_tokens = HessianAccumulator(d) if stage == "gate_up" else None
-        self.coverage_ids = coverage  # experts that need all-token Hessians of their down input
-        self.coverage = HessianAccumulator(dim, len(coverage)) if coverage is not None and len(coverage) else None
-        self.handle = experts.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, _module, args, kwargs):
-        x, idx, w = _routing_args(args, kwargs)
-        x = x.reshape(-1, x.shape[-1]).float()
+def down_hessians(
+    experts: nn.Module,
+    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    weighted: bool,
+    coverage: list[int],
+) -> tuple[HessianAccumulator, HessianAccumulator | None]:
+    """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
+    weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
+    gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians."""
+    E, two_i, _ = experts.gate_up_proj.shape
+    acc = HessianAccumulator(two_i // 2, E)
+    cov = HessianAccumulator(two_i // 2, len(coverage)) if coverage else None
+    gate_up = experts.gate_up_proj.detach().float()
+    for x, idx, w in routed:
         tokens, eids = expert_pairs(x, idx)
-        weight = w.reshape(-1) if self.weighted else None
-        if self.stage == "gate_up":
-            self.acc.add(x[tokens], weight, index=eids)
-            self.all_tokens.add(x)
-            return
-        gate_up = self.experts.gate_up_proj.detach().float()
-        self.acc.add(expert_hidden(self.experts, gate_up, x, tokens, eids), weight, index=eids)
-        if self.coverage is not None:
+        acc.add(expert_hidden(experts, gate_up, x, tokens, eids), w.reshape(-1) if weighted else None, index=eids)
+        if cov is not None:
             T = x.shape[0]
-            ids = self.coverage_ids
-            all_tok = torch.arange(T, device=x.device).repeat(len(ids))
-            all_eid = torch.as_tensor(ids, device=x.device).repeat_interleave(T)
-            h = expert_hidden(self.experts, gate_up, x, all_tok, all_eid)
-            self.coverage.add(h, index=torch.arange(len(ids), device=x.device).repeat_interleave(T))
-
-    def close(self) -> None:
-        self.handle.remove()
+            slot = torch.arange(len(coverage), device=x.device).repeat_interleave(T)
+            all_eid = torch.as_tensor(coverage, device=x.device).repeat_interleave(T)
+            h = expert_hidden(experts, gate_up, x, torch.arange(T, device=x.device).repeat(len(coverage)), all_eid)
+            cov.add(h, index=slot)
+    return acc, cov
 
 
 # ---------------------------------------------------------------------------------------------- solves
@@ -473,6 +496,7 @@ def _quantize_layer(
     cfg: QuantConfig,
     result: QuantizationResult,
 ) -> None:
+    """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized."""
     prefix = f"model.layers.{layer.index}"
     fallbacks = result.summary["fallbacks"]
     dense = adapter.dense_mlp_linears(layer)
@@ -486,56 +510,36 @@ def _quantize_layer(
     else:
         stages += [(s, None) for s in dense_stages]
 
+    weighted = cfg.method == "agq"
+    routed: list = []
     starved: list[int] = []
     for linears, expert_stage in stages:
-        hooks = _LinearInputs(linears)
-        ehook = None
-        if expert_stage is not None:
-            ehook = _ExpertInputs(
-                layer.experts,
-                expert_stage,
-                weighted=cfg.method == "agq",
-                coverage=starved if expert_stage == "down" else None,
-            )
+        cap = _StageCapture(linears, layer.experts if expert_stage == "gate_up" else None, weighted)
         try:
-            runner.run(layer.layer, x_q)
+            if cap.active:
+                runner.capture(layer.layer, x_q)
         finally:
-            hooks.close()
-            if ehook is not None:
-                ehook.close()
+            cap.close()
         for name, lin in linears.items():
-            qw = solve_batch(lin.weight[None].float(), hooks.acc[name].H, cfg, f"{prefix}.{name}", fallbacks)
+            qw = solve_batch(lin.weight[None].float(), cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks)
             lin.weight.copy_(qw.weight[0])
             result.weights[f"{prefix}.{name}"] = qw
-        if ehook is None:
+        if expert_stage is None:
             continue
         experts = layer.experts
-        E = experts.gate_up_proj.shape[0]
         if expert_stage == "gate_up":
-            acc = ehook.acc
-            starved = [e for e in range(E) if int(acc.tokens[e]) < cfg.min_expert_tokens]
-            H = _with_coverage(
-                acc,
-                ehook.all_tokens.H,
-                int(ehook.all_tokens.tokens[0]),
-                starved,
-                f"{prefix}.mlp.experts.gate_up_proj",
-                fallbacks,
-            )
-            W = experts.gate_up_proj
+            routed = cap.routed
+            acc = cap.expert_acc
+            starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             name = f"{prefix}.mlp.experts.gate_up_proj"
+            H = _with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)
+            W = experts.gate_up_proj
         else:
-            cov_tokens = int(ehook.coverage.tokens.max()) if ehook.coverage is not None else 0
-            H = _with_coverage(
-                ehook.acc,
-                ehook.coverage.H if ehook.coverage is not None else ehook.acc.H[:1],
-                cov_tokens,
-                starved,
-                f"{prefix}.mlp.experts.down_proj",
-                fallbacks,
-            )
-            W = experts.down_proj
+            acc, cov = down_hessians(experts, routed, weighted, starved)
             name = f"{prefix}.mlp.experts.down_proj"
+            cov_tokens = int(cov.tokens.max()) if cov is not None else 0
+            H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
+            W = experts.down_proj
         qw = solve_batch(W.float(), H, cfg, name, fallbacks)
         W.copy_(qw.weight)
         if expert_stage == "gate_up":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import triton_available
 from ..packing import dequantize_packed, packed_rows
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -73,8 +74,60 @@ class QuantExperts(nn.Module):
         gate, up = gate_up_out.chunk(2, dim=-1)
         return self.act_fn(gate) * up
 
+    use_triton: bool | None = None
+
+    def _triton_path(self, x: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
+
+    def kernel_weights(self):
+        """Stacked kernel layouts (gate and up fused along N), built once at first use."""
+        if getattr(self, "_kernel_weights", None) is None:
+            from ..kernels.layout import KernelWeight, to_kernel_layout
+            from ..kernels.moe_gemm import stack_experts
+
+            def layout(proj: str, e: int) -> KernelWeight:
+                fin, fout = self._shapes[proj]
+                return to_kernel_layout(
+                    getattr(self, f"{proj}_qweight")[e],
+                    getattr(self, f"{proj}_qzeros")[e],
+                    getattr(self, f"{proj}_scales")[e],
+                    getattr(self, f"{proj}_g_idx")[e],
+                    self.bits,
+                    fin,
+                    fout,
+                )
+
+            fused = []
+            for e in range(self.num_experts):
+                g, u = layout("gate_proj", e), layout("up_proj", e)
+                if not torch.equal(g.g_idx, u.g_idx):
+                    raise NotImplementedError("gate and up with different g_idx cannot share a fused launch.")
+                fused.append(
+                    KernelWeight(
+                        torch.cat([g.qweight, u.qweight], 1),
+                        torch.cat([g.zeros, u.zeros], 1),
+                        torch.cat([g.scales, u.scales], 1),
+                        g.g_idx,
+                        g.bits,
+                        g.in_features,
+                        2 * g.out_features,
+                    )
+                )
+            down = [layout("down_proj", e) for e in range(self.num_experts)]
+            self._kernel_weights = (stack_experts(fused), stack_experts(down))
+        return self._kernel_weights
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if self._triton_path(hidden_states):
+            from ..kernels.moe_gemm import fused_moe
+
+            gate_up, down = self.kernel_weights()
+            act = self.act_fn
+            return fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights, act=act)
 
         impl = ALL_EXPERTS_FUNCTIONS.get_interface(
             getattr(self.config, "_experts_implementation", None) or "eager", self._eager_forward

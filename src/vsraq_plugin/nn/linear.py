@@ -6,15 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import triton_available
 from ..packing import dequantize_packed, packed_rows
 
 
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as GPTQ v1 ``qweight``/``qzeros``/``scales``/``g_idx``.
 
-    The CPU path dequantizes to the activation dtype and calls ``F.linear``: the result is bit for bit the
-    one of an ``nn.Linear`` holding the dequantized weight. The kernel issue adds a Triton path on CUDA.
+    On CUDA (fp16/bf16 activations, triton installed) it runs the Triton dequant-GEMM on a kernel layout
+    made once, at first use, from the GPTQ v1 tensors. Elsewhere it dequantizes to the activation dtype and
+    calls ``F.linear``: bit for bit an ``nn.Linear`` holding the dequantized weight. ``use_triton`` forces
+    either path (True also works on the CPU under ``TRITON_INTERPRET=1``, for tests).
     """
+
+    use_triton: bool | None = None
 
     def __init__(
         self,
@@ -40,7 +45,27 @@ class QuantLinear(nn.Module):
             self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, self.out_features, dtype
         )
 
+    def _triton_path(self, x: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
+
+    def kernel_weight(self):
+        """The kernel layout of this layer's weight, built once (``kernels/layout.py``)."""
+        if getattr(self, "_kernel_weight", None) is None:
+            from ..kernels.layout import to_kernel_layout
+
+            self._kernel_weight = to_kernel_layout(
+                self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, self.out_features
+            )
+        return self._kernel_weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._triton_path(x):
+            from ..kernels.gptq_gemm import dequant_gemm
+
+            y = dequant_gemm(x, self.kernel_weight())
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,205 @@
+"""Fused MoE GEMM over GPTQ experts (the layout of vLLM's ``fused_moe``): every (token, expert) slot is
+sorted by expert and padded to the block size, so one launch runs every expert's GEMM; each program owns
+``BLOCK_M`` slots of one expert. Gate/up is one launch, down another, with the routing weight applied in
+the down launch's epilogue; the per-token sum over the top-k slots is a reshape-and-sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gptq_gemm import _dequant_tile, dot_dtype, tl_dtype
+from .layout import KernelWeight
+
+
+def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots ``t * k + j`` grouped by expert, each group padded to a multiple of ``block_m`` with the
+    sentinel ``T * k``; returns the padded slot order and the expert of each block (empty experts get none)."""
+    flat = topk_ids.reshape(-1).long()
+    sentinel = flat.numel()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    order = torch.argsort(flat, stable=True)
+    out = torch.full((int(padded.sum()),), sentinel, dtype=torch.int64, device=flat.device)
+    starts = torch.cumsum(padded, 0) - padded
+    pos = starts.repeat_interleave(counts) + (
+        torch.arange(sentinel, device=flat.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    )
+    out[pos] = order
+    block_expert = torch.arange(num_experts, device=flat.device).repeat_interleave(padded // block_m)
+    return out, block_expert
+
+
+@triton.jit
+def _moe_kernel(
+    a_ptr,
+    qw_ptr,
+    z_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    slots_ptr,
+    block_expert_ptr,
+    rw_ptr,
+    num_slots,
+    N,
+    K,
+    TOP_K: tl.constexpr,
+    stride_am,
+    stride_ak,
+    stride_qe,
+    stride_qk,
+    stride_qn,
+    stride_ze,
+    stride_zg,
+    stride_se,
+    stride_sg,
+    stride_ge,
+    stride_om,
+    stride_on,
+    A_PER_SLOT: tl.constexpr,
+    MUL_ROUTED: tl.constexpr,
+    BITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    slots = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = slots < num_slots
+    rows = slots if A_PER_SLOT else slots // TOP_K
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    qw_e = qw_ptr + e * stride_qe
+    z_e = z_ptr + e * stride_ze
+    s_e = s_ptr + e * stride_se
+    g_e = g_ptr + e * stride_ge
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak,
+            mask=valid[:, None] & (k < K)[None, :],
+            other=0.0,
+        )
+        w = _dequant_tile(qw_e, z_e, s_e, g_e, k, rn, K, N, stride_qk, stride_qn, stride_zg, stride_sg, BITS, DTYPE)
+        acc += tl.dot(a.to(DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)
+    if MUL_ROUTED:
+        rw = tl.load(rw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+    tl.store(
+        out_ptr + slots[:, None] * stride_om + rn[None, :] * stride_on,
+        acc.to(DTYPE),
+        mask=valid[:, None] & (rn < N)[None, :],
+    )
+
+
+def stack_experts(weights: list[KernelWeight]) -> KernelWeight:
+    """One ``KernelWeight`` with a leading expert dimension (all experts of one projection, same shape)."""
+    w0 = weights[0]
+    if any((w.bits, w.in_features, w.out_features) != (w0.bits, w0.in_features, w0.out_features) for w in weights):
+        raise ValueError("experts of one fused launch must share bits and shape.")
+    return KernelWeight(
+        torch.stack([w.qweight for w in weights]),
+        torch.stack([w.zeros for w in weights]),
+        torch.stack([w.scales for w in weights]),
+        torch.stack([w.g_idx for w in weights]),
+        w0.bits,
+        w0.in_features,
+        w0.out_features,
+    )
+
+
+def moe_gemm(
+    a: torch.Tensor,
+    w: KernelWeight,
+    slots: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_slots: int,
+    top_k: int,
+    a_per_slot: bool,
+    routed_weights: torch.Tensor | None = None,
+    block_m: int = 16,
+    block_n: int = 64,
+    block_k: int = 64,
+) -> torch.Tensor:
+    """One launch over every expert: rows of ``a`` (tokens, or slots when ``a_per_slot``) times each slot's
+    expert weight; returns ``(num_slots, N)`` (slot order ``t * k + j``)."""
+    N, K = w.out_features, w.in_features
+    out = torch.zeros(num_slots, N, dtype=a.dtype, device=a.device)
+    if slots.numel() == 0:
+        return out
+    rw = routed_weights.reshape(-1).contiguous() if routed_weights is not None else out
+    grid = (slots.numel() // block_m, triton.cdiv(N, block_n))
+    _moe_kernel[grid](
+        a,
+        w.qweight,
+        w.zeros,
+        w.scales,
+        w.g_idx,
+        out,
+        slots,
+        block_expert,
+        rw,
+        num_slots,
+        N,
+        K,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        w.qweight.stride(0),
+        w.qweight.stride(1),
+        w.qweight.stride(2),
+        w.zeros.stride(0),
+        w.zeros.stride(1),
+        w.scales.stride(0),
+        w.scales.stride(1),
+        w.g_idx.stride(0),
+        out.stride(0),
+        out.stride(1),
+        A_PER_SLOT=a_per_slot,
+        MUL_ROUTED=routed_weights is not None,
+        BITS=w.bits,
+        DTYPE=tl_dtype(a.dtype),
+        DOT_DTYPE=dot_dtype(a.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return out
+
+
+def fused_moe(
+    x: torch.Tensor,
+    gate_up: KernelWeight,
+    down: KernelWeight,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    act=torch.nn.functional.silu,
+    block_m: int = 16,
+) -> torch.Tensor:
+    """The whole MoE block's experts: ``sum_j w_tj * down_e(act(gate_e(x_t)) * up_e(x_t))``, two launches."""
+    T, k = topk_ids.shape
+    E = gate_up.qweight.shape[0]
+    slots, block_expert = align_slots(topk_ids, E, block_m)
+    h = moe_gemm(x, gate_up, slots, block_expert, T * k, k, a_per_slot=False, block_m=block_m)
+    g, u = h.chunk(2, dim=-1)
+    inter = (act(g.float()) * u.float()).to(x.dtype)
+    y = moe_gemm(
+        inter,
+        down,
+        slots,
+        block_expert,
+        T * k,
+        k,
+        a_per_slot=True,
+        routed_weights=topk_weights.to(x.dtype),
+        block_m=block_m,
+    )
+    return y.view(T, k, -1).float().sum(1).to(x.dtype)

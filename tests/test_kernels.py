@@ -1,0 +1,123 @@
+"""Triton kernels against dequantize-then-matmul in float64 (CPU: TRITON_INTERPRET=1, small shapes).
+
+Tolerance: the kernels round the dequantized weight and the activations' products to fp16/bf16 (unit
+roundoff u = 2^-11 / 2^-8) and accumulate in fp32, so |y - y_ref| <= c * u * (|x| @ |W|^T) elementwise plus
+the final rounding of y; c = 4 leaves room for the fp32 sum and the intermediate rounding of the MoE path.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from vsraq_plugin.kernels.gptq_gemm import dequant_gemm
+from vsraq_plugin.kernels.layout import to_kernel_layout
+from vsraq_plugin.kernels.moe_gemm import align_slots, fused_moe, stack_experts
+from vsraq_plugin.packing import dequantize_packed, pack_linear
+from vsraq_plugin.quantizer import rtn
+
+U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _layer(out_f, in_f, bits, gs, sym, act_order=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = rtn(torch.randn(out_f, in_f, generator=g), bits, gs, sym)
+    g_idx = q.g_idx
+    if act_order:  # a g_idx in scrambled column order, as act-order checkpoints have
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    p = pack_linear(q.codes, q.scales, q.zeros, g_idx, bits)
+    W = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, bits, in_f, out_f, torch.float64)
+    return to_kernel_layout(p.qweight, p.qzeros, p.scales, p.g_idx, bits, in_f, out_f), W
+
+
+def _check(y, ref, bound, dtype):
+    err = (y.double() - ref).abs()
+    tol = 4 * U[dtype] * bound + U[dtype] * ref.abs() + 1e-6
+    assert (err <= tol).all(), f"max err {err.max():.3g} vs tol {tol[err.argmax() // tol.shape[-1]].max():.3g}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("gs", "sym"), [(32, False), (-1, True)])
+@pytest.mark.parametrize("M", [1, 17])
+def test_dense_every_width(bits, gs, sym, M):
+    kw, W = _layer(40, 96, bits, gs, sym, seed=bits)  # N=40, K=96: neither a multiple of the tiles
+    x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)).half()
+    y = dequant_gemm(x, kw)
+    assert y.shape == (M, 40) and y.dtype == torch.float16
+    _check(y, x.double() @ W.T, x.double().abs() @ W.abs().T, torch.float16)
+
+
+@pytest.mark.parametrize("gs", [64, 128])
+def test_dense_group_sizes_act_order_and_bf16(gs):
+    kw, W = _layer(33, 256, 4, gs, False, act_order=True, seed=gs)
+    x = torch.randn(5, 256).bfloat16()
+    y = dequant_gemm(x, kw)
+    _check(y, x.double() @ W.T, x.double().abs() @ W.abs().T, torch.bfloat16)
+
+
+def test_dense_prefill_tiles():
+    kw, W = _layer(70, 64, 4, 32, True, seed=3)
+    x = torch.randn(130, 64).half()
+    _check(dequant_gemm(x, kw), x.double() @ W.T, x.double().abs() @ W.abs().T, torch.float16)
+
+
+def test_align_slots_by_hand():
+    ids = torch.tensor([[2, 0], [0, 2], [2, 1]])  # slots: 0->2 1->0 2->0 3->2 4->2 5->1; expert 3 empty
+    slots, blocks = align_slots(ids, 4, 2)
+    assert slots.tolist() == [1, 2, 5, 6, 0, 3, 4, 6]
+    assert blocks.tolist() == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_fused_moe_against_per_expert_reference(top_k):
+    E, d, inter, T = 5, 64, 32, 9
+    gate_up = [_layer(2 * inter, d, 4, 32, False, seed=10 + e) for e in range(E)]
+    down = [_layer(d, inter, 4, 32, False, seed=20 + e) for e in range(E)]
+    g = torch.Generator().manual_seed(top_k)
+    scores = torch.randn(T, E, generator=g)
+    scores[:, 4] = -1e9  # expert 4 never chosen: an empty expert
+    ids = scores.topk(top_k, dim=-1).indices
+    w = torch.softmax(torch.randn(T, top_k, generator=g), -1)
+    x = torch.randn(T, d, generator=g).half()
+    y = fused_moe(x, stack_experts([k for k, _ in gate_up]), stack_experts([k for k, _ in down]), ids, w)
+    ref = torch.zeros(T, d, dtype=torch.float64)
+    bound = torch.zeros(T, d, dtype=torch.float64)
+    for t in range(T):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            gg, uu = (x[t].double() @ gate_up[e][1].T).chunk(2)
+            h = F.silu(gg) * uu
+            ref[t] += w[t, j].double() * (h @ down[e][1].T)
+            hb = (x[t].double().abs() @ gate_up[e][1].abs().T).chunk(2)
+            bound[t] += w[t, j].double() * ((hb[0].abs() * hb[1] + h.abs()) @ down[e][1].abs().T)
+    _check(y, ref, bound, torch.float16)
+
+
+def test_modules_give_the_same_logits_on_the_triton_and_torch_paths(tmp_path):
+    """A loaded checkpoint in fp16: QuantLinear/QuantExperts through the kernels vs the torch path."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.nn import QuantExperts, QuantLinear
+    from vsraq_plugin.pipeline import quantize_model
+
+    model = tiny_model("qwen3_moe", seed=2)
+    res = quantize_model(model, None, QuantConfig(bits=4, group_size=16, method="rtn"), progress=False)
+    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    modules = [m for m in loaded.modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    assert {type(m) for m in modules} == {QuantLinear, QuantExperts}
+    outs = {}
+    for flag in (False, True):
+        for m in modules:
+            m.use_triton = flag
+        with torch.no_grad():
+            outs[flag] = loaded(input_ids=ids).logits.float()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits  # fp32 model holding the same dequantized weights
+    scale = ref.abs().max()
+    # Both fp16 paths sit within fp16 noise (~8 unit roundoffs over the layers) of the fp32 result and each other.
+    assert (outs[True] - ref).abs().max() < 4e-3 * scale
+    assert (outs[False] - ref).abs().max() < 4e-3 * scale
+    assert (outs[True] - outs[False]).abs().max() < 4e-3 * scale

@@ -1,0 +1,133 @@
+"""GPU benchmark of the Triton GPTQ kernels (needs CUDA; speed on the CPU interpreter means nothing).
+
+Dense W4A16 g128 dequant-GEMM and the fused MoE GEMM at Mixtral-8x7B and Qwen3-30B-A3B layer shapes, for
+M (tokens) in {1, 4, 16, 64, 512, 4096}, each against, in the same run:
+- torch fp16 matmul with the weight already dequantized (the speed of light without quantization),
+- dequantize-then-matmul (torch, per call),
+- a per-expert loop (MoE: dequantize each routed expert, matmul its tokens; and the same loop in fp16).
+Prints TFLOP/s, achieved GB/s of weight+activation traffic, and the ratio to the device's measured copy
+bandwidth (a device-to-device copy of 2 GiB, same run).
+
+    python benchmarks/bench_kernels.py [--bits 4] [--group-size 128] [--m 1 4 16 64 512 4096]
+
+Targets (issue): dense decode (M=1) >= 70 % of HBM bandwidth; fused MoE >= 2x the per-expert loop and
+>= 1.5x fp16 at M <= 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DENSE = {
+    "mixtral q_proj 4096x4096": (4096, 4096),
+    "mixtral w1 14336x4096": (14336, 4096),
+    "mixtral w2 4096x14336": (4096, 14336),
+    "qwen3-30b q_proj 4096x2048": (4096, 2048),
+}
+MOE = {  # name: (experts, top_k, hidden, intermediate)
+    "mixtral-8x7b experts": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b experts": (128, 8, 2048, 768),
+}
+
+
+def random_weight(N: int, K: int, bits: int, gs: int, device: str):
+    from vsraq_plugin.kernels.layout import KernelWeight
+    from vsraq_plugin.packing import pack_codes
+
+    G = K // gs
+    codes = torch.randint(0, 2**bits, (K, N), device="cpu")
+    qw = pack_codes(codes, bits).to(device)
+    zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32, device=device)
+    scales = (torch.rand(G, N, device=device) * 0.01 + 0.001).half()
+    g_idx = (torch.arange(K, device=device) // gs).int()
+    kw = KernelWeight(qw, zeros, scales, g_idx, bits, K, N)
+    W = ((codes.to(device).float() - 2 ** (bits - 1)) * scales.float().repeat_interleave(gs, 0)).T.half()
+    return kw, W.contiguous()
+
+
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    a = torch.empty(2**30, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a))
+    return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9  # read + write, GB/s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 512, 4096])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU; kernel correctness on the CPU is in tests/test_kernels.py")
+    import triton.testing
+
+    from vsraq_plugin.kernels.gptq_gemm import dequant_gemm
+    from vsraq_plugin.kernels.moe_gemm import fused_moe, stack_experts
+    from vsraq_plugin.packing import unpack_codes
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(
+        f"device {torch.cuda.get_device_name()}, measured copy bandwidth {bw:.0f} GB/s, W{args.bits}g{args.group_size}"
+    )
+
+    def deq(kw):
+        codes = unpack_codes(kw.qweight, kw.in_features, kw.bits)
+        s = kw.scales.float()[kw.g_idx.long()]
+        z = kw.zeros.float()[kw.g_idx.long()]
+        return ((codes.float() - z) * s).T.half()
+
+    print("\n| dense layer | M | ours TFLOP/s | ours GB/s | % of copy BW | fp16 matmul x | dequant+matmul x |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (N, K) in DENSE.items():
+        kw, W = random_weight(N, K, args.bits, args.group_size, "cuda")
+        for M in args.m:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            t_ours = triton.testing.do_bench(lambda: dequant_gemm(x, kw))
+            t_fp16 = triton.testing.do_bench(lambda: x @ W.T)
+            t_deq = triton.testing.do_bench(lambda: x @ deq(kw).T)
+            flops = 2 * M * N * K
+            bytes_ = K * N * args.bits / 8 + N * K // args.group_size * 6 + 2 * M * (K + N)
+            gbs = bytes_ / (t_ours * 1e-3) / 1e9
+            print(
+                f"| {name} | {M} | {flops / t_ours / 1e9:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f} % | "
+                f"{t_fp16 / t_ours:.2f} | {t_deq / t_ours:.2f} |",
+                flush=True,
+            )
+
+    print("\n| MoE layer | tokens | ours ms | per-expert dequant loop x | fp16 per-expert loop x |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (E, k, d, inter) in MOE.items():
+        gu = [random_weight(2 * inter, d, args.bits, args.group_size, "cuda") for _ in range(E)]
+        dn = [random_weight(d, inter, args.bits, args.group_size, "cuda") for _ in range(E)]
+        gu_s, dn_s = stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+        for T in args.m:
+            x = torch.randn(T, d, device="cuda", dtype=torch.float16)
+            ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
+            w = torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
+
+            def loop(fp16: bool):
+                out = torch.zeros(T, d, device="cuda", dtype=torch.float16)
+                for e in range(E):
+                    tok, slot = (ids == e).nonzero(as_tuple=True)
+                    if tok.numel() == 0:
+                        continue
+                    Wgu = gu[e][1] if fp16 else deq(gu[e][0])
+                    Wd = dn[e][1] if fp16 else deq(dn[e][0])
+                    g, u = (x[tok] @ Wgu.T).chunk(2, -1)
+                    out.index_add_(0, tok, (torch.nn.functional.silu(g) * u) @ Wd.T * w[tok, slot, None])
+                return out
+
+            t_ours = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))
+            t_loop = triton.testing.do_bench(lambda: loop(False))
+            t_fp16 = triton.testing.do_bench(lambda: loop(True))
+            print(f"| {name} | {T} | {t_ours:.3f} | {t_loop / t_ours:.2f} | {t_fp16 / t_ours:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,7 @@ class QuantConfig:
     lambda_structure: float = 1.0  # extra weight on boundary-participant rows of the router
     lambda_expert: float = 1.0  # expert tokens: downstream (next-layer) fragility
     lambda_attention: float = 0.0  # attention / shared experts: own-layer fragility
-    lambda_metric: float = 1.0  # routing metric on residual writers (o_proj, down_proj)
+    lambda_metric: float = 0.0  # routing metric on residual writers (DESIGN 3.5b; not implemented yet)
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router

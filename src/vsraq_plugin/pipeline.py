@@ -146,8 +146,16 @@ class _StageCapture:
     and kept (the down projections' inputs are derived from them later). Once every hooked module has
     fired in a forward, the forward is cut short: the rest of the layer is not needed for this stage."""
 
-    def __init__(self, linears: dict[str, nn.Linear], experts: nn.Module | None = None, weighted: bool = False):
+    def __init__(
+        self,
+        linears: dict[str, nn.Linear],
+        experts: nn.Module | None = None,
+        weighted: bool = False,
+        token_weights: list[torch.Tensor] | None = None,
+    ):
         self.acc = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
+        self.token_weights = token_weights  # per calibration batch, or None (unweighted)
+        self.calls = dict.fromkeys(linears, 0)
         self.handles = [lin.register_forward_pre_hook(self._linear_hook(name)) for name, lin in linears.items()]
         self.pending = set(linears) | ({"experts"} if experts is not None else set())
         self.seen: set[str] = set()
@@ -167,7 +175,11 @@ class _StageCapture:
 
     def _linear_hook(self, name: str):
         def hook(_module, args):
-            self.acc[name].add(args[0].detach())
+            w = None
+            if self.token_weights is not None:
+                w = self.token_weights[self.calls[name]]
+                self.calls[name] += 1
+            self.acc[name].add(args[0].detach(), w)
             self._done(name)
 
         return hook
@@ -225,6 +237,7 @@ def down_hessians(
     routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     weighted: bool,
     coverage: list[int],
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
     """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
     weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
@@ -234,8 +247,12 @@ def down_hessians(
     cov = HessianAccumulator(two_i // 2, len(coverage)) if coverage else None
     gate_up = experts.gate_up_proj.detach().float()
     for x, idx, w in routed:
-        tokens, eids = expert_pairs(x, idx)
-        acc.add(expert_hidden(experts, gate_up, x, tokens, eids), w.reshape(-1) if weighted else None, index=eids)
+        if pairs is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
+            tokens, eids, pw = pairs
+        else:
+            tokens, eids = expert_pairs(x, idx)
+            pw = w.reshape(-1) if weighted else None
+        acc.add(expert_hidden(experts, gate_up, x, tokens, eids), pw, index=eids)
         if cov is not None:
             T = x.shape[0]
             slot = torch.arange(len(coverage), device=x.device).repeat_interleave(T)
@@ -407,8 +424,13 @@ def quantize_model(
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
     """
     adapter = get_adapter(model)
-    if config.method == "vsraq":
-        raise NotImplementedError("method='vsraq' lands with the VSRAQ issue; use 'gptq', 'agq' or 'rtn'.")
+    if config.method == "vsraq" and (
+        config.lambda_metric > 0 or config.fp_target_alpha > 0 or config.router_mode == "quantize"
+    ):
+        raise NotImplementedError(
+            "lambda_metric (DESIGN 3.5b), fp_target_alpha (3.5c) and router_mode='quantize' are not implemented "
+            "yet; set lambda_metric=0, fp_target_alpha=0 and router_mode='refit' or 'keep'."
+        )
     _check_group_sizes(adapter, model, config)
     if config.method != "rtn" and (windows is None or windows.dim() != 2 or windows.numel() == 0):
         raise CalibrationError(
@@ -437,6 +459,8 @@ def quantize_model(
     runner = LayerRunner(model, adapter, windows, batch_size)
     x_q = runner.inputs
     x_fp = [h.clone() for h in x_q]
+    if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
+        result.fp_router_logits.update(_fp_prepass(runner, adapter, layers, x_fp))
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
     first = 0
     if state is not None:
@@ -450,10 +474,11 @@ def quantize_model(
         unit="layer",
         disable=not progress,
     )
+    moe_layers = {m.index: m for m in layers if m.is_moe}
     for layer in layers[first:]:
         t0 = time.perf_counter()
         x_fp = _fp_pass(runner, adapter, layer, x_fp, result)
-        _quantize_layer(runner, adapter, layer, x_q, config, result)
+        _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers)
         x_q = runner.run(layer.layer, x_q)
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
@@ -464,6 +489,17 @@ def quantize_model(
     bar.close()
     result.summary["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _fp_prepass(
+    runner: LayerRunner, adapter: MoEAdapter, layers: list[MoELayer], x_fp: list[torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """The full-precision router logits of every MoE layer on the calibration tokens (DESIGN 3.2)."""
+    scratch = QuantizationResult(weights={}, config=QuantConfig())
+    hidden = x_fp
+    for layer in layers:
+        hidden = _fp_pass(runner, adapter, layer, hidden, scratch)
+    return scratch.fp_router_logits
 
 
 def _fp_pass(
@@ -495,6 +531,7 @@ def _quantize_layer(
     x_q: list[torch.Tensor],
     cfg: QuantConfig,
     result: QuantizationResult,
+    moe_layers: dict[int, MoELayer],
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized."""
     prefix = f"model.layers.{layer.index}"
@@ -510,11 +547,14 @@ def _quantize_layer(
     else:
         stages += [(s, None) for s in dense_stages]
 
+    plan = _vsraq_plan(adapter, layer, x_q, cfg, result, moe_layers) if cfg.method == "vsraq" else None
     weighted = cfg.method == "agq"
     routed: list = []
     starved: list[int] = []
+    pairs = None
     for linears, expert_stage in stages:
-        cap = _StageCapture(linears, layer.experts if expert_stage == "gate_up" else None, weighted)
+        attn_w = plan.attention_weights if plan is not None and expert_stage is None else None
+        cap = _StageCapture(linears, layer.experts if expert_stage == "gate_up" else None, weighted, attn_w)
         try:
             if cap.active:
                 runner.capture(layer.layer, x_q)
@@ -530,12 +570,24 @@ def _quantize_layer(
         if expert_stage == "gate_up":
             routed = cap.routed
             acc = cap.expert_acc
+            if plan is not None:
+                _align_router(adapter, layer, routed, cfg, plan, result)
+                if plan.expert_pairs is not None:  # experts see the FP decisions, weighted (DESIGN 3.5)
+                    X = torch.cat([x for x, _, _ in routed])
+                    tokens, eids, w = plan.expert_pairs
+                    pairs = (X, tokens, eids, w)
+                    acc = HessianAccumulator(X.shape[1], acc.num_matrices)
+                    acc.add(X[tokens], w, index=eids)
             starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             name = f"{prefix}.mlp.experts.gate_up_proj"
             H = _with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)
             W = experts.gate_up_proj
         else:
-            acc, cov = down_hessians(experts, routed, weighted, starved)
+            if pairs is not None:
+                X, tokens, eids, w = pairs
+                acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
+            else:
+                acc, cov = down_hessians(experts, routed, weighted, starved)
             name = f"{prefix}.mlp.experts.down_proj"
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
@@ -549,6 +601,75 @@ def _quantize_layer(
             result.weights[f"{prefix}.mlp.experts.up_proj"] = up
         else:
             result.weights[f"{prefix}.mlp.experts.down_proj"] = qw
+
+
+@dataclass
+class _VsraqPlan:
+    """What the VSRAQ terms need for one layer, from the FP router logits (DESIGN 3.3-3.6)."""
+
+    fp_logits: torch.Tensor | None  # this layer's FP router logits (T, E), calibration order
+    attention_weights: list[torch.Tensor] | None  # per-batch token weights for attention / shared experts
+    expert_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (token, expert, weight)
+
+
+def _vsraq_plan(
+    adapter: MoEAdapter,
+    layer: MoELayer,
+    x_q: list[torch.Tensor],
+    cfg: QuantConfig,
+    result: QuantizationResult,
+    moe_layers: dict[int, MoELayer],
+) -> _VsraqPlan:
+    from .routing import boundary_margin
+    from .vsraq import expert_pairs_fp, margin_scale, token_weights
+
+    logits = result.fp_router_logits
+    k = adapter.router_rule().top_k if logits else 0
+    sizes = [h.shape[0] * h.shape[1] for h in x_q]
+
+    def margins_of(index: int) -> tuple[torch.Tensor, float]:
+        sel = adapter.route(logits[index], moe_layers[index].router).selection
+        m = boundary_margin(sel, k)
+        return m, margin_scale(m)
+
+    own = layer.index if layer.index in logits else None
+    attention = None
+    if cfg.lambda_attention > 0 and own is not None:
+        m, tau = margins_of(own)
+        attention = list(token_weights(m, cfg.lambda_attention, tau).split(sizes))
+    pairs = None
+    if layer.is_moe and cfg.lambda_expert > 0:
+        fp = adapter.route(logits[layer.index], layer.router)
+        m, tau = margins_of(layer.index)
+        later = sorted(i for i in logits if i > layer.index)
+        nm, tau_next = margins_of(later[0]) if later else (None, None)
+        pairs = expert_pairs_fp(fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau)
+    return _VsraqPlan(logits.get(layer.index), attention, pairs)
+
+
+def _align_router(
+    adapter: MoEAdapter, layer: MoELayer, routed: list, cfg: QuantConfig, plan: _VsraqPlan, result: QuantizationResult
+) -> None:
+    """Re-fit the 16-bit router on the quantized stream toward the FP logits (DESIGN 3.3, 3.4)."""
+    from .vsraq import align_router
+
+    if cfg.router_mode != "refit" or cfg.lambda_value <= 0 or plan.fp_logits is None:
+        return
+    X = torch.cat([x for x, _, _ in routed])
+    router = layer.router
+    fit = align_router(
+        X,
+        plan.fp_logits,
+        router.weight.detach().float(),
+        lambda z: adapter.route(z, router),
+        adapter.router_rule().top_k,
+        cfg.lambda_value,
+        cfg.lambda_structure,
+        cfg.margin_band,
+        cfg.reweight_rounds,
+    )
+    router.weight.copy_(fit.weight.to(router.weight.dtype))
+    result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
 
 
 # ---------------------------------------------------------------------------------------------- resume

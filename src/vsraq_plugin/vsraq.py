@@ -1,0 +1,159 @@
+"""The VSRAQ terms (DESIGN 3.3-3.5): pure functions on tensors; the pipeline only calls them.
+
+Notation: for one MoE layer, ``z`` are the full-precision router logits of the calibration tokens, ``s``
+the FP selection scores (logits, or DeepSeek's biased sigmoid), ``m = s_(k) - s_(k+1)`` the FP boundary
+margin, ``tau`` its median, and ``phi(m) = exp(-m / tau)`` the fragility of a token (1 at a tie, small
+for a confident decision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .routing import Routing, boundary_margin, topk_set_agreement
+
+
+# ---------------------------------------------------------------------------------------------- fragility
+def margin_scale(margins: torch.Tensor) -> float:
+    """``tau``: the median finite margin (DESIGN 3.3), floored to stay positive."""
+    finite = margins[torch.isfinite(margins)]
+    return max(float(finite.median()) if finite.numel() else 1.0, 1e-6)
+
+
+def fragility(margins: torch.Tensor, tau: float) -> torch.Tensor:
+    """``phi(m) = exp(-m / tau)``; infinite margins (no boundary) give 0."""
+    return torch.exp(-margins.clamp(min=0) / tau)
+
+
+def token_weights(margins: torch.Tensor, lam: float, tau: float) -> torch.Tensor:
+    """``w_t = 1 + lambda * phi(m_t)`` (DESIGN 3.3): more weight where the FP decision is close."""
+    return 1.0 + lam * fragility(margins, tau)
+
+
+def boundary_participants(selection: torch.Tensor, k: int, band: float, tau: float) -> torch.Tensor:
+    """``[i in B_t]`` (DESIGN 3.4): expert i is the k-th choice of token t, or a non-selected expert whose
+    selection score is within ``band * tau`` of the k-th: the rows whose errors flip the decision."""
+    top = selection.topk(k, dim=-1)
+    kth = top.values[..., -1:]
+    is_kth = torch.zeros_like(selection, dtype=torch.bool).scatter_(-1, top.indices[..., -1:], True)
+    chosen = torch.zeros_like(selection, dtype=torch.bool).scatter_(-1, top.indices, True)
+    near = (~chosen) & (kth - selection <= band * tau) & torch.isfinite(selection)
+    return is_kth | near
+
+
+# ---------------------------------------------------------------------------------------------- router
+def refit_router(
+    X: torch.Tensor, Z: torch.Tensor, R0: torch.Tensor, row_weights: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """Closed-form value alignment of a 16-bit router (DESIGN 3.3/3.4), one ridge solve per row:
+
+    ``R_i = argmin sum_t w_ti (r_i . x_t - z_ti)^2 + rho_i ||r_i - r0_i||^2``
+    ``    = (X^T W_i X + rho_i I)^-1 (X^T W_i z_i + rho_i r0_i)``, with ``rho_i = ridge * mean diag(X^T W_i X)``.
+
+    ``X``: quantized-stream router inputs ``(T, d)``; ``Z``: FP logits ``(T, E)``; ``row_weights`` ``(T, E)``.
+    The ridge pulls each row toward the original where the data are thin, so the re-fit cannot drift.
+    """
+    X = X.double()
+    W = row_weights.double() / row_weights.double().sum(0, keepdim=True).clamp(min=1e-12)
+    A = torch.einsum("td,te,tf->edf", X, W, X)  # (E, d, d)
+    b = torch.einsum("td,te,te->ed", X, W, Z.double())  # (E, d)
+    rho = ridge * torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)  # (E,)
+    eye = torch.eye(X.shape[1], dtype=torch.float64, device=X.device)
+    A = A + rho[:, None, None] * eye
+    b = b + rho[:, None] * R0.double()
+    return torch.linalg.solve(A, b[..., None])[..., 0].to(R0.dtype)
+
+
+@dataclass
+class RouterFit:
+    weight: torch.Tensor
+    rounds: int
+    agreement: list[float]  # top-k set agreement with FP on the calibration tokens, before and after each round
+
+
+def align_router(
+    X: torch.Tensor,
+    fp_logits: torch.Tensor,
+    R0: torch.Tensor,
+    route_fn,
+    k: int,
+    lambda_value: float,
+    lambda_structure: float,
+    margin_band: float,
+    rounds: int,
+    ridge: float = 0.1,
+) -> RouterFit:
+    """Value + structure alignment of the router on the quantized stream (DESIGN 3.3, 3.4).
+
+    Token weights ``1 + lambda_value * phi(m)``; rows weighted ``1 + lambda_structure`` where the expert is a
+    boundary participant; then ``rounds`` of reweighting (the quadratic stand-in for a hinge): tokens whose
+    top-k set still differs from FP get their weight doubled, and the solve is repeated. A round that does
+    not raise agreement is discarded.
+    """
+    fp: Routing = route_fn(fp_logits)
+    E = fp_logits.shape[-1]
+    margins = boundary_margin(fp.selection, k)
+    tau = margin_scale(margins)
+    w_t = token_weights(margins, lambda_value, tau)
+    rows = w_t[:, None] * (1.0 + lambda_structure * boundary_participants(fp.selection, k, margin_band, tau).float())
+
+    def agreement(R: torch.Tensor) -> tuple[float, torch.Tensor]:
+        q = route_fn(X.float() @ R.float().T)
+        agree = topk_set_agreement(fp.indices, q.indices, E)
+        return float(agree.mean()), agree
+
+    best_R, (best_a, agree) = R0, agreement(R0)
+    history = [best_a]
+    R = refit_router(X, fp_logits, R0, rows, ridge)
+    a, agree_new = agreement(R)
+    history.append(a)
+    done = 0
+    if a >= best_a:
+        best_R, best_a, agree = R, a, agree_new
+        for _ in range(rounds):
+            rows = rows * (1.0 + (agree < 1).float())[:, None]
+            R = refit_router(X, fp_logits, R0, rows, ridge)
+            a, agree_new = agreement(R)
+            history.append(a)
+            if a <= best_a:
+                break
+            best_R, best_a, agree, done = R, a, agree_new, done + 1
+    return RouterFit(best_R, done, history)
+
+
+# ---------------------------------------------------------------------------------------------- experts
+def expert_pairs_fp(
+    fp: Routing,
+    k: int,
+    next_margins: torch.Tensor | None,
+    lambda_expert: float,
+    near_miss_weight: float,
+    margin_band: float,
+    tau_next: float | None,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, expert, weight) triples for the experts' Hessians (DESIGN 3.5).
+
+    Tokens go to the experts the FP router chose, weighted by the gate affinity times downstream fragility
+    ``1 + lambda_expert * phi(m^{l+1})`` (this expert's error moves the residual the next router reads);
+    near-miss experts (within ``margin_band * tau`` below the k-th choice) join with ``near_miss_weight``
+    times their closeness ``phi``: after quantization they are the ones most likely to receive the token.
+    """
+    T = fp.indices.shape[0]
+    down = torch.ones(T) if next_margins is None else token_weights(next_margins, lambda_expert, tau_next or 1.0)
+    tokens = torch.arange(T).repeat_interleave(k)
+    experts = fp.indices.reshape(-1)
+    weights = (fp.weights.abs() * down[:, None]).reshape(-1)
+    if near_miss_weight > 0:
+        sel = fp.selection
+        kth = sel.topk(k, dim=-1).values[:, -1:]
+        chosen = torch.zeros_like(sel, dtype=torch.bool).scatter_(-1, fp.indices, True)
+        gap = kth - sel
+        near = (~chosen) & (gap <= margin_band * tau) & torch.isfinite(sel)
+        nt, ne = near.nonzero(as_tuple=True)
+        if nt.numel():
+            nw = near_miss_weight * fragility(gap[nt, ne], tau) * fp.weights.abs().mean() * down[nt]
+            tokens, experts, weights = torch.cat([tokens, nt]), torch.cat([experts, ne]), torch.cat([weights, nw])
+    return tokens, experts, weights

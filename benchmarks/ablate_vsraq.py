@@ -1,0 +1,105 @@
+"""Ablation of the VSRAQ terms on the shipped fixture, against rtn / stock gptq / agq, same data, one run.
+
+Rows: rtn, gptq, agq, VSRAQ value only (router re-fit), structure (re-fit + boundary rows + reweighting),
+experts only (FP decisions x affinity x downstream fragility + near misses), full VSRAQ (defaults).
+Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
+
+    OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+OFF = dict(lambda_value=0.0, lambda_structure=0.0, lambda_expert=0.0, lambda_attention=0.0, reweight_rounds=0)
+ROWS: dict[str, dict] = {
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    "agq": dict(method="agq"),
+    "vsraq value only": dict(method="vsraq", **{**OFF, "lambda_value": 1.0}),
+    "vsraq value+structure": dict(
+        method="vsraq", **{**OFF, "lambda_value": 1.0, "lambda_structure": 1.0, "reweight_rounds": 2}
+    ),
+    "vsraq experts only": dict(method="vsraq", **{**OFF, "lambda_expert": 1.0}),
+    "vsraq full": dict(method="vsraq"),
+}
+
+
+def measure(
+    rows: dict[str, dict],
+    bits_list: list[int],
+    group_size: int,
+    n_samples: int,
+    eval_windows: int,
+    model_path: Path | None = None,
+    seq_len: int = 256,
+) -> dict:
+    """Quantize the fixture with every row's settings at every width; evaluate all against FP in one pass."""
+    from transformers import AutoTokenizer
+
+    from vsraq_plugin.cli import fixture_path, load_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.evaluation import build_report, evaluate, token_windows
+    from vsraq_plugin.pipeline import calibration_windows, quantize_model
+
+    path = model_path or fixture_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    calib = calibration_windows(tok, path / "calib.txt", seq_len, n_samples)
+    ev = token_windows(tok, (path / "eval.txt").read_text(encoding="utf-8"), seq_len, eval_windows)
+    fp = load_model(path)
+    models, seconds = {}, {}
+    for bits in bits_list:
+        for name, kw in rows.items():
+            label = f"{name} W{bits}g{group_size}"
+            model = copy.deepcopy(fp)
+            t0 = time.perf_counter()
+            quantize_model(model, calib, QuantConfig(bits=bits, group_size=group_size, **kw), progress=False)
+            seconds[label] = time.perf_counter() - t0
+            models[label] = model
+            print(f"  quantized {label} in {seconds[label]:.1f}s", flush=True)
+    report = build_report(evaluate(fp, models, ev, progress=False), str(path), "eval.txt", ev.numel())
+    for label, s in seconds.items():
+        report["models"][label]["seconds"] = s
+    report["calibration"] = {"windows": int(calib.shape[0]), "seq_len": seq_len}
+    return report
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| run | top-k set agreement | top-1 | perplexity | KL to FP | time s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| FP | 100 % | 100 % | {report['reference']['perplexity']:.3f} | 0 | - |",
+    ]
+    for label, m in report["models"].items():
+        lines.append(
+            f"| {label} | {100 * m['topk_set_agreement']:.2f} % | {100 * m['top1_agreement']:.2f} % | "
+            f"{m['perplexity']:.3f} | {m['kl']:.5f} | {m['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    report = measure(ROWS, args.bits, args.group_size, args.n_samples, args.eval_windows, args.model)
+    print(table(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

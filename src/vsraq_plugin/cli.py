@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a GPTQ v1 checkpoint")
     q.add_argument("model", help=f"model folder (safetensors), or '{FIXTURE}' for the shipped fixture")
-    q.add_argument("--method", choices=["gptq", "agq", "rtn"], default="gptq")
+    q.add_argument("--method", choices=["vsraq", "gptq", "agq", "rtn"], default="vsraq")
     q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     q.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the shipped tiny Mixtral with every method and compare")
     d.add_argument("--model", default=FIXTURE, help="model folder with calib.txt (default: the shipped fixture)")
-    d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "agq"], choices=["rtn", "gptq", "agq"])
+    d.add_argument(
+        "--methods", nargs="+", default=["rtn", "gptq", "agq", "vsraq"], choices=["rtn", "gptq", "agq", "vsraq"]
+    )
     d.add_argument("--n-samples", type=int, default=64, help="calibration windows")
     d.add_argument("--text", help="evaluation text (default: the fixture's eval.txt)")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3])

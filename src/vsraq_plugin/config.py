@@ -33,7 +33,7 @@ class QuantConfig:
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.01
     block_size: int = 128
-    method: str = "gptq"
+    method: str = "vsraq"
     true_sequential: bool = True
     # Experts with fewer calibration tokens than this fall back to all-token coverage, then RTN (DESIGN 3.5).
     min_expert_tokens: int = 16
@@ -42,7 +42,7 @@ class QuantConfig:
     lambda_value: float = 1.0  # router token fragility weight: w_t = 1 + lambda_value * phi(m_t)
     lambda_structure: float = 1.0  # extra weight on boundary-participant rows of the router
     lambda_expert: float = 1.0  # expert tokens: downstream (next-layer) fragility
-    lambda_attention: float = 0.0  # attention / shared experts: own-layer fragility
+    lambda_attention: float = 4.0  # attention / shared experts: own-layer fragility
     lambda_metric: float = 0.0  # routing metric on residual writers (DESIGN 3.5b; not implemented yet)
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau

@@ -6,9 +6,9 @@ re-runs the layer over the calibration batches with the stages before it already
 linear sees the inputs the quantized model really gives it. The experts' Hessians are accumulated by
 scatter into one ``(E, d, d)`` tensor and solved as one batch.
 
-Two streams are kept: the quantized stream (inputs produced by the layers already quantized) feeds the
-solves; the full-precision stream (the original model's inputs) records the FP router logits that the
-routing-aware methods use as targets.
+Two streams: the quantized stream (inputs produced by the layers already quantized) feeds the solves; the
+full-precision stream (the original model, layer by layer) is run once before anything is quantized and
+records the FP router logits that the routing-aware method uses as targets (only ``vsraq`` needs it).
 
 Methods: ``rtn``; ``gptq`` = stock GPTQ (unweighted Hessians, each expert sees the tokens the partially
 quantized model routes to it, router untouched); ``agq`` = MoEQuant's affinity-guided GPTQ (expert Hessians
@@ -458,15 +458,14 @@ def quantize_model(
 
     runner = LayerRunner(model, adapter, windows, batch_size)
     x_q = runner.inputs
-    x_fp = [h.clone() for h in x_q]
     if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
-        result.fp_router_logits.update(_fp_prepass(runner, adapter, layers, x_fp))
+        result.fp_router_logits.update(_fp_prepass(runner, adapter, layers, x_q))
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
     first = 0
     if state is not None:
-        first, restored_q, restored_fp = state.restore(adapter, layers, result)
+        first, restored_q = state.restore(adapter, layers, result)
         if first:
-            x_q, x_fp = restored_q, restored_fp
+            x_q = restored_q
     bar = tqdm(
         total=len(layers),
         initial=first,
@@ -477,12 +476,11 @@ def quantize_model(
     moe_layers = {m.index: m for m in layers if m.is_moe}
     for layer in layers[first:]:
         t0 = time.perf_counter()
-        x_fp = _fp_pass(runner, adapter, layer, x_fp, result)
         _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers)
         x_q = runner.run(layer.layer, x_q)
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
-            state.save_layer(layer.index, result, x_q, x_fp)
+            state.save_layer(layer, result, x_q)
         bar.update(1)
         if on_layer_done is not None:
             on_layer_done(layer.index)
@@ -494,7 +492,8 @@ def quantize_model(
 def _fp_prepass(
     runner: LayerRunner, adapter: MoEAdapter, layers: list[MoELayer], x_fp: list[torch.Tensor]
 ) -> dict[int, torch.Tensor]:
-    """The full-precision router logits of every MoE layer on the calibration tokens (DESIGN 3.2)."""
+    """The full-precision stream, layer by layer from the layer-0 inputs, recording the FP router logits of
+    every MoE layer on the calibration tokens (DESIGN 3.2): the targets the routing terms preserve."""
     scratch = QuantizationResult(weights={}, config=QuantConfig())
     hidden = x_fp
     for layer in layers:
@@ -695,8 +694,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class _ResumeState:
-    """Per-layer state on disk: ``layer_NNNN.safetensors`` (that layer's codes and grids), the two streams
-    after the last finished layer, and ``progress.json`` (written last, so a kill at any point leaves a
+    """Per-layer state on disk: ``layer_NNNN.safetensors`` (that layer's codes and grids), the quantized
+    stream after the last finished layer, and ``progress.json`` (written last, so a kill at any point leaves a
     consistent state). A fingerprint of the model, data and config guards against resuming another run."""
 
     def __init__(self, work_dir: str | Path, model: nn.Module, windows: torch.Tensor, config: QuantConfig):
@@ -713,7 +712,7 @@ class _ResumeState:
     def restore(self, adapter: MoEAdapter, layers: list[MoELayer], result: QuantizationResult):
         prog = self.dir / "progress.json"
         if not prog.exists():
-            return 0, None, None
+            return 0, None
         data = json.loads(prog.read_text())
         if data.get("fingerprint") != self.fingerprint:
             raise CalibrationError(
@@ -721,7 +720,8 @@ class _ResumeState:
                 "delete it or pass a fresh one."
             )
         done = int(data["completed_layers"])
-        result.summary.update({k: v for k, v in data["summary"].items() if k in ("fallbacks", "layer_seconds")})
+        keep = ("fallbacks", "layer_seconds", "router_agreement")
+        result.summary.update({k: v for k, v in data["summary"].items() if k in keep})
         for layer in layers[:done]:
             tensors = load_file(str(self.dir / f"layer_{layer.index:04d}.safetensors"))
             names = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("__")})
@@ -729,27 +729,26 @@ class _ResumeState:
                 qw = _from_tensors(tensors, name, result.config)
                 result.weights[name] = qw
             _apply_layer(adapter, layer, result.weights)
-            if "__fp_router_logits__" in tensors:
-                result.fp_router_logits[layer.index] = tensors["__fp_router_logits__"]
+            if "__router__" in tensors:
+                with torch.no_grad():
+                    layer.router.weight.copy_(tensors["__router__"])
         streams = load_file(str(self.dir / f"streams_{done - 1:04d}.safetensors"))
         n = len([k for k in streams if k.startswith("q.")])
         x_q = [streams[f"q.{i}"] for i in range(n)]
-        x_fp = [streams[f"fp.{i}"] for i in range(n)]
-        return done, x_q, x_fp
+        return done, x_q
 
-    def save_layer(
-        self, index: int, result: QuantizationResult, x_q: list[torch.Tensor], x_fp: list[torch.Tensor]
-    ) -> None:
+    def save_layer(self, layer: MoELayer, result: QuantizationResult, x_q: list[torch.Tensor]) -> None:
+        index = layer.index
         prefix = f"model.layers.{index}."
         tensors = {}
+        if layer.is_moe:  # VSRAQ re-fits the 16-bit router: it is part of the layer's result
+            tensors["__router__"] = layer.router.weight.detach()
         for name, qw in result.weights.items():
             if name.startswith(prefix):
                 for f in _FIELDS:
                     tensors[f"{name}.{f}"] = getattr(qw, f)
-        if index in result.fp_router_logits:
-            tensors["__fp_router_logits__"] = result.fp_router_logits[index]
         _atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
-        streams = {f"q.{i}": t for i, t in enumerate(x_q)} | {f"fp.{i}": t for i, t in enumerate(x_fp)}
+        streams = {f"q.{i}": t for i, t in enumerate(x_q)}
         _atomic_save(streams, self.dir / f"streams_{index:04d}.safetensors")
         _atomic_write_text(
             self.dir / "progress.json",

@@ -44,26 +44,44 @@ def boundary_participants(selection: torch.Tensor, k: int, band: float, tau: flo
 
 
 # ---------------------------------------------------------------------------------------------- router
+def router_normal_equations(
+    X: torch.Tensor, Z: torch.Tensor, W: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row weighted normal equations ``A_i = X^T W_i X``, ``b_i = X^T W_i z_i`` and ``sum_t w_ti``.
+
+    Additive over tokens, so a reweighting round only adds the changed tokens' terms. One batched matmul
+    in float32 (``(E, d, T) @ (T, d)``); the solve is done in float64.
+    """
+    Xf, Wf = X.float(), W.float()
+    XW = Wf.T[:, :, None] * Xf[None]  # (E, T, d)
+    A = XW.transpose(1, 2) @ Xf  # (E, d, d)
+    b = (XW * Z.float().T[:, :, None]).sum(1)  # (E, d)
+    return A.double(), b.double(), Wf.sum(0).double()
+
+
+def solve_router(A: torch.Tensor, b: torch.Tensor, wsum: torch.Tensor, R0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``R_i = (A_i / s_i + rho_i I)^-1 (b_i / s_i + rho_i r0_i)``, ``rho_i = ridge * mean diag(A_i / s_i)``."""
+    s = wsum.clamp(min=1e-12)[:, None]
+    A = A / s[:, :, None]
+    b = b / s
+    rho = ridge * torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    R = torch.linalg.solve(A + rho[:, None, None] * eye, (b + rho[:, None] * R0.double())[..., None])[..., 0]
+    return R.to(R0.dtype)
+
+
 def refit_router(
     X: torch.Tensor, Z: torch.Tensor, R0: torch.Tensor, row_weights: torch.Tensor, ridge: float
 ) -> torch.Tensor:
     """Closed-form value alignment of a 16-bit router (DESIGN 3.3/3.4), one ridge solve per row:
 
-    ``R_i = argmin sum_t w_ti (r_i . x_t - z_ti)^2 + rho_i ||r_i - r0_i||^2``
-    ``    = (X^T W_i X + rho_i I)^-1 (X^T W_i z_i + rho_i r0_i)``, with ``rho_i = ridge * mean diag(X^T W_i X)``.
+    ``R_i = argmin sum_t w_ti (r_i . x_t - z_ti)^2 / sum_t w_ti + rho_i ||r_i - r0_i||^2``,
+    ``rho_i = ridge * mean diag(X^T W_i X / sum_t w_ti)``.
 
     ``X``: quantized-stream router inputs ``(T, d)``; ``Z``: FP logits ``(T, E)``; ``row_weights`` ``(T, E)``.
     The ridge pulls each row toward the original where the data are thin, so the re-fit cannot drift.
     """
-    X = X.double()
-    W = row_weights.double() / row_weights.double().sum(0, keepdim=True).clamp(min=1e-12)
-    A = torch.einsum("td,te,tf->edf", X, W, X)  # (E, d, d)
-    b = torch.einsum("td,te,te->ed", X, W, Z.double())  # (E, d)
-    rho = ridge * torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)  # (E,)
-    eye = torch.eye(X.shape[1], dtype=torch.float64, device=X.device)
-    A = A + rho[:, None, None] * eye
-    b = b + rho[:, None] * R0.double()
-    return torch.linalg.solve(A, b[..., None])[..., 0].to(R0.dtype)
+    return solve_router(*router_normal_equations(X, Z, row_weights), R0, ridge)
 
 
 @dataclass
@@ -106,15 +124,23 @@ def align_router(
 
     best_R, (best_a, agree) = R0, agreement(R0)
     history = [best_a]
-    R = refit_router(X, fp_logits, R0, rows, ridge)
+    A, b, wsum = router_normal_equations(X, fp_logits, rows)
+    R = solve_router(A, b, wsum, R0, ridge)
     a, agree_new = agreement(R)
     history.append(a)
     done = 0
     if a >= best_a:
         best_R, best_a, agree = R, a, agree_new
         for _ in range(rounds):
-            rows = rows * (1.0 + (agree < 1).float())[:, None]
-            R = refit_router(X, fp_logits, R0, rows, ridge)
+            flipped = (agree < 1).nonzero().flatten()
+            if flipped.numel() == 0:
+                break
+            # Double the weight of the tokens still routed differently: add their terms once more.
+            dA, db, dw = router_normal_equations(X[flipped], fp_logits[flipped], rows[flipped])
+            A, b, wsum = A + dA, b + db, wsum + dw
+            rows = rows.clone()
+            rows[flipped] *= 2.0
+            R = solve_router(A, b, wsum, R0, ridge)
             a, agree_new = agreement(R)
             history.append(a)
             if a <= best_a:

@@ -21,28 +21,21 @@ from tqdm.auto import tqdm
 
 from .models import MoEAdapter, get_adapter
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
+from .text import cut_windows, split_documents, token_stream
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``(n, seq_len)`` of the tokenised text (documents joined by EOS)."""
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2 (a window needs a next token to predict).")
-    docs = [d for d in text.split("\n\n") if d.strip()]
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids.extend(doc_ids)
-        if eos is not None:
-            ids.append(eos)
-    n = len(ids) // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
+    ids = token_stream(tokenizer, split_documents(text))
+    windows = cut_windows(ids, seq_len, max_windows)
+    if windows.shape[0] == 0:
         raise ValueError(
-            f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; pass a longer text or a smaller "
-            "--seq-len."
+            f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; pass a longer text or a "
+            "smaller --seq-len."
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return windows
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from .config import QuantConfig
 from .gptq import HessianAccumulator, HessianError, gptq_quantize
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter, sequential_stages
 from .quantizer import QuantizedWeight, rtn
+from .text import cut_windows, split_documents, token_stream
 
 # Weight of each all-token sample in a starved expert's Hessian, relative to a routed token (DESIGN 3.5).
 COVERAGE_WEIGHT = 0.05
@@ -57,20 +58,14 @@ def calibration_windows(tokenizer, calib, seq_len: int = 256, n_samples: int = 1
         texts = _calibration_texts(calib)
         if tokenizer is None:
             raise CalibrationError("texts need a tokenizer; pass tokenizer=... or token tensors.")
-        eos = tokenizer.eos_token_id
-        flat: list[int] = []
-        for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            flat.extend(doc)
-            if eos is not None:
-                flat.append(eos)
-        ids = torch.tensor(flat, dtype=torch.long)
-    n = min(n_samples, ids.numel() // seq_len)
-    if n == 0:
+        ids = token_stream(tokenizer, texts)
+    windows = cut_windows(ids, seq_len, n_samples)
+    if windows.shape[0] == 0:
         raise CalibrationError(
             f"the calibration data hold {ids.numel()} tokens, fewer than one window of {seq_len}; pass more or "
             "longer texts, or a smaller seq_len."
         )
-    return ids[: n * seq_len].view(n, seq_len)
+    return windows
 
 
 def _calibration_texts(calib) -> list[str]:
@@ -78,7 +73,7 @@ def _calibration_texts(calib) -> list[str]:
         path = Path(calib)
         if not path.is_file():
             raise CalibrationError(f"calibration file {path} does not exist.")
-        calib = [d for d in path.read_text(encoding="utf-8").split("\n\n")]
+        calib = split_documents(path.read_text(encoding="utf-8"))
     elif hasattr(calib, "column_names"):  # datasets.Dataset
         if "text" not in calib.column_names:
             raise CalibrationError(f"the dataset has columns {calib.column_names}; it needs a 'text' column.")
@@ -106,11 +101,12 @@ class LayerRunner:
         self.adapter = adapter
         layers = adapter.decoder_layers(model)
         captured: list[torch.Tensor] = []
-        kwargs: dict = {}
+        kwargs: list[dict] = []  # per batch: masks and position embeddings follow the batch's shape
 
         def catch(_module, args, kw):
             captured.append((args[0] if args else kw["hidden_states"]).detach())
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+            kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values")}
+            kwargs.append({**kw, "use_cache": False})
             raise _Stop
 
         handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -120,23 +116,21 @@ class LayerRunner:
                     model(input_ids=windows[start : start + batch_size], use_cache=False)
         finally:
             handle.remove()
-        kwargs["use_cache"] = False
-        kwargs.pop("past_key_values", None)
         self.kwargs = kwargs
         self.inputs = captured  # layer-0 inputs, one tensor per batch
 
     def run(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
-        for h in hidden:
-            out = layer(h, **self.kwargs)
+        for h, kw in zip(hidden, self.kwargs, strict=True):
+            out = layer(h, **kw)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
 
     def capture(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> None:
         """Run the layer only as far as the capture hooks need (they raise ``_Stop`` when done)."""
-        for h in hidden:
+        for h, kw in zip(hidden, self.kwargs, strict=True):
             with contextlib.suppress(_Stop):
-                layer(h, **self.kwargs)
+                layer(h, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- hooks

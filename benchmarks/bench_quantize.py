@@ -117,7 +117,7 @@ def main() -> None:
     for bits in args.bits:
         runs = [
             (
-                f"vsraq {m}",
+                f"plugin {m}",
                 [
                     sys.executable,
                     __file__,

@@ -1,7 +1,8 @@
 """Ablation of the VSRAQ terms on the shipped fixture, against rtn / stock gptq / agq, same data, one run.
 
 Rows: rtn, gptq, agq, VSRAQ value only (router re-fit), structure (re-fit + boundary rows + reweighting),
-experts only (FP decisions x affinity x downstream fragility + near misses), full VSRAQ (defaults).
+experts only (FP decisions x affinity x downstream fragility + near misses), attention only (own-layer
+fragility weights), full VSRAQ (defaults).
 Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
 
     OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64]
@@ -27,6 +28,7 @@ ROWS: dict[str, dict] = {
         method="vsraq", **{**OFF, "lambda_value": 1.0, "lambda_structure": 1.0, "reweight_rounds": 2}
     ),
     "vsraq experts only": dict(method="vsraq", **{**OFF, "lambda_expert": 1.0}),
+    "vsraq attention only": dict(method="vsraq", **{**OFF, "lambda_attention": 4.0}),
     "vsraq full": dict(method="vsraq"),
 }
 

@@ -123,6 +123,8 @@ def _damped_inverse_cholesky(
 
 # Bytes of one in-block working set (block columns x rows x chunk of matrices) the column loop keeps hot.
 _CHUNK_BYTES = 2 << 20
+# Bytes of Hessians factorised together (a few MiB: last-level-cache sized).
+_LA_CHUNK_BYTES = 8 << 20
 
 
 def _solve_columns(
@@ -231,6 +233,43 @@ def gptq_quantize(
     """
     row_hessian = H.dim() == 4
     _check_inputs(W, H, row_hessian)
+    B, R, d = W.shape
+    group_count(d, group_size)
+    # The O(d^3) factorisations and the error feedback stream whole Hessians through memory: batches of
+    # matrices sized to stay cache-resident are faster than one huge batch, which is memory-bound.
+    per_matrix = (R if row_hessian else 1) * d * d * 4
+    chunk = max(1, _LA_CHUNK_BYTES // per_matrix)
+    args = (bits, group_size, sym, desc_act, static_groups, damp_percent, damp_auto_increment, block_size)
+    if chunk >= B:
+        return _gptq_batch(W, H, *args)
+    parts = [_gptq_batch(W[c : c + chunk], H[c : c + chunk], *args) for c in range(0, B, chunk)]
+    qws = [p[0] for p in parts]
+    qw = QuantizedWeight(
+        codes=torch.cat([q.codes for q in qws]),
+        scales=torch.cat([q.scales for q in qws]),
+        zeros=torch.cat([q.zeros for q in qws]),
+        g_idx=torch.cat([q.g_idx for q in qws]),
+        weight=torch.cat([q.weight for q in qws]),
+        bits=bits,
+        group_size=group_size,
+    )
+    return qw, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def _gptq_batch(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    static_groups: bool,
+    damp_percent: float,
+    damp_auto_increment: float,
+    block_size: int,
+) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """``gptq_quantize`` on one cache-sized batch (inputs already checked)."""
+    row_hessian = H.dim() == 4
     B, R, d = W.shape
     ngroups = group_count(d, group_size)
     gs = d // ngroups

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import QuantizedWeight, compute_qparams, dequantize, group_count, quantize
+from .quantizer import QuantizedWeight, all_finite, compute_qparams, dequantize, group_count, quantize
 
 
 class HessianError(RuntimeError):
@@ -124,7 +124,7 @@ def _damped_inverse_cholesky(
 # Bytes of one in-block working set (block columns x rows x chunk of matrices) the column loop keeps hot.
 _CHUNK_BYTES = 2 << 20
 # Bytes of Hessians factorised together (a few MiB: last-level-cache sized).
-_LA_CHUNK_BYTES = 8 << 20
+_LA_CHUNK_BYTES = 4 << 20
 
 
 def _solve_columns(
@@ -197,9 +197,9 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, row_hessian: bool) -> None:
     want = (B, R, d, d) if row_hessian else (B, d, d)
     if tuple(H.shape) != want:
         raise ValueError(f"H must have shape {want} for W of shape {tuple(W.shape)}; got {tuple(H.shape)}.")
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise ValueError("the weight holds NaN or Inf values; it cannot be quantized (check the checkpoint).")
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise HessianError("the Hessian holds NaN or Inf values; the calibration activations overflowed.")
     flat = H.reshape(-1, d, d)
     empty = (torch.diagonal(flat, dim1=-2, dim2=-1) == 0).all(-1)
@@ -242,18 +242,20 @@ def gptq_quantize(
     args = (bits, group_size, sym, desc_act, static_groups, damp_percent, damp_auto_increment, block_size)
     if chunk >= B:
         return _gptq_batch(W, H, *args)
-    parts = [_gptq_batch(W[c : c + chunk], H[c : c + chunk], *args) for c in range(0, B, chunk)]
-    qws = [p[0] for p in parts]
-    qw = QuantizedWeight(
-        codes=torch.cat([q.codes for q in qws]),
-        scales=torch.cat([q.scales for q in qws]),
-        zeros=torch.cat([q.zeros for q in qws]),
-        g_idx=torch.cat([q.g_idx for q in qws]),
-        weight=torch.cat([q.weight for q in qws]),
-        bits=bits,
-        group_size=group_size,
-    )
-    return qw, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    out = error = damp = None
+    for c in range(0, B, chunk):
+        qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args)
+        if out is None:  # preallocate once: no concatenation copies of the full batch
+            fields = {
+                f: getattr(qw, f).new_empty((B, *getattr(qw, f).shape[1:]))
+                for f in ("codes", "scales", "zeros", "g_idx", "weight")
+            }
+            out = QuantizedWeight(**fields, bits=bits, group_size=group_size)
+            error, damp = err.new_empty(B), dmp.new_empty(B)
+        for f in ("codes", "scales", "zeros", "g_idx", "weight"):
+            getattr(out, f)[c : c + chunk] = getattr(qw, f)
+        error[c : c + chunk], damp[c : c + chunk] = err, dmp
+    return out, error, damp
 
 
 def _gptq_batch(

@@ -47,6 +47,7 @@ class QuantConfig:
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
+    router_ridge: float = 0.1  # pull of the re-fitted router toward the original, relative to mean diag(X^T W X)
     fp_target_alpha: float = 0.0  # blend of FP-stream targets (DESIGN 3.5c); 0 = quantized stream only
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
 
@@ -90,6 +91,7 @@ class QuantConfig:
             "lambda_metric",
             "near_miss_weight",
             "margin_band",
+            "router_ridge",
         ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

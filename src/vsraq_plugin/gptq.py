@@ -67,11 +67,14 @@ class HessianAccumulator:
             w = weight[:, 0]
             counts = torch.bincount(index, minlength=self.num_matrices)
             order = torch.argsort(index, stable=True)
-            starts = torch.cumsum(counts, 0) - counts
-            pos = torch.arange(n, device=x.device) - starts.repeat_interleave(counts)
-            buf = x.new_zeros(self.num_matrices, int(counts.max()), d)
-            buf[index[order], pos] = x[order] * w[order].sqrt()[:, None]
-            added = buf.transpose(1, 2) @ buf
+            xs = x[order] * w[order].sqrt()[:, None]  # tokens grouped by matrix, contiguous
+            added = x.new_zeros(self.num_matrices, d, d)
+            start = 0
+            for e, c in enumerate(counts.tolist()):  # one Gram matrix per non-empty group, no padding
+                if c:
+                    seg = xs[start : start + c]
+                    torch.mm(seg.T, seg, out=added[e])
+                    start += c
             wsum = torch.zeros(self.num_matrices, dtype=torch.float64, device=x.device)
             wsum.index_add_(0, index, w.double())
             count = torch.bincount(index[w > 0], minlength=self.num_matrices)

@@ -211,19 +211,25 @@ def expert_pairs(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
 def expert_hidden(
     experts: nn.Module, gate_up: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, expert_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The down projection's input ``gate(x W_gu^T)`` for each (token, expert) pair, one padded bmm."""
-    E = gate_up.shape[0]
-    counts = torch.bincount(expert_ids, minlength=E)
+    """The down projection's input ``gate(x W_gu^T)`` for each (token, expert) pair, in pair order.
+
+    Pairs are grouped by expert (one matmul per non-empty group, no padding), gated with the family's own
+    ``_apply_gate`` (default: ``act(gate) * up``), and returned in the caller's order.
+    """
     order = torch.argsort(expert_ids, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=x.device) - starts.repeat_interleave(counts)
-    buf = x.new_zeros(E, int(counts.max()) if counts.numel() else 0, x.shape[-1])
-    buf[expert_ids, pos] = x[tokens]
-    out = torch.bmm(buf, gate_up.transpose(1, 2).to(buf.dtype))
+    counts = torch.bincount(expert_ids, minlength=gate_up.shape[0]).tolist()
+    xs = x[tokens[order]]
+    out = xs.new_empty(xs.shape[0], gate_up.shape[1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(xs[start : start + c], gate_up[e].T.to(xs.dtype), out=out[start : start + c])
+            start += c
     gate_fn = getattr(experts, "_apply_gate", None)
     h = gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
-    return h[expert_ids, pos]
+    result = torch.empty_like(h)
+    result[order] = h
+    return result
 
 
 def down_hessians(
@@ -660,6 +666,7 @@ def _align_router(
         cfg.lambda_structure,
         cfg.margin_band,
         cfg.reweight_rounds,
+        cfg.router_ridge,
     )
     router.weight.copy_(fit.weight.to(router.weight.dtype))
     result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement

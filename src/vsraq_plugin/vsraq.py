@@ -49,13 +49,22 @@ def router_normal_equations(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row weighted normal equations ``A_i = X^T W_i X``, ``b_i = X^T W_i z_i`` and ``sum_t w_ti``.
 
-    Additive over tokens, so a reweighting round only adds the changed tokens' terms. One batched matmul
-    in float32 (``(E, d, T) @ (T, d)``); the solve is done in float64.
+    Additive over tokens, so a reweighting round only adds the changed tokens' terms. The row weights are
+    split into a per-token base shared by every row (one ``X^T diag(w) X``) plus a sparse per-row excess
+    (the boundary participants), so the cost is one full Gram matrix plus small ones, in float32; the
+    solve is done in float64.
     """
-    Xf, Wf = X.float(), W.float()
-    XW = Wf.T[:, :, None] * Xf[None]  # (E, T, d)
-    A = XW.transpose(1, 2) @ Xf  # (E, d, d)
-    b = (XW * Z.float().T[:, :, None]).sum(1)  # (E, d)
+    Xf, Wf, Zf = X.float(), W.float(), Z.float()
+    base = Wf.min(dim=1).values  # (T,)
+    extra = Wf - base[:, None]  # (T, E), zero except where a row weighs a token more
+    G = (Xf * base[:, None]).T @ Xf
+    A = G.expand(W.shape[1], -1, -1).clone()
+    for i in range(W.shape[1]):  # one small Gram matrix per row, over its extra-weighted tokens only
+        rows = extra[:, i].nonzero().flatten()
+        if rows.numel():
+            Xi = Xf[rows]
+            A[i] += (Xi * extra[rows, i, None]).T @ Xi
+    b = (Wf * Zf).T @ Xf  # (E, d)
     return A.double(), b.double(), Wf.sum(0).double()
 
 

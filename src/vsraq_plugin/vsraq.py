@@ -75,7 +75,10 @@ def solve_router(A: torch.Tensor, b: torch.Tensor, wsum: torch.Tensor, R0: torch
     b = b / s
     rho = ridge * torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    R = torch.linalg.solve(A + rho[:, None, None] * eye, (b + rho[:, None] * R0.double())[..., None])[..., 0]
+    # The system is symmetric positive definite (a Gram matrix plus a ridge): Cholesky, not LU. (MKL's
+    # batched LU pivoting errors out under 2 threads with torch 2.13's CPU build.)
+    L = torch.linalg.cholesky(A + rho[:, None, None] * eye)
+    R = torch.cholesky_solve((b + rho[:, None] * R0.double())[..., None].contiguous(), L)[..., 0]
     return R.to(R0.dtype)
 
 

@@ -62,6 +62,14 @@ def test_dense_prefill_tiles():
     _check(dequant_gemm(x, kw), x.double() @ W.T, x.double().abs() @ W.abs().T, torch.float16)
 
 
+def test_act_order_is_repacked_at_load():
+    kw, _ = _layer(8, 64, 4, 16, False, act_order=True, seed=5)
+    assert kw.perm is not None and kw.group_size == 16
+    assert torch.equal(kw.g_idx.long(), torch.arange(64) // 16)  # groups contiguous after the repack
+    plain, _ = _layer(8, 64, 4, 16, False, seed=5)
+    assert plain.perm is None
+
+
 def test_align_slots_by_hand():
     ids = torch.tensor([[2, 0], [0, 2], [2, 1]])  # slots: 0->2 1->0 2->0 3->2 4->2 5->1; expert 3 empty
     slots, blocks = align_slots(ids, 4, 2)
@@ -69,11 +77,11 @@ def test_align_slots_by_hand():
     assert blocks.tolist() == [0, 1, 2, 2]
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_fused_moe_against_per_expert_reference(top_k):
+@pytest.mark.parametrize(("top_k", "act_order"), [(1, False), (2, True), (4, False)])
+def test_fused_moe_against_per_expert_reference(top_k, act_order):
     E, d, inter, T = 5, 64, 32, 9
-    gate_up = [_layer(2 * inter, d, 4, 32, False, seed=10 + e) for e in range(E)]
-    down = [_layer(d, inter, 4, 32, False, seed=20 + e) for e in range(E)]
+    gate_up = [_layer(2 * inter, d, 4, 32, False, act_order=act_order, seed=10 + e) for e in range(E)]
+    down = [_layer(d, inter, 4, 32, False, act_order=act_order, seed=20 + e) for e in range(E)]
     g = torch.Generator().manual_seed(top_k)
     scores = torch.randn(T, E, generator=g)
     scores[:, 4] = -1e9  # expert 4 never chosen: an empty expert

@@ -2,9 +2,11 @@
 4-bit container of ``layout.py``), per-group fp16 scales and int zero points, fp16/bf16 activations, fp32
 accumulation. One kernel body serves the dense layer and the fused MoE GEMM (``moe_gemm.py``).
 
-Tiles: the weight tile ``(BLOCK_K, BLOCK_N)`` is unpacked in registers (``(word >> shift) & mask``), its
-group read per input row from ``g_idx`` (act-order needs no reordering), dequantized and fed to ``tl.dot``.
-Small M (decode) and large M (prefill) use different tile shapes.
+Tiles: the weight tile ``(BLOCK_K, BLOCK_N)`` is unpacked in registers (``(word >> shift) & mask``),
+dequantized with one scale row and one zero row when the K tile lies inside a group (the K tile is sized
+for that), and fed to ``tl.dot``. Act-order layers were repacked at load so groups are contiguous; the
+kernel then reads activation column ``perm[k]`` for weight row k. Small M (decode) and large M (prefill)
+use different tile shapes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _dequant_tile(
     qw_ptr,
     z_ptr,
     s_ptr,
-    g_ptr,
+    k0,
     k,
     rn,
     K,
@@ -33,9 +35,15 @@ def _dequant_tile(
     stride_zg,
     stride_sg,
     BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """The dequantized weight tile ``(BLOCK_K, BLOCK_N)`` for input rows ``k`` and output columns ``rn``."""
+    """The dequantized weight tile ``(BLOCK_K, BLOCK_N)`` for input rows ``k`` and output columns ``rn``.
+
+    Groups are contiguous runs of ``GROUP_SIZE`` rows (act-order was repacked at load). When the K tile
+    lies inside one group (``TILE_IN_GROUP``) one scale row and one zero row serve the whole tile.
+    """
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     kmask = k < K
@@ -43,9 +51,14 @@ def _dequant_tile(
     m2 = kmask[:, None] & nmask[None, :]
     words = tl.load(qw_ptr + (k // PACK)[:, None] * stride_qk + rn[None, :] * stride_qn, mask=m2, other=0)
     codes = (words >> ((k % PACK) * BITS)[:, None]) & MASK
-    g = tl.load(g_ptr + k, mask=kmask, other=0)
-    s = tl.load(s_ptr + g[:, None] * stride_sg + rn[None, :], mask=m2, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g[:, None] * stride_zg + rn[None, :], mask=m2, other=0)
+    if TILE_IN_GROUP:
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + g * stride_sg + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g * stride_zg + rn, mask=nmask, other=0)[None, :]
+    else:
+        g = k // GROUP_SIZE
+        s = tl.load(s_ptr + g[:, None] * stride_sg + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * stride_zg + rn[None, :], mask=m2, other=0)
     return ((codes - z).to(tl.float32) * s).to(DTYPE)
 
 
@@ -55,7 +68,7 @@ def _dense_kernel(
     qw_ptr,
     z_ptr,
     s_ptr,
-    g_ptr,
+    perm_ptr,
     out_ptr,
     M,
     N,
@@ -69,6 +82,9 @@ def _dense_kernel(
     stride_om,
     stride_on,
     BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -83,13 +99,29 @@ def _dense_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
+        kx = tl.load(perm_ptr + k, mask=k < K, other=0) if HAS_PERM else k  # act-order: x column of row k
         x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
+            x_ptr + rm[:, None] * stride_xm + kx[None, :] * stride_xk,
             mask=(rm < M)[:, None] & (k < K)[None, :],
             other=0.0,
         )
         w = _dequant_tile(
-            qw_ptr, z_ptr, s_ptr, g_ptr, k, rn, K, N, stride_qk, stride_qn, stride_zg, stride_sg, BITS, DTYPE
+            qw_ptr,
+            z_ptr,
+            s_ptr,
+            k0,
+            k,
+            rn,
+            K,
+            N,
+            stride_qk,
+            stride_qn,
+            stride_zg,
+            stride_sg,
+            BITS,
+            GROUP_SIZE,
+            TILE_IN_GROUP,
+            DTYPE,
         )
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)
     tl.store(
@@ -124,6 +156,16 @@ def tile_config(M: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 
 
+def group_tiling(block_k: int, group_size: int) -> tuple[int, bool]:
+    """A K tile that lies inside one group when possible (one scale row per tile), else per-row groups."""
+    bk = block_k
+    while bk > 16 and group_size % bk:
+        bk //= 2
+    if group_size % bk == 0:
+        return bk, True
+    return block_k, False
+
+
 def dequant_gemm(x: torch.Tensor, w: KernelWeight, config: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ W^T`` for ``x`` ``(..., K)`` fp16/bf16; returns ``(..., N)`` in x's dtype."""
     lead = x.shape[:-1]
@@ -135,12 +177,14 @@ def dequant_gemm(x: torch.Tensor, w: KernelWeight, config: dict[str, int] | None
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     cfg = config or tile_config(M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    block_k, tile_in_group = group_tiling(cfg["BLOCK_K"], w.group_size)
+    cfg = {**cfg, "BLOCK_K": block_k}
     _dense_kernel[grid](
         x2,
         w.qweight,
         w.zeros,
         w.scales,
-        w.g_idx,
+        w.perm if w.perm is not None else w.g_idx,
         out,
         M,
         N,
@@ -154,6 +198,9 @@ def dequant_gemm(x: torch.Tensor, w: KernelWeight, config: dict[str, int] | None
         out.stride(0),
         out.stride(1),
         BITS=w.bits,
+        GROUP_SIZE=w.group_size,
+        TILE_IN_GROUP=tile_in_group,
+        HAS_PERM=w.perm is not None,
         DTYPE=tl_dtype(x.dtype),
         DOT_DTYPE=dot_dtype(x.dtype),
         **cfg,

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gptq_gemm import _dequant_tile, dot_dtype, tl_dtype
+from .gptq_gemm import _dequant_tile, dot_dtype, group_tiling, tl_dtype
 from .layout import KernelWeight
 
 
@@ -38,7 +38,7 @@ def _moe_kernel(
     qw_ptr,
     z_ptr,
     s_ptr,
-    g_ptr,
+    perm_ptr,
     out_ptr,
     slots_ptr,
     block_expert_ptr,
@@ -56,12 +56,15 @@ def _moe_kernel(
     stride_zg,
     stride_se,
     stride_sg,
-    stride_ge,
+    stride_pe,
     stride_om,
     stride_on,
     A_PER_SLOT: tl.constexpr,
     MUL_ROUTED: tl.constexpr,
     BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -79,16 +82,34 @@ def _moe_kernel(
     qw_e = qw_ptr + e * stride_qe
     z_e = z_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
-    g_e = g_ptr + e * stride_ge
+    p_e = perm_ptr + e * stride_pe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
+        ka = tl.load(p_e + k, mask=k < K, other=0) if HAS_PERM else k  # act-order: this expert's column order
         a = tl.load(
-            a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak,
+            a_ptr + rows[:, None] * stride_am + ka[None, :] * stride_ak,
             mask=valid[:, None] & (k < K)[None, :],
             other=0.0,
         )
-        w = _dequant_tile(qw_e, z_e, s_e, g_e, k, rn, K, N, stride_qk, stride_qn, stride_zg, stride_sg, BITS, DTYPE)
+        w = _dequant_tile(
+            qw_e,
+            z_e,
+            s_e,
+            k0,
+            k,
+            rn,
+            K,
+            N,
+            stride_qk,
+            stride_qn,
+            stride_zg,
+            stride_sg,
+            BITS,
+            GROUP_SIZE,
+            TILE_IN_GROUP,
+            DTYPE,
+        )
         acc += tl.dot(a.to(DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)
     if MUL_ROUTED:
         rw = tl.load(rw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
@@ -103,8 +124,13 @@ def _moe_kernel(
 def stack_experts(weights: list[KernelWeight]) -> KernelWeight:
     """One ``KernelWeight`` with a leading expert dimension (all experts of one projection, same shape)."""
     w0 = weights[0]
-    if any((w.bits, w.in_features, w.out_features) != (w0.bits, w0.in_features, w0.out_features) for w in weights):
-        raise ValueError("experts of one fused launch must share bits and shape.")
+    key = (w0.bits, w0.in_features, w0.out_features, w0.group_size)
+    if any((w.bits, w.in_features, w.out_features, w.group_size) != key for w in weights):
+        raise ValueError("experts of one fused launch must share bits, shape and group size.")
+    perms = None
+    if any(w.perm is not None for w in weights):
+        ident = torch.arange(w0.in_features, dtype=torch.int32, device=w0.g_idx.device)
+        perms = torch.stack([w.perm if w.perm is not None else ident for w in weights])
     return KernelWeight(
         torch.stack([w.qweight for w in weights]),
         torch.stack([w.zeros for w in weights]),
@@ -113,6 +139,8 @@ def stack_experts(weights: list[KernelWeight]) -> KernelWeight:
         w0.bits,
         w0.in_features,
         w0.out_features,
+        w0.group_size,
+        perms,
     )
 
 
@@ -137,12 +165,14 @@ def moe_gemm(
         return out
     rw = routed_weights.reshape(-1).contiguous() if routed_weights is not None else out
     grid = (slots.numel() // block_m, triton.cdiv(N, block_n))
+    block_k, tile_in_group = group_tiling(block_k, w.group_size)
+    perm = w.perm if w.perm is not None else w.g_idx
     _moe_kernel[grid](
         a,
         w.qweight,
         w.zeros,
         w.scales,
-        w.g_idx,
+        perm,
         out,
         slots,
         block_expert,
@@ -160,12 +190,15 @@ def moe_gemm(
         w.zeros.stride(1),
         w.scales.stride(0),
         w.scales.stride(1),
-        w.g_idx.stride(0),
+        perm.stride(0),
         out.stride(0),
         out.stride(1),
         A_PER_SLOT=a_per_slot,
         MUL_ROUTED=routed_weights is not None,
         BITS=w.bits,
+        GROUP_SIZE=w.group_size,
+        TILE_IN_GROUP=tile_in_group,
+        HAS_PERM=w.perm is not None,
         DTYPE=tl_dtype(a.dtype),
         DOT_DTYPE=dot_dtype(a.dtype),
         BLOCK_M=block_m,

@@ -102,7 +102,11 @@ class QuantExperts(nn.Module):
             fused = []
             for e in range(self.num_experts):
                 g, u = layout("gate_proj", e), layout("up_proj", e)
-                if not torch.equal(g.g_idx, u.g_idx):
+                if (
+                    not torch.equal(g.g_idx, u.g_idx)
+                    or (g.perm is None) != (u.perm is None)
+                    or (g.perm is not None and not torch.equal(g.perm, u.perm))
+                ):
                     raise NotImplementedError("gate and up with different g_idx cannot share a fused launch.")
                 fused.append(
                     KernelWeight(
@@ -113,6 +117,8 @@ class QuantExperts(nn.Module):
                         g.bits,
                         g.in_features,
                         2 * g.out_features,
+                        g.group_size,
+                        g.perm,
                     )
                 )
             down = [layout("down_proj", e) for e in range(self.num_experts)]

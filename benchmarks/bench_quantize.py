@@ -57,8 +57,8 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
-def _run(cmd: list[str], env: dict) -> dict:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+def _run(cmd: list[str], env: dict, cwd: Path) -> dict:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)  # peers write logs into cwd
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,11 +99,11 @@ def main() -> None:
     from vsraq_plugin.evaluation import build_report, evaluate, token_windows
     from vsraq_plugin.pipeline import calibration_windows
 
-    model_path = Path(args.model) if args.model else fixture_path()
+    model_path = Path(args.model).resolve() if args.model else fixture_path()
     tok = AutoTokenizer.from_pretrained(model_path)
     windows = calibration_windows(tok, model_path / "calib.txt", args.seq_len, args.n_samples)
     ev = token_windows(tok, (model_path / "eval.txt").read_text(encoding="utf-8"), args.seq_len, args.eval_windows)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-quantize-"))
+    out = (Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-quantize-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wfile = out / "calib_windows.safetensors"
     save_file({"windows": windows.contiguous()}, str(wfile))
@@ -120,7 +120,7 @@ def main() -> None:
                 f"plugin {m}",
                 [
                     sys.executable,
-                    __file__,
+                    str(Path(__file__).resolve()),
                     "--child",
                     "--model",
                     str(model_path),
@@ -158,7 +158,7 @@ def main() -> None:
             )
         for name, cmd in runs:
             ckpt = out / f"{name.replace(' ', '_')}_W{bits}g{args.group_size}"
-            info = _run([*cmd, "--out", str(ckpt)], env)
+            info = _run([*cmd, "--out", str(ckpt)], env, out)
             label = f"{name} W{bits}g{args.group_size}"
             models[label] = load_checkpoint(ckpt)
             rows.append((label, info))

@@ -13,3 +13,13 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def takes_triton_path(x, force: bool | None) -> bool:
+    """Whether a quantized module runs its Triton kernel on ``x``: forced by ``force``, else CUDA fp16/bf16
+    activations with triton installed."""
+    import torch
+
+    if force is not None:
+        return force
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()

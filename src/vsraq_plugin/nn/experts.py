@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import triton_available
+from ..kernels import takes_triton_path
 from ..packing import dequantize_packed, packed_rows
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -77,9 +77,7 @@ class QuantExperts(nn.Module):
     use_triton: bool | None = None
 
     def _triton_path(self, x: torch.Tensor) -> bool:
-        if self.use_triton is not None:
-            return self.use_triton
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
+        return takes_triton_path(x, self.use_triton)
 
     def kernel_weights(self):
         """Stacked kernel layouts (gate and up fused along N), built once at first use."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import triton_available
+from ..kernels import takes_triton_path
 from ..packing import dequantize_packed, packed_rows
 
 
@@ -46,9 +46,7 @@ class QuantLinear(nn.Module):
         )
 
     def _triton_path(self, x: torch.Tensor) -> bool:
-        if self.use_triton is not None:
-            return self.use_triton
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available()
+        return takes_triton_path(x, self.use_triton)
 
     def kernel_weight(self):
         """The kernel layout of this layer's weight, built once (``kernels/layout.py``)."""

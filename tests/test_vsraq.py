@@ -126,3 +126,7 @@ def test_unimplemented_terms_fail_clearly():
     windows = torch.randint(0, fp.config.vocab_size, (2, 16))
     with pytest.raises(NotImplementedError, match="lambda_metric"):
         quantize_model(fp, windows, QuantConfig(method="vsraq", group_size=16, lambda_metric=1.0), progress=False)
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={"q_proj": {"bits": 8}}), progress=False)
+    with pytest.raises(NotImplementedError, match="true_sequential"):
+        quantize_model(fp, windows, QuantConfig(group_size=16, true_sequential=False), progress=False)

@@ -57,3 +57,34 @@ def test_scores_against_direct_computation():
     w = {"gate_proj": torch.randn(4, 6, 16, generator=g), "down_proj": torch.randn(4, 16, 6, generator=g)}
     brute = torch.tensor([max(float(row.var(unbiased=False)) for p in w.values() for row in p[e]) for e in range(4)])
     assert torch.allclose(max_intra_neuron_variance(w), brute)
+
+
+def test_mixed_width_checkpoint_reloads_with_the_same_logits(tmp_path):
+    import json
+
+    from tiny_models import tiny_model
+    from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.nn import QuantExperts
+    from vsraq_plugin.pipeline import quantize_model
+
+    model = tiny_model("mixtral", seed=11)
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    init = {i: torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)}
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4])
+    res = quantize_model(model, windows, cfg, batch_size=2, progress=False, router_init=init)
+    assert res.summary["expert_bits_scores"].startswith("router-norm change")
+    for widths in res.summary["expert_bits"].values():
+        assert sorted(widths) == [2, 2, 2, 3, 3, 4, 4, 4] and sum(widths) == 3.0 * 8  # budget met exactly
+    qw = res.weights["model.layers.0.mlp.experts.down_proj"]
+    assert qw.bits_per_matrix.tolist() == res.summary["expert_bits"][0]
+    for e, b in enumerate(qw.bits_per_matrix.tolist()):
+        assert int(qw.codes[e].max()) <= 2**b - 1  # each expert on its own grid
+    out = save_checkpoint(model, res, tmp_path / "q")
+    dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert len(dynamic) == 2 * 5 and all(v["bits"] in (2, 3) for v in dynamic.values())  # 5 non-4-bit experts
+    loaded = load_checkpoint(out)
+    experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
+    assert [m.expert_bits for m in experts] == [res.summary["expert_bits"][i] for i in range(2)]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)

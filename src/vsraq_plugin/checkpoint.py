@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,11 +49,36 @@ def _linear_targets(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Linear
     return {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}
 
 
-def quantization_config(config: QuantConfig, summary: dict | None = None) -> dict:
+def dynamic_overrides(adapter: MoEAdapter, expert_bits: dict, base_bits: int) -> dict:
+    """GPTQ ``dynamic`` entries (module-name regex -> settings) for every expert whose width differs from
+    ``bits``: the form gptqmodel and vLLM read for per-module widths."""
+    out = {}
+    for layer_index, widths in sorted(expert_bits.items(), key=lambda kv: int(kv[0])):
+        for e, b in enumerate(widths):
+            if b != base_bits:
+                prefix = adapter.expert_key(int(layer_index), e, "gate_proj").rsplit(".", 1)[0]
+                out["+:^" + re.escape(prefix) + r"\."] = {"bits": int(b)}
+    return out
+
+
+def dynamic_bits(dynamic: dict | None, module: str, default: int) -> int:
+    """The width a ``dynamic`` block gives ``module`` (first matching positive pattern), else ``default``."""
+    for pattern, override in (dynamic or {}).items():
+        if pattern.startswith("-:"):
+            continue
+        if re.search(pattern[2:] if pattern.startswith("+:") else pattern, module) and "bits" in override:
+            return int(override["bits"])
+    return default
+
+
+def quantization_config(config: QuantConfig, summary: dict | None = None, adapter: MoEAdapter | None = None) -> dict:
     """The ``quantization_config`` block that GPTQ loaders (transformers, gptqmodel, vLLM) read."""
     vsraq = config.to_dict()
     if summary:
         vsraq["fallbacks"] = summary.get("fallbacks", [])
+        if "expert_bits" in summary:
+            vsraq["expert_bits"] = summary["expert_bits"]
+            vsraq["expert_bits_scores"] = summary.get("expert_bits_scores")
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -64,7 +90,11 @@ def quantization_config(config: QuantConfig, summary: dict | None = None) -> dic
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
         "lm_head": False,
-        "dynamic": config.dynamic or None,
+        "dynamic": (
+            dynamic_overrides(adapter, summary["expert_bits"], config.bits)
+            if summary and "expert_bits" in summary and adapter is not None
+            else (config.dynamic or None)
+        ),
         "meta": {"quantizer": [f"vsraq:{__version__}"], "vsraq": vsraq},
     }
 
@@ -92,7 +122,8 @@ def checkpoint_tensors(model: nn.Module, result: QuantizationResult) -> dict[str
             for proj in EXPERT_PROJECTIONS:
                 qw = result.weights[f"{prefix}.mlp.experts.{proj}"]
                 for e in range(qw.codes.shape[0]):
-                    packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], qw.bits)
+                    bits = qw.bits if qw.bits_per_matrix is None else int(qw.bits_per_matrix[e])
+                    packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], bits)
                     key = adapter.expert_key(layer.index, e, proj)
                     tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
             quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
@@ -120,7 +151,7 @@ def save_checkpoint(
     try:
         tensors = checkpoint_tensors(model, result)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        qcfg = quantization_config(result.config, result.summary)
+        qcfg = quantization_config(result.config, result.summary, get_adapter(model))
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -213,19 +244,20 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
                     ql.bias.copy_(take(*(f"{k}.bias" for k in keys)))
                 _replace(layer.layer, name, ql)
             if layer.is_moe:
-                qe = QuantExperts(layer.experts, bits, group_size)
+                E = layer.experts.gate_up_proj.shape[0]
+                widths = [
+                    dynamic_bits(qcfg.get("dynamic"), adapter.expert_key(layer.index, e, "gate_proj"), bits)
+                    for e in range(E)
+                ]
+                qe = QuantExperts(layer.experts, widths, group_size)
                 for proj in EXPERT_PROJECTIONS:
-                    for buf in ("qweight", "qzeros", "scales", "g_idx"):
-                        stacked = torch.stack(
-                            [
-                                take(
-                                    f"{adapter.expert_key(layer.index, e, proj)}.{buf}",
-                                    f"{prefix}.mlp.experts.{e}.{proj}.{buf}",
-                                )
-                                for e in range(qe.num_experts)
-                            ]
+                    for e in range(E):
+                        keys = (adapter.expert_key(layer.index, e, proj), f"{prefix}.mlp.experts.{e}.{proj}")
+                        qe.load_expert(
+                            proj,
+                            e,
+                            *(take(*(f"{k}.{b}" for k in keys)) for b in ("qweight", "qzeros", "scales", "g_idx")),
                         )
-                        getattr(qe, f"{proj}_{buf}").copy_(stacked)
                 _replace(layer.layer, "mlp." + _child_name(layer.mlp, layer.experts), qe)
         rest = {}
         for name in model.state_dict():

@@ -96,6 +96,23 @@ def load_calibration(calib: str):
     return str(path)
 
 
+def load_router_init(path: Path) -> dict[int, torch.Tensor] | None:  # noqa: F821
+    """Every router's weight at initialisation (``router_init.safetensors``, keys ``model.layers.{i}...``)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    f = path / "router_init.safetensors"
+    if not f.is_file():
+        return None
+    out = {}
+    for key, tensor in load_file(str(f)).items():
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        if m:
+            out[int(m.group(1))] = tensor
+    return out
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .config import QuantConfig
@@ -103,7 +120,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     path = resolve_model(args.model)
+    levels = [int(b) for b in args.bit_levels.split(",")] if args.bit_levels else None
     cfg = QuantConfig(
+        bits_budget=args.bits_budget,
+        bit_levels=levels,
         bits=args.bits,
         group_size=args.group_size,
         sym=not args.asym,
@@ -123,12 +143,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise CLIError(f"method {cfg.method} needs calibration data: pass --calib FILE|DATASET_DIR.")
         windows = calibration_windows(tok, load_calibration(calib), args.seq_len, args.n_samples)
         print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}")
-    result = quantize_model(model, windows, cfg, batch_size=args.batch_size, work_dir=args.resume_dir)
+    router_init = load_router_init(path) if cfg.bits_budget is not None else None
+    result = quantize_model(
+        model, windows, cfg, batch_size=args.batch_size, work_dir=args.resume_dir, router_init=router_init
+    )
     save_checkpoint(model, result, out, tokenizer=tok, overwrite=args.overwrite)
     fallbacks = result.summary["fallbacks"]
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size}: {result.summary['seconds']:.1f}s, wrote {out}")
     for f in fallbacks:
         print(f"  fallback: {f['target']}[{f['index']}] -> {f['action']} ({f['reason']})")
+    if "expert_bits" in result.summary:
+        print(f"bits per expert ({result.summary['expert_bits_scores']}):")
+        for layer, widths in result.summary["expert_bits"].items():
+            print(f"  layer {layer}: {widths}")
     return 0
 
 
@@ -213,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     q.add_argument("--desc-act", action="store_true", help="act-order (quantize columns by decreasing diag(H))")
     q.add_argument("--damp-percent", type=float, default=0.01)
+    q.add_argument("--bits-budget", type=float, help="average width of the routed experts, e.g. 3.0 (DESIGN 6)")
+    q.add_argument("--bit-levels", help="expert widths to choose from, e.g. 2,3,4 (with --bits-budget)")
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=256, help="calibration window length")

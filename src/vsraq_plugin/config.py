@@ -51,6 +51,12 @@ class QuantConfig:
     fp_target_alpha: float = 0.0  # blend of FP-stream targets (DESIGN 3.5c); 0 = quantized stream only
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
 
+    # Expert-wise mixed precision (DESIGN 6): an average width over ``bit_levels`` for the routed experts of
+    # each MoE layer; attention, shared experts and dense layers keep ``bits``.
+    bits_budget: float | None = None
+    bit_levels: list[int] | None = None
+    promote_factor: float = 2.0  # max-variance promotion threshold, x the layer's median
+
     # Per-module overrides, GPTQ ``dynamic`` style: {"regex": {"bits": 3}}.
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -100,6 +106,18 @@ class QuantConfig:
             raise ConfigError(f"fp_target_alpha={self.fp_target_alpha} must lie in [0, 1].")
         if self.reweight_rounds < 0:
             raise ConfigError(f"reweight_rounds={self.reweight_rounds} must be >= 0.")
+        if (self.bits_budget is None) != (self.bit_levels is None):
+            raise ConfigError("bits_budget and bit_levels go together, e.g. bits_budget=3.0, bit_levels=[2, 3, 4].")
+        if self.bit_levels is not None:
+            if not 2 <= len(set(self.bit_levels)) == len(self.bit_levels) <= 3 or any(
+                b not in SUPPORTED_BITS for b in self.bit_levels
+            ):
+                raise ConfigError(
+                    f"bit_levels={self.bit_levels} must be 2 or 3 distinct widths from {SUPPORTED_BITS}, "
+                    "e.g. [2, 3, 4]."
+                )
+            if not min(self.bit_levels) <= self.bits_budget <= max(self.bit_levels):
+                raise ConfigError(f"bits_budget={self.bits_budget} must lie within bit_levels={self.bit_levels}.")
         if not isinstance(self.dynamic, dict):
             raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")
         for pattern, override in self.dynamic.items():

@@ -300,15 +300,43 @@ def _take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedW
             out[ids] = getattr(qw, attr)
         return out
 
+    widths = {qw.bits for _, qw in qws}
+    per_matrix = None
+    if len(widths) > 1:
+        per_matrix = torch.empty(B, dtype=torch.long)
+        for ids, qw in qws:
+            per_matrix[ids] = qw.bits
     return QuantizedWeight(
         codes=gather("codes"),
         scales=gather("scales"),
         zeros=gather("zeros"),
         g_idx=gather("g_idx"),
         weight=gather("weight"),
-        bits=first.bits,
+        bits=max(widths),
         group_size=first.group_size,
+        bits_per_matrix=per_matrix,
     )
+
+
+def solve_experts(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    name: str,
+    fallbacks: list[dict],
+    expert_bits: torch.Tensor | None,
+) -> QuantizedWeight:
+    """``solve_batch`` per width when the experts of a layer have different widths (mixed precision)."""
+    if expert_bits is None or len(set(expert_bits.tolist())) == 1:
+        width = cfg.bits if expert_bits is None else int(expert_bits[0])
+        return solve_batch(W, H, cfg.replace(bits=width), name, fallbacks)
+    parts = []
+    for width in sorted(set(expert_bits.tolist())):
+        ids = (expert_bits == width).nonzero().flatten()
+        sub: list[dict] = []
+        parts.append((ids, solve_batch(W[ids], H[ids], cfg.replace(bits=width), name, sub)))
+        fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
+    return _take(parts, W.shape[0])
 
 
 def solve_batch(
@@ -370,6 +398,7 @@ def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeigh
                 qw.weight[:, rows],
                 qw.bits,
                 qw.group_size,
+                qw.bits_per_matrix,
             )
         )
         start += n
@@ -416,12 +445,17 @@ def quantize_model(
     work_dir: str | Path | None = None,
     progress: bool = True,
     on_layer_done: Callable[[int], None] | None = None,
+    router_init: dict[int, torch.Tensor] | None = None,
+    expert_bits: dict[int, torch.Tensor] | None = None,
 ) -> QuantizationResult:
     """Quantize ``model`` in place with ``config.method`` on calibration ``windows`` ``(n, seq_len)``.
 
     The model ends up computing with the dequantized weights (float32); the returned result holds the
     integer codes and grids for the checkpoint. With ``work_dir``, every finished layer is saved there and a
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
+    With ``config.bits_budget``, each MoE layer's experts get widths from ``mixed_precision`` (scored with
+    ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
+    imposes an allocation instead (baselines: random or frequency-based allocations).
     """
     adapter = get_adapter(model)
     if config.method == "vsraq" and (
@@ -452,6 +486,8 @@ def quantize_model(
     result = QuantizationResult(
         weights={}, config=config, summary={"method": config.method, "fallbacks": [], "layer_seconds": []}
     )
+    if config.method == "rtn" and config.bits_budget is not None:
+        raise NotImplementedError("expert-wise mixed precision is implemented for gptq, agq and vsraq, not rtn.")
     if config.method == "rtn":
         for layer in tqdm(layers, desc=f"rtn W{config.bits}", unit="layer", disable=not progress):
             t0 = time.perf_counter()
@@ -465,6 +501,15 @@ def quantize_model(
 
     runner = LayerRunner(model, adapter, windows, batch_size)
     x_q = runner.inputs
+    moe_layers = {m.index: m for m in layers if m.is_moe}
+    # Widths from the original weights (before a resume writes quantized ones back into the model).
+    if expert_bits is not None:
+        result.summary["expert_bits"] = {i: w.tolist() for i, w in expert_bits.items()}
+        result.summary["expert_bits_scores"] = "given by the caller"
+    elif config.bits_budget:
+        expert_bits = _expert_widths(adapter, moe_layers, config, router_init, result)
+    else:
+        expert_bits = {}
     if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
         result.fp_router_logits.update(_fp_prepass(runner, adapter, layers, x_q))
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
@@ -480,10 +525,9 @@ def quantize_model(
         unit="layer",
         disable=not progress,
     )
-    moe_layers = {m.index: m for m in layers if m.is_moe}
     for layer in layers[first:]:
         t0 = time.perf_counter()
-        _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers)
+        _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers, expert_bits.get(layer.index))
         x_q = runner.run(layer.layer, x_q)
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
@@ -494,6 +538,39 @@ def quantize_model(
     bar.close()
     result.summary["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _expert_widths(
+    adapter: MoEAdapter,
+    moe_layers: dict[int, MoELayer],
+    cfg: QuantConfig,
+    router_init: dict[int, torch.Tensor] | None,
+    result: QuantizationResult,
+) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the width of every expert (DESIGN 6), from the original weights."""
+    from .mixed_precision import (
+        ExpertScores,
+        allocate_bits,
+        max_intra_neuron_variance,
+        router_norm_change,
+        sensitivity_order,
+    )
+
+    widths, used = {}, []
+    for index, layer in moe_layers.items():
+        init = (router_init or {}).get(index)
+        change, used_init = router_norm_change(layer.router.weight.detach(), init)
+        used.append(used_init)
+        variance = max_intra_neuron_variance(adapter.expert_weights(layer.experts))
+        order = sensitivity_order(ExpertScores(change, variance, used_init), cfg.promote_factor)
+        widths[index] = allocate_bits(order, cfg.bit_levels, cfg.bits_budget)
+    result.summary["expert_bits"] = {i: w.tolist() for i, w in widths.items()}
+    result.summary["expert_bits_scores"] = (
+        "router-norm change since initialisation"
+        if all(used)
+        else "final router-row norm (no router at initialisation was given: the fallback of DESIGN 6)"
+    )
+    return widths
 
 
 def _fp_prepass(
@@ -538,6 +615,7 @@ def _quantize_layer(
     cfg: QuantConfig,
     result: QuantizationResult,
     moe_layers: dict[int, MoELayer],
+    expert_bits: torch.Tensor | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized."""
     prefix = f"model.layers.{layer.index}"
@@ -598,7 +676,7 @@ def _quantize_layer(
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
-        qw = solve_batch(W.float(), H, cfg, name, fallbacks)
+        qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits)
         W.copy_(qw.weight)
         if expert_stage == "gate_up":
             inter = W.shape[1] // 2
@@ -732,7 +810,7 @@ class _ResumeState:
         result.summary.update({k: v for k, v in data["summary"].items() if k in keep})
         for layer in layers[:done]:
             tensors = load_file(str(self.dir / f"layer_{layer.index:04d}.safetensors"))
-            names = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("__")})
+            names = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.startswith("__") and not k.endswith(".bits")})
             for name in names:
                 qw = _from_tensors(tensors, name, result.config)
                 result.weights[name] = qw
@@ -755,6 +833,8 @@ class _ResumeState:
             if name.startswith(prefix):
                 for f in _FIELDS:
                     tensors[f"{name}.{f}"] = getattr(qw, f)
+                if qw.bits_per_matrix is not None:
+                    tensors[f"{name}.bits"] = qw.bits_per_matrix
         _atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
         streams = {f"q.{i}": t for i, t in enumerate(x_q)}
         _atomic_save(streams, self.dir / f"streams_{index:04d}.safetensors")
@@ -772,8 +852,10 @@ class _ResumeState:
 def _from_tensors(tensors: dict[str, torch.Tensor], name: str, cfg: QuantConfig) -> QuantizedWeight:
     codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
     zeros, g_idx = tensors[f"{name}.zeros"], tensors[f"{name}.g_idx"]
+    per_matrix = tensors.get(f"{name}.bits")
+    bits = int(per_matrix.max()) if per_matrix is not None else cfg.bits
     return QuantizedWeight(
-        codes, scales, zeros, g_idx, dequantize_grid(codes, scales, zeros, g_idx), cfg.bits, cfg.group_size
+        codes, scales, zeros, g_idx, dequantize_grid(codes, scales, zeros, g_idx), bits, cfg.group_size, per_matrix
     )
 
 

@@ -77,6 +77,7 @@ class QuantizedWeight:
     weight: torch.Tensor  # (..., rows, in) float32
     bits: int
     group_size: int
+    bits_per_matrix: torch.Tensor | None = None  # (B,) when the matrices of a batch have different widths
 
 
 def group_count(in_features: int, group_size: int) -> int:

@@ -18,12 +18,16 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class QuantExperts(nn.Module):
-    def __init__(self, experts: nn.Module, bits: int, group_size: int) -> None:
+    def __init__(self, experts: nn.Module, bits: int | list[int], group_size: int) -> None:
         super().__init__()
         E, two_i, d = experts.gate_up_proj.shape
         inter = two_i // 2
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, d, inter
-        self.bits, self.group_size = bits, group_size
+        # Mixed precision: one width per expert; buffers are sized for the widest and each expert uses the
+        # first packed rows its width needs.
+        self.expert_bits = [bits] * E if isinstance(bits, int) else [int(b) for b in bits]
+        self.bits, self.group_size = max(self.expert_bits), group_size
+        bits = self.bits
         # What transformers' experts implementations read from the module.
         self.config = experts.config
         self.act_fn = experts.act_fn
@@ -52,9 +56,18 @@ class QuantExperts(nn.Module):
         fin, fout = self._shapes[proj]
         q, z = getattr(self, f"{proj}_qweight"), getattr(self, f"{proj}_qzeros")
         s, g = getattr(self, f"{proj}_scales"), getattr(self, f"{proj}_g_idx")
-        return torch.stack(
-            [dequantize_packed(q[e], z[e], s[e], g[e], self.bits, fin, fout, dtype) for e in range(self.num_experts)]
-        )
+        out = []
+        for e, b in enumerate(self.expert_bits):
+            qe, ze = q[e][: packed_rows(fin, b)], z[e][:, : packed_rows(fout, b)]
+            out.append(dequantize_packed(qe, ze, s[e], g[e], b, fin, fout, dtype))
+        return torch.stack(out)
+
+    def load_expert(self, proj: str, e: int, qweight, qzeros, scales, g_idx) -> None:
+        """Copy one expert's GPTQ v1 tensors (packed at its own width) into the stacked buffers."""
+        getattr(self, f"{proj}_qweight")[e].zero_()[: qweight.shape[0]].copy_(qweight)
+        getattr(self, f"{proj}_qzeros")[e].zero_()[:, : qzeros.shape[1]].copy_(qzeros)
+        getattr(self, f"{proj}_scales")[e].copy_(scales)
+        getattr(self, f"{proj}_g_idx")[e].copy_(g_idx)
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
@@ -77,6 +90,8 @@ class QuantExperts(nn.Module):
     use_triton: bool | None = None
 
     def _triton_path(self, x: torch.Tensor) -> bool:
+        if len(set(self.expert_bits)) > 1:  # the fused launch needs one width; mixed widths use the torch path
+            return False
         return takes_triton_path(x, self.use_triton)
 
     def kernel_weights(self):
@@ -143,7 +158,8 @@ class QuantExperts(nn.Module):
             self._compute_dtype = None
 
     def extra_repr(self) -> str:
+        bits = self.expert_bits if len(set(self.expert_bits)) > 1 else self.bits
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, bits={self.bits}, group_size={self.group_size}"
+            f"intermediate_dim={self.intermediate_dim}, bits={bits}, group_size={self.group_size}"
         )

@@ -159,6 +159,61 @@ def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
     assert 0 < m["kl"] < 0.1 and 0.8 < m["topk_set_agreement"] < 1.0  # quantized: close, not identical
 
 
+def test_mixed_precision_from_the_command_line(tmp_path, capsys):
+    q = tmp_path / "q"
+    args = [
+        "quantize",
+        "tiny-mixtral",
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--bits-budget",
+        "2.5",
+        "--bit-levels",
+        "2,3",
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--out",
+        str(q),
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "router-norm change since initialisation" in out  # the fixture ships router_init.safetensors
+    meta = json.loads((q / "config.json").read_text())["quantization_config"]["meta"]["vsraq"]
+    assert all(sorted(w) == [2, 2, 2, 2, 3, 3, 3, 3] for w in meta["expert_bits"].values())
+    rc = main(
+        [
+            "eval",
+            "--reference",
+            "tiny-mixtral",
+            "--model",
+            str(q),
+            "--text",
+            str(fixture_path() / "eval.txt"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--seq-len",
+            "64",
+            "--max-windows",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["models"][str(q)]["expert_bits"] == meta["expert_bits"]
+    assert main([*args[:-4], "--bits-budget", "2.2", "--out", str(tmp_path / "bad")]) == 2
+    assert "nearest reachable budgets" in capsys.readouterr().err
+
+
 def test_demo_runs_every_method(tmp_path, capsys):
     rc = main(
         [

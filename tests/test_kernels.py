@@ -129,3 +129,28 @@ def test_modules_give_the_same_logits_on_the_triton_and_torch_paths(tmp_path):
     assert (outs[True] - ref).abs().max() < 4e-3 * scale
     assert (outs[False] - ref).abs().max() < 4e-3 * scale
     assert (outs[True] - outs[False]).abs().max() < 4e-3 * scale
+
+
+def test_mixed_width_experts_on_the_triton_path(tmp_path):
+    """Experts of different widths in one layer: one launch pair per width, same logits as the torch path."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.nn import QuantExperts
+    from vsraq_plugin.pipeline import quantize_model
+
+    model = tiny_model("mixtral", seed=4)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4])
+    res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
+    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half()
+    experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
+    assert all(len(set(m.expert_bits)) == 3 for m in experts)
+    outs = {}
+    for flag in (False, True):
+        for m in experts:
+            m.use_triton = flag
+        with torch.no_grad():
+            outs[flag] = loaded(input_ids=windows[:1, :10]).logits.float()
+    scale = outs[False].abs().max()
+    assert (outs[True] - outs[False]).abs().max() < 4e-3 * scale

@@ -173,10 +173,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = build_report(
         evaluate(reference, models, windows, args.batch_size), args.reference, str(text_path), windows.numel()
     )
+    for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
+        meta = _quantization_meta(Path(path))
+        if "expert_bits" in meta:
+            report["models"][name]["expert_bits"] = meta["expert_bits"]
     paths = write_report(report, Path(args.out))
     print(markdown_table(report))
+    for name, m in report["models"].items():
+        for layer, widths in (m.get("expert_bits") or {}).items():
+            print(f"{name}: layer {layer} bits per expert {widths}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _quantization_meta(path: Path) -> dict:
+    import json
+
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return {}
+    qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return (qcfg.get("meta") or {}).get("vsraq") or {}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ConfigError
+
 
 @dataclass
 class ExpertScores:
@@ -60,12 +62,12 @@ def sensitivity_order(scores: ExpertScores, promote_factor: float = 2.0) -> torc
 def level_counts(num_experts: int, levels: list[int], budget: float) -> list[int]:
     """Experts per level (ascending levels) with ``sum(n_l * b_l) == budget * E`` exactly.
 
-    Two levels: the only solution. Three levels: the solution closest to equal counts. Raises ``ValueError``
+    Two levels: the only solution. Three levels: the solution closest to equal counts. Raises ``ConfigError``
     naming the nearest reachable budgets when none exists.
     """
     levels = sorted(levels)
     if len(levels) not in (2, 3) or len(set(levels)) != len(levels):
-        raise ValueError(f"bit_levels={levels} must hold 2 or 3 distinct widths, e.g. 2,3,4.")
+        raise ConfigError(f"bit_levels={levels} must hold 2 or 3 distinct widths, e.g. 2,3,4.")
     E = num_experts
     solutions: dict[int, list[list[int]]] = {}
     for n_hi in range(E + 1):
@@ -77,7 +79,7 @@ def level_counts(num_experts: int, levels: list[int], budget: float) -> list[int
         below = [t / E for t in solutions if t < target]
         above = [t / E for t in solutions if t > target]
         nearby = [f"{x:g}" for x in (max(below, default=None), min(above, default=None)) if x is not None]
-        raise ValueError(
+        raise ConfigError(
             f"bits_budget={budget} cannot be met exactly with {E} experts over {levels}; the nearest reachable "
             f"budgets are {' and '.join(nearby)}."
         )

@@ -16,16 +16,19 @@ from .layout import KernelWeight
 
 def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots ``t * k + j`` grouped by expert, each group padded to a multiple of ``block_m`` with the
-    sentinel ``T * k``; returns the padded slot order and the expert of each block (empty experts get none)."""
+    sentinel ``T * k``; returns the padded slot order and the expert of each block (empty experts get none).
+    Slots whose expert id is negative are left out (a launch over a subset of the experts)."""
     flat = topk_ids.reshape(-1).long()
     sentinel = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    kept = (flat >= 0).nonzero().flatten()
+    ids = flat[kept]
+    counts = torch.bincount(ids, minlength=num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
-    order = torch.argsort(flat, stable=True)
+    order = kept[torch.argsort(ids, stable=True)]
     out = torch.full((int(padded.sum()),), sentinel, dtype=torch.int64, device=flat.device)
     starts = torch.cumsum(padded, 0) - padded
     pos = starts.repeat_interleave(counts) + (
-        torch.arange(sentinel, device=flat.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        torch.arange(ids.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
     )
     out[pos] = order
     block_expert = torch.arange(num_experts, device=flat.device).repeat_interleave(padded // block_m)

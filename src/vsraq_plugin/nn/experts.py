@@ -90,24 +90,24 @@ class QuantExperts(nn.Module):
     use_triton: bool | None = None
 
     def _triton_path(self, x: torch.Tensor) -> bool:
-        if len(set(self.expert_bits)) > 1:  # the fused launch needs one width; mixed widths use the torch path
-            return False
         return takes_triton_path(x, self.use_triton)
 
     def kernel_weights(self):
-        """Stacked kernel layouts (gate and up fused along N), built once at first use."""
+        """Per width: the experts of that width and their stacked kernel layouts (gate and up fused along N),
+        built once at first use. One width per layer gives one group, i.e. one launch each for gate/up and down."""
         if getattr(self, "_kernel_weights", None) is None:
             from ..kernels.layout import KernelWeight, to_kernel_layout
             from ..kernels.moe_gemm import stack_experts
 
             def layout(proj: str, e: int) -> KernelWeight:
                 fin, fout = self._shapes[proj]
+                b = self.expert_bits[e]
                 return to_kernel_layout(
-                    getattr(self, f"{proj}_qweight")[e],
-                    getattr(self, f"{proj}_qzeros")[e],
+                    getattr(self, f"{proj}_qweight")[e][: packed_rows(fin, b)],
+                    getattr(self, f"{proj}_qzeros")[e][:, : packed_rows(fout, b)],
                     getattr(self, f"{proj}_scales")[e],
                     getattr(self, f"{proj}_g_idx")[e],
-                    self.bits,
+                    b,
                     fin,
                     fout,
                 )
@@ -135,7 +135,13 @@ class QuantExperts(nn.Module):
                     )
                 )
             down = [layout("down_proj", e) for e in range(self.num_experts)]
-            self._kernel_weights = (stack_experts(fused), stack_experts(down))
+            groups = []
+            for width in sorted(set(self.expert_bits)):
+                ids = [e for e, b in enumerate(self.expert_bits) if b == width]
+                local = torch.full((self.num_experts,), -1, dtype=torch.long)
+                local[ids] = torch.arange(len(ids))
+                groups.append((local, stack_experts([fused[e] for e in ids]), stack_experts([down[e] for e in ids])))
+            self._kernel_weights = groups
         return self._kernel_weights
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -144,9 +150,12 @@ class QuantExperts(nn.Module):
         if self._triton_path(hidden_states):
             from ..kernels.moe_gemm import fused_moe
 
-            gate_up, down = self.kernel_weights()
-            act = self.act_fn
-            return fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights, act=act)
+            out = None
+            for local, gate_up, down in self.kernel_weights():  # one pair of launches per width
+                ids = local.to(top_k_index.device)[top_k_index]  # -1: routed to an expert of another width
+                y = fused_moe(hidden_states, gate_up, down, ids, top_k_weights, act=self.act_fn)
+                out = y if out is None else out + y
+            return out
 
         impl = ALL_EXPERTS_FUNCTIONS.get_interface(
             getattr(self.config, "_experts_implementation", None) or "eager", self._eager_forward

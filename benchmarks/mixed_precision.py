@@ -29,9 +29,9 @@ def main() -> None:
 
     from vsraq_plugin.cli import fixture_path, load_model, load_router_init
     from vsraq_plugin.config import QuantConfig
-    from vsraq_plugin.evaluation import evaluate, record_router_logits, token_windows
+    from vsraq_plugin.evaluation import evaluate, token_windows
     from vsraq_plugin.mixed_precision import allocate_bits
-    from vsraq_plugin.models import get_adapter
+    from vsraq_plugin.models import get_adapter, record_router_logits
     from vsraq_plugin.pipeline import calibration_windows, quantize_model
 
     path = fixture_path()
@@ -46,7 +46,7 @@ def main() -> None:
 
     # Activation frequency: routed calibration tokens per expert under the FP model.
     freq = {layer.index: torch.zeros(E) for layer in moe}
-    with torch.no_grad(), record_router_logits(fp, adapter) as store:
+    with torch.no_grad(), record_router_logits(moe) as store:
         for i in range(0, calib.shape[0], 8):
             fp(input_ids=calib[i : i + 8])
     for layer, logits in zip(moe, store, strict=True):

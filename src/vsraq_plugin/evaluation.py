@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import MoEAdapter, get_adapter
+from .models import get_adapter, record_router_logits
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
 from .text import cut_windows, split_documents, token_stream
 
@@ -36,26 +35,6 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
             "smaller --seq-len."
         )
     return windows
-
-
-@contextmanager
-def record_router_logits(model: nn.Module, adapter: MoEAdapter):
-    """Collect every MoE layer's router logits ``(tokens, E)`` for each forward, in layer order."""
-    layers = adapter.moe_layers(model)
-    store: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = []
-    for slot, layer in enumerate(layers):
-
-        def hook(_module, _inputs, output, slot=slot):
-            logits = output[0] if isinstance(output, tuple) else output
-            store[slot].append(logits.detach().float().reshape(-1, logits.shape[-1]))
-
-        handles.append(layer.router.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass
@@ -102,7 +81,7 @@ def evaluate(
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[start : start + batch_size]
-        with record_router_logits(reference, adapter) as ref_store:
+        with record_router_logits(adapter.moe_layers(reference)) as ref_store:
             ref_logits = reference(input_ids=ids).logits.float()
         ref_routes = [
             adapter.route(store[0], layer.router)
@@ -114,7 +93,7 @@ def evaluate(
         ref_acc.nll_tokens += count
         for name, model in models.items():
             a = acc[name]
-            with record_router_logits(model, adapter) as store:
+            with record_router_logits(adapter.moe_layers(model)) as store:
                 logits = model(input_ids=ids).logits.float()
             nll, count = _nll(logits, ids)
             a.nll += nll

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .gptq import HessianAccumulator, HessianError, gptq_quantize
-from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter, sequential_stages
+from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .text import cut_windows, split_documents, token_stream
 
@@ -98,7 +98,6 @@ class LayerRunner:
     """Runs single decoder layers on stored hidden states with the kwargs the model gives its layers."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, windows: torch.Tensor, batch_size: int) -> None:
-        self.adapter = adapter
         layers = adapter.decoder_layers(model)
         captured: list[torch.Tensor] = []
         kwargs: list[dict] = []  # per batch: masks and position embeddings follow the batch's shape
@@ -511,7 +510,7 @@ def quantize_model(
     else:
         expert_bits = {}
     if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
-        result.fp_router_logits.update(_fp_prepass(runner, adapter, layers, x_q))
+        result.fp_router_logits.update(_fp_prepass(runner, layers, x_q))
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
     first = 0
     if state is not None:
@@ -573,38 +572,15 @@ def _expert_widths(
     return widths
 
 
-def _fp_prepass(
-    runner: LayerRunner, adapter: MoEAdapter, layers: list[MoELayer], x_fp: list[torch.Tensor]
-) -> dict[int, torch.Tensor]:
+def _fp_prepass(runner: LayerRunner, layers: list[MoELayer], x_fp: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """The full-precision stream, layer by layer from the layer-0 inputs, recording the FP router logits of
     every MoE layer on the calibration tokens (DESIGN 3.2): the targets the routing terms preserve."""
-    scratch = QuantizationResult(weights={}, config=QuantConfig())
+    moe = [layer for layer in layers if layer.is_moe]
     hidden = x_fp
-    for layer in layers:
-        hidden = _fp_pass(runner, adapter, layer, hidden, scratch)
-    return scratch.fp_router_logits
-
-
-def _fp_pass(
-    runner: LayerRunner, adapter: MoEAdapter, layer: MoELayer, x_fp: list[torch.Tensor], result: QuantizationResult
-) -> list[torch.Tensor]:
-    """Advance the full-precision stream through the (still unquantized) layer; record its router logits."""
-    logits: list[torch.Tensor] = []
-    handle = None
-    if layer.is_moe:
-
-        def hook(_m, _a, out):
-            logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
-
-        handle = layer.router.register_forward_hook(hook)
-    try:
-        out = runner.run(layer.layer, x_fp)
-    finally:
-        if handle is not None:
-            handle.remove()
-    if logits:
-        result.fp_router_logits[layer.index] = torch.cat([t.reshape(-1, t.shape[-1]) for t in logits])
-    return out
+    with record_router_logits(moe) as store:
+        for layer in layers:
+            hidden = runner.run(layer.layer, hidden)
+    return {layer.index: torch.cat(logits) for layer, logits in zip(moe, store, strict=True)}
 
 
 def _quantize_layer(
@@ -716,15 +692,16 @@ def _vsraq_plan(
         m = boundary_margin(sel, k)
         return m, margin_scale(m)
 
-    own = layer.index if layer.index in logits else None
+    if layer.index not in logits:  # a dense layer, or no FP pass
+        return _VsraqPlan(None, None, None)
+    fp = adapter.route(logits[layer.index], layer.router)  # this layer's FP decisions, computed once
+    m = boundary_margin(fp.selection, k)
+    tau = margin_scale(m)
     attention = None
-    if cfg.lambda_attention > 0 and own is not None:
-        m, tau = margins_of(own)
+    if cfg.lambda_attention > 0:
         attention = list(token_weights(m, cfg.lambda_attention, tau).split(sizes))
     pairs = None
-    if layer.is_moe and cfg.lambda_expert > 0:
-        fp = adapter.route(logits[layer.index], layer.router)
-        m, tau = margins_of(layer.index)
+    if cfg.lambda_expert > 0:
         later = sorted(i for i in logits if i > layer.index)
         nm, tau_next = margins_of(later[0]) if later else (None, None)
         pairs = expert_pairs_fp(fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, sequential_stages
@@ -42,6 +46,26 @@ def get_adapter(model_or_config) -> MoEAdapter:
     return MoEAdapter(config)
 
 
+@contextmanager
+def record_router_logits(layers: Sequence[MoELayer]) -> Iterator[list[list[torch.Tensor]]]:
+    """While active, every forward of these MoE layers appends its router logits ``(tokens, E)`` (float32)
+    to the list of that layer (same order as ``layers``)."""
+    store: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = []
+    for slot, layer in enumerate(layers):
+
+        def hook(_module, _inputs, output, slot=slot):
+            logits = output[0] if isinstance(output, tuple) else output
+            store[slot].append(logits.detach().float().reshape(-1, logits.shape[-1]))
+
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
 __all__ = [
     "ADAPTERS",
     "EXPERT_PROJECTIONS",
@@ -49,5 +73,6 @@ __all__ = [
     "MoELayer",
     "UnsupportedModelError",
     "get_adapter",
+    "record_router_logits",
     "sequential_stages",
 ]

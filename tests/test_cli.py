@@ -110,6 +110,29 @@ def test_eval_errors_are_one_clear_line(saved_pair, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def _eval_on_fixture(model_dir, out_dir, windows: int) -> dict:
+    """`vsraq eval` of a checkpoint against the shipped fixture on its eval text; the report.json."""
+    args = [
+        "eval",
+        "--reference",
+        "tiny-mixtral",
+        "--model",
+        str(model_dir),
+        "--text",
+        str(fixture_path() / "eval.txt"),
+        "--out",
+        str(out_dir),
+        "--seq-len",
+        "64",
+        "--max-windows",
+        str(windows),
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    return json.loads((out_dir / "report.json").read_text())
+
+
 def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
     q = tmp_path / "q"
     args = [
@@ -135,27 +158,7 @@ def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
     qcfg = json.loads((q / "quantize_config.json").read_text())
     assert qcfg["bits"] == 4 and qcfg["meta"]["vsraq"]["method"] == "gptq"
     assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err
-    rc = main(
-        [
-            "eval",
-            "--reference",
-            "tiny-mixtral",
-            "--model",
-            str(q),
-            "--text",
-            str(fixture_path() / "eval.txt"),
-            "--out",
-            str(tmp_path / "rep"),
-            "--seq-len",
-            "64",
-            "--max-windows",
-            "4",
-            "--threads",
-            "1",
-        ]
-    )
-    assert rc == 0
-    m = json.loads((tmp_path / "rep" / "report.json").read_text())["models"][str(q)]
+    m = _eval_on_fixture(q, tmp_path / "rep", windows=4)["models"][str(q)]
     assert 0 < m["kl"] < 0.1 and 0.8 < m["topk_set_agreement"] < 1.0  # quantized: close, not identical
 
 
@@ -188,27 +191,7 @@ def test_mixed_precision_from_the_command_line(tmp_path, capsys):
     assert "router-norm change since initialisation" in out  # the fixture ships router_init.safetensors
     meta = json.loads((q / "config.json").read_text())["quantization_config"]["meta"]["vsraq"]
     assert all(sorted(w) == [2, 2, 2, 2, 3, 3, 3, 3] for w in meta["expert_bits"].values())
-    rc = main(
-        [
-            "eval",
-            "--reference",
-            "tiny-mixtral",
-            "--model",
-            str(q),
-            "--text",
-            str(fixture_path() / "eval.txt"),
-            "--out",
-            str(tmp_path / "rep"),
-            "--seq-len",
-            "64",
-            "--max-windows",
-            "2",
-            "--threads",
-            "1",
-        ]
-    )
-    assert rc == 0
-    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    report = _eval_on_fixture(q, tmp_path / "rep", windows=2)
     assert report["models"][str(q)]["expert_bits"] == meta["expert_bits"]
     assert main([*args[:-4], "--bits-budget", "2.2", "--out", str(tmp_path / "bad")]) == 2
     assert "nearest reachable budgets" in capsys.readouterr().err

@@ -41,8 +41,12 @@ def measure(
     eval_windows: int,
     model_path: Path | None = None,
     seq_len: int = 256,
+    peers=None,
 ) -> dict:
-    """Quantize the fixture with every row's settings at every width; evaluate all against FP in one pass."""
+    """Quantize the fixture with every row's settings at every width; evaluate all against FP in one pass.
+
+    ``peers(calib, bits)``, when given, returns ``{label: (model, seconds)}`` quantized by another tool on the
+    same calibration windows (the gate's gptqmodel row)."""
     from transformers import AutoTokenizer
 
     from vsraq_plugin.cli import fixture_path, load_model
@@ -65,6 +69,9 @@ def measure(
             seconds[label] = time.perf_counter() - t0
             models[label] = model
             print(f"  quantized {label} in {seconds[label]:.1f}s", flush=True)
+        for label, (model, secs) in (peers(calib, bits) if peers else {}).items():
+            models[label], seconds[label] = model, secs
+            print(f"  quantized {label} in {secs:.1f}s", flush=True)
     report = build_report(evaluate(fp, models, ev, progress=False), str(path), "eval.txt", ev.numel())
     for label, s in seconds.items():
         report["models"][label]["seconds"] = s

@@ -3,13 +3,15 @@
 On the shipped fixture at W4g64 and W3g64, fixed calibration windows, every window of the eval slice
 (129 x 256 tokens, 132k routing decisions), one thread:
 - VSRAQ's top-k-set disagreement with FP  <= DISAGREEMENT_RATIO[bits] x stock gptq's, and < agq's;
-- VSRAQ's next-token KL to FP             <= KL_RATIO x stock gptq's.
+- VSRAQ's next-token KL to FP             <= KL_RATIO x stock gptq's;
+- with ``--gptqmodel-python`` (CI passes it): the same two checks against gptqmodel 7.7's stock GPTQ, run
+  in its own venv on the same calibration windows and loaded by the plugin's loader.
 Writes ``regress.json`` (every number and verdict) and exits non-zero when an enforced check fails.
 
-Issue #5's target is a disagreement ratio of 0.85 at both widths. W3 meets it (about 0.80x). W4 does not
-yet (0.867x measured on all eval windows), so W4 is enforced at 0.90 to catch regressions, and the 0.85
-target is checked and reported as PENDING in regress.json. Raise W4 to 0.85 when the method gets there;
-thresholds are never loosened to pass.
+Issue #5's target is a disagreement ratio of 0.85 at both widths; it is enforced at both since the routing
+metric on the residual writers (DESIGN 3.5b) got W4 there (0.87x before it). Every method runs with the
+same QuantConfig defaults (group-aware act-order included), so the ratios compare like with like.
+Thresholds are never loosened to pass; raise them as the method improves.
 
     OMP_NUM_THREADS=1 python benchmarks/regress.py [--out regress.json]
 """
@@ -18,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,8 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_vsraq import measure, table
 
-TARGET_DISAGREEMENT_RATIO = 0.85
-DISAGREEMENT_RATIO = {4: 0.90, 3: 0.85}  # enforced; see the module docstring for W4
+HERE = Path(__file__).resolve().parent
+GPTQMODEL = "gptqmodel 7.7 gptq"
+
+DISAGREEMENT_RATIO = {4: 0.85, 3: 0.85}  # enforced
 KL_RATIO = 1.02
 BITS = (4, 3)
 GROUP_SIZE = 64
@@ -38,26 +46,38 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("regress.json"))
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=1000, help="cap on eval windows (default: all)")
+    ap.add_argument(
+        "--gptqmodel-python", help="python of a venv with gptqmodel 7.7: adds its stock GPTQ as a gated row"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rows = {"gptq": dict(method="gptq"), "agq": dict(method="agq"), "vsraq": dict(method="vsraq")}
-    report = measure(rows, list(BITS), GROUP_SIZE, args.n_samples, args.eval_windows)
+    peers = _gptqmodel_peer(args.gptqmodel_python) if args.gptqmodel_python else None
+    report = measure(rows, list(BITS), GROUP_SIZE, args.n_samples, args.eval_windows, peers=peers)
     print(table(report))
     checks, ok = [], True
     for bits in BITS:
         m = {name: report["models"][f"{name} W{bits}g{GROUP_SIZE}"] for name in rows}
+        if peers:
+            m[GPTQMODEL] = report["models"][f"{GPTQMODEL} W{bits}g{GROUP_SIZE}"]
         dis = {name: 1.0 - v["topk_set_agreement"] for name, v in m.items()}
         ratio = dis["vsraq"] / dis["gptq"]
         limit = DISAGREEMENT_RATIO[bits]
+        peer_checks = []
+        if peers:
+            peer_ratio = dis["vsraq"] / dis[GPTQMODEL]
+            peer_checks = [
+                (f"disagreement vs {GPTQMODEL}", peer_ratio <= limit, True, f"{peer_ratio:.3f}x <= {limit}x"),
+                (
+                    f"KL vs {GPTQMODEL}",
+                    m["vsraq"]["kl"] <= KL_RATIO * m[GPTQMODEL]["kl"],
+                    True,
+                    f"{m['vsraq']['kl']:.5f} <= {KL_RATIO} x {m[GPTQMODEL]['kl']:.5f}",
+                ),
+            ]
         for what, passed, enforced, detail in (
             ("disagreement vs gptq", ratio <= limit, True, f"{ratio:.3f}x <= {limit}x"),
-            (
-                "disagreement target (issue #5)",
-                ratio <= TARGET_DISAGREEMENT_RATIO,
-                False,
-                f"{ratio:.3f}x <= {TARGET_DISAGREEMENT_RATIO}x",
-            ),
             ("disagreement vs agq", dis["vsraq"] < dis["agq"], True, f"{dis['vsraq']:.4f} < {dis['agq']:.4f}"),
             (
                 "KL vs gptq",
@@ -65,6 +85,7 @@ def main() -> int:
                 True,
                 f"{m['vsraq']['kl']:.5f} <= {KL_RATIO} x {m['gptq']['kl']:.5f}",
             ),
+            *peer_checks,
         ):
             verdict = "PASS" if passed else ("FAIL" if enforced else "PENDING")
             checks.append({"bits": bits, "check": what, "enforced": enforced, "passed": bool(passed), "detail": detail})
@@ -72,7 +93,6 @@ def main() -> int:
             print(f"W{bits}: {what}: {verdict} ({detail})")
     report["gate"] = {
         "disagreement_ratio": DISAGREEMENT_RATIO,
-        "target_disagreement_ratio": TARGET_DISAGREEMENT_RATIO,
         "kl_ratio": KL_RATIO,
         "checks": checks,
         "passed": ok,
@@ -80,6 +100,32 @@ def main() -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"regression gate: {'PASSED' if ok else 'FAILED'} ({args.out})")
     return 0 if ok else 1
+
+
+def _gptqmodel_peer(python: str):
+    """Quantize the fixture with gptqmodel's default GPTQ (sym, no act-order, its own damping) in its venv, on
+    the gate's calibration windows; load the checkpoint with the plugin's loader."""
+    from safetensors.torch import save_file
+
+    from vsraq_plugin.checkpoint import load_checkpoint
+    from vsraq_plugin.cli import fixture_path
+
+    work = Path(tempfile.mkdtemp(prefix="vsraq-gate-"))
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+
+    def run(calib: torch.Tensor, bits: int) -> dict:
+        windows = work / "calib_windows.safetensors"
+        save_file({"windows": calib.contiguous()}, str(windows))
+        out = work / f"gptqmodel_W{bits}g{GROUP_SIZE}"
+        cmd = [python, str(HERE / "peers" / "gptqmodel_quantize.py"), str(fixture_path()), str(windows)]
+        cmd += ["--bits", str(bits), "--group-size", str(GROUP_SIZE), "--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)  # it writes logs/ in cwd
+        if proc.returncode != 0:
+            raise SystemExit(f"gptqmodel failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return {f"{GPTQMODEL} W{bits}g{GROUP_SIZE}": (load_checkpoint(out), time.perf_counter() - t0)}
+
+    return run
 
 
 if __name__ == "__main__":

@@ -77,8 +77,10 @@ def test_align_slots_by_hand():
     assert blocks.tolist() == [0, 1, 2, 2]
 
 
-@pytest.mark.parametrize(("top_k", "act_order"), [(1, False), (2, True), (4, False)])
-def test_fused_moe_against_per_expert_reference(top_k, act_order):
+@pytest.mark.parametrize(
+    ("top_k", "act_order", "fuse"), [(1, False, True), (2, True, True), (2, True, False), (4, False, True)]
+)
+def test_fused_moe_against_per_expert_reference(top_k, act_order, fuse):
     E, d, inter, T = 5, 64, 32, 9
     gate_up = [_layer(2 * inter, d, 4, 32, False, act_order=act_order, seed=10 + e) for e in range(E)]
     down = [_layer(d, inter, 4, 32, False, act_order=act_order, seed=20 + e) for e in range(E)]
@@ -88,7 +90,7 @@ def test_fused_moe_against_per_expert_reference(top_k, act_order):
     ids = scores.topk(top_k, dim=-1).indices
     w = torch.softmax(torch.randn(T, top_k, generator=g), -1)
     x = torch.randn(T, d, generator=g).half()
-    y = fused_moe(x, stack_experts([k for k, _ in gate_up]), stack_experts([k for k, _ in down]), ids, w)
+    y = fused_moe(x, stack_experts([k for k, _ in gate_up]), stack_experts([k for k, _ in down]), ids, w, fuse_act=fuse)
     ref = torch.zeros(T, d, dtype=torch.float64)
     bound = torch.zeros(T, d, dtype=torch.float64)
     for t in range(T):

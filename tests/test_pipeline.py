@@ -39,7 +39,7 @@ def test_one_layer_pipeline_equals_engine_by_hand(method):
     attn, moe = layer.self_attn, layer.mlp
 
     def solve(W, H):
-        qw, _, _ = gptq_quantize(W, H, 4, 16, True)
+        qw, _, _ = gptq_quantize(W, H, 4, 16, True, act_group_aware=True)
         return qw
 
     def capture(module, fn):

@@ -124,9 +124,30 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
 def test_unimplemented_terms_fail_clearly():
     fp = tiny_model("mixtral")
     windows = torch.randint(0, fp.config.vocab_size, (2, 16))
-    with pytest.raises(NotImplementedError, match="lambda_metric"):
-        quantize_model(fp, windows, QuantConfig(method="vsraq", group_size=16, lambda_metric=1.0), progress=False)
+    with pytest.raises(NotImplementedError, match="fp_target_alpha"):
+        quantize_model(fp, windows, QuantConfig(method="vsraq", group_size=16, fp_target_alpha=0.5), progress=False)
     with pytest.raises(NotImplementedError, match="dynamic"):
         quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={"q_proj": {"bits": 8}}), progress=False)
     with pytest.raises(NotImplementedError, match="true_sequential"):
         quantize_model(fp, windows, QuantConfig(group_size=16, true_sequential=False), progress=False)
+
+
+def test_boundary_metric_equals_the_per_token_sum():
+    """``A = D P D^T`` through expert pairs == the direct sum of phi_t u_t u_t^T over tokens (float64)."""
+    from vsraq_plugin.vsraq import boundary_metric, fragility, margin_scale
+
+    g = torch.Generator().manual_seed(0)
+    T, E, d, k = 200, 6, 10, 2
+    sel = torch.randn(T, E, generator=g)
+    R, gamma = torch.randn(E, d, generator=g), torch.rand(d, generator=g) + 0.5
+    M = boundary_metric(R, gamma, sel, k, lam=3.0).double()
+    order = sel.topk(k + 1, dim=-1).indices
+    m = sel.gather(1, order[:, k - 1 : k])[:, 0] - sel.gather(1, order[:, k : k + 1])[:, 0]
+    phi = fragility(m, margin_scale(m)).double()
+    A = torch.zeros(d, d, dtype=torch.float64)
+    for t in range(T):
+        u = gamma.double() * (R[order[t, k - 1]] - R[order[t, k]]).double()
+        A += phi[t] * torch.outer(u, u)
+    ref = torch.eye(d, dtype=torch.float64) + 3.0 * A / torch.linalg.eigvalsh(A)[-1]
+    assert torch.allclose(M, ref, atol=1e-5)
+    assert torch.linalg.eigvalsh(M)[0] >= 1 - 1e-5  # I + PSD: the metric never discounts a direction

@@ -10,6 +10,11 @@ from .quantizer import QuantizedWeight, rtn
 
 __version__ = "0.1.0"
 
+from .api import load, quantize
+from .integrations import install as _install_hooks
+
+_install_hooks()
+
 __all__ = [
     "ConfigError",
     "HessianAccumulator",
@@ -19,7 +24,9 @@ __all__ = [
     "__version__",
     "dequantize_packed",
     "gptq_quantize",
+    "load",
     "pack_linear",
+    "quantize",
     "rtn",
     "unpack_linear",
 ]

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,18 +46,33 @@ def _native_to_checkpoint(adapter: MoEAdapter, name: str) -> str:
     return name
 
 
+KEY_LAYOUTS = ("original", "transformers")
+
+
+def _param_key(adapter: MoEAdapter, name: str, layout: str) -> str:
+    return _native_to_checkpoint(adapter, name) if layout == "original" else name
+
+
+def _expert_key(adapter: MoEAdapter, layer_index: int, expert: int, proj: str, layout: str) -> str:
+    """``original``: the family's names (Mixtral ``block_sparse_moe.experts.{e}.w1``: vLLM, AutoGPTQ, the Hub);
+    ``transformers``: transformers-5 module names (``mlp.experts.{e}.gate_proj``: what gptqmodel 7 reads)."""
+    if layout == "original":
+        return adapter.expert_key(layer_index, expert, proj)
+    return f"model.layers.{layer_index}.mlp.experts.{expert}.{proj}"
+
+
 def _linear_targets(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Linear]:
     return {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}
 
 
-def dynamic_overrides(adapter: MoEAdapter, expert_bits: dict, base_bits: int) -> dict:
+def dynamic_overrides(adapter: MoEAdapter, expert_bits: dict, base_bits: int, layout: str = "original") -> dict:
     """GPTQ ``dynamic`` entries (module-name regex -> settings) for every expert whose width differs from
     ``bits``: the form gptqmodel and vLLM read for per-module widths."""
     out = {}
     for layer_index, widths in sorted(expert_bits.items(), key=lambda kv: int(kv[0])):
         for e, b in enumerate(widths):
             if b != base_bits:
-                prefix = adapter.expert_key(int(layer_index), e, "gate_proj").rsplit(".", 1)[0]
+                prefix = _expert_key(adapter, int(layer_index), e, "gate_proj", layout).rsplit(".", 1)[0]
                 out["+:^" + re.escape(prefix) + r"\."] = {"bits": int(b)}
     return out
 
@@ -71,7 +87,9 @@ def dynamic_bits(dynamic: dict | None, module: str, default: int) -> int:
     return default
 
 
-def quantization_config(config: QuantConfig, summary: dict | None = None, adapter: MoEAdapter | None = None) -> dict:
+def quantization_config(
+    config: QuantConfig, summary: dict | None = None, adapter: MoEAdapter | None = None, layout: str = "original"
+) -> dict:
     """The ``quantization_config`` block that GPTQ loaders (transformers, gptqmodel, vLLM) read."""
     vsraq = config.to_dict()
     if summary:
@@ -91,7 +109,7 @@ def quantization_config(config: QuantConfig, summary: dict | None = None, adapte
         "damp_percent": config.damp_percent,
         "lm_head": False,
         "dynamic": (
-            dynamic_overrides(adapter, summary["expert_bits"], config.bits)
+            dynamic_overrides(adapter, summary["expert_bits"], config.bits, layout)
             if summary and "expert_bits" in summary and adapter is not None
             else (config.dynamic or None)
         ),
@@ -100,8 +118,12 @@ def quantization_config(config: QuantConfig, summary: dict | None = None, adapte
 
 
 # ---------------------------------------------------------------------------------------------- save
-def checkpoint_tensors(model: nn.Module, result: QuantizationResult) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by its name in the file."""
+def checkpoint_tensors(
+    model: nn.Module, result: QuantizationResult, layout: str = "original"
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its name in the file (``layout``: see ``_expert_key``)."""
+    if layout not in KEY_LAYOUTS:
+        raise CheckpointError(f"key_layout={layout!r} is unknown; use one of {KEY_LAYOUTS}.")
     adapter = get_adapter(model)
     tensors: dict[str, torch.Tensor] = {}
     quantized_params: set[str] = set()
@@ -113,7 +135,7 @@ def checkpoint_tensors(model: nn.Module, result: QuantizationResult) -> dict[str
                 raise CheckpointError(f"{full} was not quantized; run the quantization before saving.")
             qw = result.weights[full]
             packed = pack_linear(qw.codes[0], qw.scales[0], qw.zeros[0], qw.g_idx[0], qw.bits)
-            key = _native_to_checkpoint(adapter, full)
+            key = _param_key(adapter, full, layout)
             tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
             if lin.bias is not None:
                 tensors[f"{key}.bias"] = lin.bias.detach().contiguous()
@@ -124,22 +146,50 @@ def checkpoint_tensors(model: nn.Module, result: QuantizationResult) -> dict[str
                 for e in range(qw.codes.shape[0]):
                     bits = qw.bits if qw.bits_per_matrix is None else int(qw.bits_per_matrix[e])
                     packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], bits)
-                    key = adapter.expert_key(layer.index, e, proj)
+                    key = _expert_key(adapter, layer.index, e, proj, layout)
                     tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
             quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if name in quantized_params or (tied and name == "lm_head.weight"):
             continue
+        tensors[_param_key(adapter, name, layout)] = tensor.detach().contiguous()
+    return tensors
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a model that holds ``QuantLinear``/``QuantExperts`` (a loaded checkpoint):
+    the same names and per-expert layout ``checkpoint_tensors`` writes, so a loaded model re-saves as it came."""
+    adapter = get_adapter(model)
+    tensors: dict[str, torch.Tensor] = {}
+    skip: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, QuantExperts):
+            index = int(re.match(r"model\.layers\.(\d+)\.", mod_name + ".").group(1))
+            for proj in EXPERT_PROJECTIONS:
+                for e in range(mod.num_experts):
+                    key = adapter.expert_key(index, e, proj)
+                    tensors.update({f"{key}.{k}": v for k, v in mod.expert_tensors(proj, e).items()})
+            skip.update(f"{mod_name}.{k}" for k in mod.state_dict())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        if name in skip or (tied and name == "lm_head.weight"):
+            continue
         tensors[_native_to_checkpoint(adapter, name)] = tensor.detach().contiguous()
     return tensors
 
 
 def save_checkpoint(
-    model: nn.Module, result: QuantizationResult, out_dir: str | Path, tokenizer=None, overwrite: bool = False
+    model: nn.Module,
+    result: QuantizationResult,
+    out_dir: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    key_layout: str = "original",
 ) -> Path:
     """Write the GPTQ v1 checkpoint into ``out_dir``: built in a temporary folder beside it, then renamed,
-    so a failure never leaves a half-written checkpoint."""
+    so a failure never leaves a half-written checkpoint. ``key_layout``: ``original`` (the family's names,
+    as vLLM and the Hub's GPTQ models use) or ``transformers`` (transformers-5 names, as gptqmodel 7 reads)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty; choose another --out or pass overwrite=True.")
@@ -149,9 +199,9 @@ def save_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}; pick a writable --out.") from exc
     try:
-        tensors = checkpoint_tensors(model, result)
+        tensors = checkpoint_tensors(model, result, key_layout)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        qcfg = quantization_config(result.config, result.summary, get_adapter(model))
+        qcfg = quantization_config(result.config, result.summary, get_adapter(model), key_layout)
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -192,6 +242,125 @@ def _open_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass
+class QuantSlot:
+    """One module a GPTQ checkpoint replaces: where it sits, its shape, and its candidate checkpoint names."""
+
+    path: str  # dotted module path from the model root
+    kind: str  # "linear" | "experts"
+    keys: tuple[str, ...]  # linears: candidate checkpoint prefixes (original name first, then transformers 5)
+    in_features: int = 0
+    out_features: int = 0
+    bias: bool = False
+    experts: nn.Module | None = None  # the family's experts module (its implementation is reused)
+    layer_index: int = 0
+
+
+def quantized_slots(model: nn.Module) -> list[QuantSlot]:
+    """Every module a GPTQ MoE checkpoint of this family quantizes, read from the unquantized model (its
+    weights may be on the meta device)."""
+    adapter = get_adapter(model)
+    slots = []
+    for layer in adapter.layers(model):
+        prefix = f"model.layers.{layer.index}"
+        for name, lin in _linear_targets(adapter, layer).items():
+            full = f"{prefix}.{name}"
+            keys = (_native_to_checkpoint(adapter, full), full)
+            slots.append(QuantSlot(full, "linear", keys, lin.in_features, lin.out_features, lin.bias is not None))
+        if layer.is_moe:
+            path = f"{prefix}.mlp.{_child_name(layer.mlp, layer.experts)}"
+            slots.append(QuantSlot(path, "experts", (), experts=layer.experts, layer_index=layer.index))
+    return slots
+
+
+class _TensorSource:
+    """Checkpoint tensors by name; remembers which were used, so leftovers can be reported."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], origin: str) -> None:
+        self.tensors, self.origin, self.consumed = tensors, origin, set()
+
+    def take(self, *keys: str) -> torch.Tensor:
+        """The first of the candidate names present: the family's original name (what vsraq, vLLM and
+        AutoGPTQ write), then the transformers-5 module name (what gptqmodel 7 writes)."""
+        for key in keys:
+            if key in self.tensors:
+                self.consumed.add(key)
+                return self.tensors[key]
+        fused = [k for k in self.tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+        if ".experts." in keys[0] and fused:
+            raise CheckpointError(
+                f"{self.origin}: the experts are stored unquantized (fused 3D weights, e.g. {fused[0]!r}): the tool "
+                "that wrote it skipped them (stock optimum GPTQ does on transformers 5). Re-quantize with "
+                "quantizer='vsraq' (optimum/transformers) or `vsraq quantize`."
+            )
+        raise CheckpointError(
+            f"{self.origin}: tensor {keys[0]!r} is missing; the checkpoint is incomplete or of another "
+            "layout (expected per-expert GPTQ tensors under the family's names)."
+        )
+
+
+def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter: MoEAdapter, dtype) -> nn.Module:
+    """The ``QuantLinear`` / ``QuantExperts`` for one slot, filled from the checkpoint tensors."""
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    if slot.kind == "linear":
+        ql = QuantLinear(slot.in_features, slot.out_features, bits, group_size, bias=slot.bias, dtype=dtype)
+        for buf in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(ql, buf).copy_(source.take(*(f"{k}.{buf}" for k in slot.keys)))
+        if slot.bias:
+            ql.bias.copy_(source.take(*(f"{k}.bias" for k in slot.keys)))
+        return ql
+    i = slot.layer_index
+    E = slot.experts.gate_up_proj.shape[0]
+    dyn = qcfg.get("dynamic")
+    widths = [  # the dynamic block may name experts in either layout
+        dynamic_bits(dyn, _expert_key(adapter, i, e, "gate_proj", "transformers"),
+                     dynamic_bits(dyn, adapter.expert_key(i, e, "gate_proj"), bits))
+        for e in range(E)
+    ]  # fmt: skip
+    qe = QuantExperts(slot.experts, widths, group_size)
+    for proj in EXPERT_PROJECTIONS:
+        for e in range(E):
+            keys = (adapter.expert_key(i, e, proj), f"model.layers.{i}.mlp.experts.{e}.{proj}")
+            tensors = (source.take(*(f"{k}.{b}" for k in keys)) for b in ("qweight", "qzeros", "scales", "g_idx"))
+            qe.load_expert(proj, e, *tensors)
+    return qe
+
+
+def check_gptq_config(qcfg, origin: str) -> dict:
+    """The checkpoint's ``quantization_config`` as a dict, checked to be GPTQ v1."""
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "gptq":
+        raise CheckpointError(
+            f"{origin} is not a GPTQ checkpoint (quantization_config.quant_method != 'gptq'); "
+            "load it with transformers' from_pretrained instead."
+        )
+    fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+    if fmt != "gptq":
+        raise CheckpointError(f"checkpoint_format={fmt!r} is not supported; vsraq reads GPTQ v1 ('gptq').")
+    return qcfg
+
+
+def install_quantized(
+    model: nn.Module, slots: list[QuantSlot], tensors: dict[str, torch.Tensor], qcfg: dict, origin: str, dtype
+) -> set[str]:
+    """Put the checkpoint's quantized modules in place of ``slots``; returns the tensor names used. Any
+    quantized tensor (``qweight``...) left unused is an error: a module the loader would leave unquantized."""
+    adapter = get_adapter(model)
+    source = _TensorSource(tensors, origin)
+    with torch.no_grad():
+        for slot in slots:
+            _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype))
+    leftover = sorted(k for k in tensors if k not in source.consumed and k.rsplit(".", 1)[-1] in QUANT_SUFFIXES)
+    if leftover:
+        raise CheckpointError(
+            f"{origin}: quantized tensors {leftover[:4]} belong to no module vsraq knows for this family; "
+            "loading would leave those modules unquantized. The checkpoint does not match this model's layout."
+        )
+    return source.consumed
+
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a GPTQ v1 MoE checkpoint (ours, or any per-expert GPTQ checkpoint of a supported family) onto
     the transformers 5 model, with ``QuantLinear``/``QuantExperts`` in place of the quantized modules."""
@@ -202,63 +371,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         raise CheckpointError(f"{path} has no config.json; it is not a saved model folder.")
     tensors = _open_weights(path)
     config = AutoConfig.from_pretrained(path)
-    qcfg = getattr(config, "quantization_config", None)
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "gptq":
-        raise CheckpointError(
-            f"{path} is not a GPTQ checkpoint (quantization_config.quant_method != 'gptq'); "
-            "load it with transformers' from_pretrained instead."
-        )
-    if qcfg.get("checkpoint_format", "gptq") != "gptq":
-        raise CheckpointError(
-            f"checkpoint_format={qcfg.get('checkpoint_format')!r} is not supported; vsraq reads GPTQ v1 ('gptq')."
-        )
+    qcfg = check_gptq_config(getattr(config, "quantization_config", None), str(path))
     del config.quantization_config
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
-    consumed: set[str] = set()
-
-    def take(*keys: str) -> torch.Tensor:
-        """The first of the candidate names present: the family's original name (what vsraq, vLLM and
-        AutoGPTQ write), then the transformers-5 module name (what gptqmodel 7 writes)."""
-        for key in keys:
-            if key in tensors:
-                consumed.add(key)
-                return tensors[key]
-        raise CheckpointError(
-            f"{path}: tensor {keys[0]!r} is missing; the checkpoint is incomplete or of another "
-            "layout (expected per-expert GPTQ tensors under the family's names)."
-        )
-
+    consumed = install_quantized(model, quantized_slots(model), tensors, qcfg, str(path), dtype)
     with torch.no_grad():
-        for layer in adapter.layers(model):
-            prefix = f"model.layers.{layer.index}"
-            for name, lin in _linear_targets(adapter, layer).items():
-                keys = (_native_to_checkpoint(adapter, f"{prefix}.{name}"), f"{prefix}.{name}")
-                ql = QuantLinear(
-                    lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None, dtype=dtype
-                )
-                for buf in ("qweight", "qzeros", "scales", "g_idx"):
-                    getattr(ql, buf).copy_(take(*(f"{k}.{buf}" for k in keys)))
-                if lin.bias is not None:
-                    ql.bias.copy_(take(*(f"{k}.bias" for k in keys)))
-                _replace(layer.layer, name, ql)
-            if layer.is_moe:
-                E = layer.experts.gate_up_proj.shape[0]
-                widths = [
-                    dynamic_bits(qcfg.get("dynamic"), adapter.expert_key(layer.index, e, "gate_proj"), bits)
-                    for e in range(E)
-                ]
-                qe = QuantExperts(layer.experts, widths, group_size)
-                for proj in EXPERT_PROJECTIONS:
-                    for e in range(E):
-                        keys = (adapter.expert_key(layer.index, e, proj), f"{prefix}.mlp.experts.{e}.{proj}")
-                        qe.load_expert(
-                            proj,
-                            e,
-                            *(take(*(f"{k}.{b}" for k in keys)) for b in ("qweight", "qzeros", "scales", "g_idx")),
-                        )
-                _replace(layer.layer, "mlp." + _child_name(layer.mlp, layer.experts), qe)
         rest = {}
         for name in model.state_dict():
             for key in (_native_to_checkpoint(adapter, name), name):

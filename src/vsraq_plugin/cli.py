@@ -147,7 +147,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = quantize_model(
         model, windows, cfg, batch_size=args.batch_size, work_dir=args.resume_dir, router_init=router_init
     )
-    save_checkpoint(model, result, out, tokenizer=tok, overwrite=args.overwrite)
+    save_checkpoint(model, result, out, tokenizer=tok, overwrite=args.overwrite, key_layout=args.key_layout)
     fallbacks = result.summary["fallbacks"]
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size}: {result.summary['seconds']:.1f}s, wrote {out}")
     for f in fallbacks:
@@ -266,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume-dir", help="keep per-layer state here; a re-run resumes after the last finished layer")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument(
+        "--key-layout",
+        choices=("original", "transformers"),
+        default="original",
+        help="tensor names: the family's original ones (vLLM, SGLang, the Hub) or transformers-5 module names "
+        "(gptqmodel 7 reads only these for MoE experts)",
+    )
     q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
     q.set_defaults(func=cmd_quantize)
 

@@ -30,6 +30,8 @@ class QuantConfig:
     sym: bool = True
     desc_act: bool = False
     static_groups: bool = False
+    # Group-aware act-order (GAR, gptqmodel's and optimum's default): important columns first, groups intact.
+    act_group_aware: bool = True
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.01
     block_size: int = 128
@@ -43,7 +45,8 @@ class QuantConfig:
     lambda_structure: float = 1.0  # extra weight on boundary-participant rows of the router
     lambda_expert: float = 1.0  # expert tokens: downstream (next-layer) fragility
     lambda_attention: float = 4.0  # attention / shared experts: own-layer fragility
-    lambda_metric: float = 0.0  # routing metric on residual writers (DESIGN 3.5b; not implemented yet)
+    lambda_metric: float = 32.0  # output metric of the residual writers (DESIGN 3.5b): M = I + lambda * A / ||A||
+    lambda_metric_v: float = 0.0  # the same metric carried back to v_proj through o_proj (DESIGN 3.5d)
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
@@ -95,6 +98,7 @@ class QuantConfig:
             "lambda_expert",
             "lambda_attention",
             "lambda_metric",
+            "lambda_metric_v",
             "near_miss_weight",
             "margin_band",
             "router_ridge",

@@ -193,6 +193,74 @@ def _solve_columns(
     return codes, Q, scales, zeros
 
 
+def _solve_wavefront(
+    Wt: torch.Tensor,
+    Hinv: torch.Tensor,
+    perm: torch.Tensor,
+    bits: int,
+    sym: bool,
+    group_size: int,
+    static: tuple[torch.Tensor, torch.Tensor] | None,
+    Minv: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with an output metric ``M`` (DESIGN 3.5b): ``min tr((W-Q) H (W-Q)^T M)``, same inputs and outputs
+    as ``_solve_columns`` plus ``Minv``, the upper Cholesky factor of each ``M^-1`` ``(N, rows, rows)``.
+
+    With a Kronecker objective the compensation of the not-yet-quantized columns is GPTQ's and does not
+    depend on ``M``; ``M`` only changes how a column is rounded: rows in sequence, each row's rounding error
+    fed forward to the later rows of the same column through ``Minv`` (GPTQ's own recursion, across rows).
+    Element (column j, row r) needs the errors of (i < j, r) (compensation, row-wise) and of (j, s < r) (row
+    feedback), so every anti-diagonal ``j + r = const`` is solved at once: rows + columns vectorised steps
+    instead of rows x columns scalar ones. Group grids come from the fully compensated weights (the GPTQ
+    reference's blocked solve reads them before the block's own updates; with ``block_size == group_size``
+    the two agree).
+    """
+    N, d, r = Wt.shape
+    gs = d if group_size == -1 else group_size
+    ngroups = d // gs
+    Wc = Wt.transpose(1, 2).contiguous()  # (N, rows, in): compensated weights
+    feed = torch.zeros_like(Wc)  # row feedback, used for rounding only
+    codes = torch.empty_like(Wc)
+    Q = torch.empty_like(Wc)
+    Hs = torch.triu(Hinv, 1)  # compensation of later columns: W[:, j] -= err_i * Hinv[i, j], j > i
+    Hd = torch.diagonal(Hinv, dim1=-2, dim2=-1)
+    Ms = torch.triu(Minv, 1)
+    Md = torch.diagonal(Minv, dim1=-2, dim2=-1)
+    if static is not None:
+        scales, zeros = static
+    else:
+        scales = torch.zeros(N, r, ngroups, device=Wt.device)
+        zeros = torch.zeros(N, r, ngroups, device=Wt.device)
+    if group_size == -1:
+        scales[..., 0], zeros[..., 0] = compute_qparams(Wc, bits, sym)
+    batch = torch.arange(N, device=Wt.device)[:, None]
+    for diag in range(d + r - 1):
+        rows = torch.arange(max(0, diag - d + 1), min(r, diag + 1), device=Wt.device)
+        cols = diag - rows
+        if static is not None:
+            g = perm[:, cols] // gs  # (N, n): original columns' groups
+            scale, zero = scales[batch, rows, g], zeros[batch, rows, g]
+        else:
+            if group_size != -1:
+                start = (cols % gs == 0).nonzero().flatten()
+                if start.numel():
+                    rs, cs = rows[start], cols[start]
+                    span = cs[:, None] + torch.arange(gs, device=Wt.device)
+                    s_, z_ = compute_qparams(Wc[:, rs[:, None], span], bits, sym)
+                    scales[:, rs, cs // gs], zeros[:, rs, cs // gs] = s_, z_
+            g = cols // gs
+            scale, zero = scales[:, rows, g], zeros[:, rows, g]
+        w = Wc[:, rows, cols]  # (N, n)
+        q = quantize(w + feed[:, rows, cols], scale, zero, bits)
+        wq = dequantize(q, scale, zero)
+        codes[:, rows, cols], Q[:, rows, cols] = q, wq
+        err = (w - wq) / Hd[:, cols]  # GPTQ's column error, from the true (compensated) weight
+        Wc[:, rows, :] -= err[:, :, None] * Hs[:, cols, :]
+        ferr = (w + feed[:, rows, cols] - wq) / Md[:, rows]
+        feed[:, :, cols] -= ferr[:, None, :] * Ms[:, rows, :].transpose(1, 2)
+    return codes.transpose(1, 2), Q.transpose(1, 2), scales, zeros
+
+
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, row_hessian: bool) -> None:
     if W.dim() != 3:
         raise ValueError(f"W must be (B, rows, in); got shape {tuple(W.shape)}.")
@@ -226,8 +294,18 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     damp_auto_increment: float = 0.01,
     block_size: int = 128,
+    act_group_aware: bool = False,
+    row_metric: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize a batch of weights ``W`` ``(B, rows, in)`` with Hessians ``H``.
+
+    ``row_metric`` ``(B, rows, rows)``, symmetric positive definite: the output metric ``M`` of DESIGN 3.5b
+    (minimise ``tr((W-Q) H (W-Q)^T M)``; see ``_solve_wavefront``). Not with per-row Hessians.
+
+    ``act_group_aware`` (GAR, as gptqmodel and optimum default to; ignored with ``desc_act`` or one group
+    per row): columns are quantized group by group, groups in decreasing order of their largest Hessian
+    diagonal and columns inside a group likewise, so the important columns go first while every group
+    keeps its own columns: ``g_idx`` stays trivial and the checkpoint is a plain ``desc_act=False`` one.
 
     ``H`` is ``(B, in, in)``, or ``(B, rows, in, in)`` for a distinct Hessian per output row. Returns the
     quantized weight (codes, fp16-exact scales, zeros, ``g_idx``, dequantized weight, all in the original
@@ -238,16 +316,20 @@ def gptq_quantize(
     _check_inputs(W, H, row_hessian)
     B, R, d = W.shape
     group_count(d, group_size)
+    if row_metric is not None and (row_hessian or tuple(row_metric.shape) != (B, R, R)):
+        raise ValueError(f"row_metric must be (B, rows, rows) = {(B, R, R)} with a shared Hessian per matrix.")
     # The O(d^3) factorisations and the error feedback stream whole Hessians through memory: batches of
     # matrices sized to stay cache-resident are faster than one huge batch, which is memory-bound.
     per_matrix = (R if row_hessian else 1) * d * d * 4
     chunk = max(1, _LA_CHUNK_BYTES // per_matrix)
     args = (bits, group_size, sym, desc_act, static_groups, damp_percent, damp_auto_increment, block_size)
+    args += (act_group_aware,)
     if chunk >= B:
-        return _gptq_batch(W, H, *args)
+        return _gptq_batch(W, H, *args, row_metric)
     out = error = damp = None
     for c in range(0, B, chunk):
-        qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args)
+        metric = None if row_metric is None else row_metric[c : c + chunk]
+        qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args, metric)
         if out is None:  # preallocate once: no concatenation copies of the full batch
             fields = {
                 f: getattr(qw, f).new_empty((B, *getattr(qw, f).shape[1:]))
@@ -272,6 +354,8 @@ def _gptq_batch(
     damp_percent: float,
     damp_auto_increment: float,
     block_size: int,
+    act_group_aware: bool = False,
+    row_metric: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """``gptq_quantize`` on one cache-sized batch (inputs already checked)."""
     row_hessian = H.dim() == 4
@@ -305,8 +389,17 @@ def _gptq_batch(
     if static_groups and group_size != -1:
         static = compute_qparams(Wt.reshape(N, ngroups, gs, r).permute(0, 3, 1, 2), bits, sym)  # (N, r, groups)
 
+    gar = act_group_aware and not desc_act and group_size != -1
+    group_order = None
     if desc_act:
         perm = torch.argsort(perm_source, dim=-1, descending=True, stable=True)  # (B, d)
+    elif gar:
+        per_group = perm_source.reshape(B, ngroups, gs)
+        group_order = torch.argsort(per_group.amax(-1), dim=-1, descending=True, stable=True)  # (B, groups)
+        inside = torch.argsort(per_group, dim=-1, descending=True, stable=True)  # (B, groups, gs)
+        inside = torch.gather(inside, 1, group_order[:, :, None].expand(B, ngroups, gs))
+        perm = (group_order[:, :, None] * gs + inside).reshape(B, d)
+    if desc_act or gar:
         perm_n = perm.repeat_interleave(rep, dim=0)
         Wt = torch.gather(Wt, 1, perm_n[:, :, None].expand(N, d, r))
         Hs = torch.gather(Hs, 1, perm_n[:, :, None].expand(N, d, d))
@@ -321,13 +414,20 @@ def _gptq_batch(
     # chunks sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
     chunk = max(1, _CHUNK_BYTES // (min(block_size, d) * r * 4))
     parts = []
-    for c in range(0, N, chunk):
+    if row_metric is not None:
+        # Upper Cholesky factor of M^-1 (GPTQ's Hinv, for rows): M = I + PSD is well conditioned.
+        Mf = row_metric.double()
+        Minv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Mf)), upper=True).float()
+        static_all = None if static is None else (static[0], static[1])
+        parts.append(_solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static_all, Minv))
+        chunk = N  # done: the loop below is skipped
+    for c in range(0 if row_metric is None else N, N, chunk):
         part = slice(c, c + chunk)
         static_part = None if static is None else (static[0][part], static[1][part])
         parts.append(_solve_columns(Wt[part], Hinv[part], perm_n[part], bits, sym, group_size, static_part, block_size))
     codes, Q, scales, zeros = (torch.cat(t) for t in zip(*parts, strict=True))
 
-    if desc_act:
+    if desc_act or gar:
         inv = torch.argsort(perm_n, dim=-1)
         codes = torch.gather(codes, 1, inv[:, :, None].expand(N, d, r))
         Q = torch.gather(Q, 1, inv[:, :, None].expand(N, d, r))
@@ -342,6 +442,12 @@ def _gptq_batch(
     else:
         g_idx = (torch.arange(d, device=W.device) // gs).expand(B, d)
 
+    scales, zeros = scales.reshape(B, R, ngroups), zeros.reshape(B, R, ngroups)
+    if group_order is not None and static is None:
+        # Processing group k is the original group group_order[k]: store its grid at that group's index.
+        where = group_order[:, None, :].expand(B, R, ngroups)
+        scales = torch.empty_like(scales).scatter_(2, where, scales)
+        zeros = torch.empty_like(zeros).scatter_(2, where, zeros)
     codes = codes.reshape(B, R, d)
     Q = Q.reshape(B, R, d).contiguous()
     error = hessian_error(W0, Q, H0)
@@ -349,8 +455,8 @@ def _gptq_batch(
         damp = damp.reshape(B, R).amax(1)
     qw = QuantizedWeight(
         codes=codes.to(torch.uint8),
-        scales=scales.reshape(B, R, ngroups),
-        zeros=zeros.reshape(B, R, ngroups).to(torch.int32),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32).contiguous(),
         weight=Q,
         bits=bits,

@@ -272,7 +272,7 @@ class QuantizationResult:
     fp_router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, metric: torch.Tensor | None = None) -> QuantizedWeight:
     qw, _, _ = gptq_quantize(
         W,
         H,
@@ -284,6 +284,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight
         cfg.damp_percent,
         cfg.damp_auto_increment,
         cfg.block_size,
+        cfg.act_group_aware,
+        None if metric is None else metric.expand(W.shape[0], W.shape[1], W.shape[1]),
     )
     return qw
 
@@ -324,35 +326,42 @@ def solve_experts(
     name: str,
     fallbacks: list[dict],
     expert_bits: torch.Tensor | None,
+    metric: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """``solve_batch`` per width when the experts of a layer have different widths (mixed precision)."""
     if expert_bits is None or len(set(expert_bits.tolist())) == 1:
         width = cfg.bits if expert_bits is None else int(expert_bits[0])
-        return solve_batch(W, H, cfg.replace(bits=width), name, fallbacks)
+        return solve_batch(W, H, cfg.replace(bits=width), name, fallbacks, metric)
     parts = []
     for width in sorted(set(expert_bits.tolist())):
         ids = (expert_bits == width).nonzero().flatten()
         sub: list[dict] = []
-        parts.append((ids, solve_batch(W[ids], H[ids], cfg.replace(bits=width), name, sub)))
+        parts.append((ids, solve_batch(W[ids], H[ids], cfg.replace(bits=width), name, sub, metric)))
         fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
     return _take(parts, W.shape[0])
 
 
 def solve_batch(
-    W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, name: str, fallbacks: list[dict]
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    name: str,
+    fallbacks: list[dict],
+    metric: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """GPTQ on a batch; matrices whose Hessian is unusable fall back to RTN (reported), never NaN or a crash."""
+    """GPTQ on a batch; matrices whose Hessian is unusable fall back to RTN (reported), never NaN or a crash.
+    ``metric``: an output metric ``(rows, rows)`` shared by the batch (DESIGN 3.5b), or None."""
     B = W.shape[0]
     dead = torch.diagonal(H, dim1=-2, dim2=-1).eq(0).all(-1) | ~torch.isfinite(H).all(-1).all(-1)
     solved = (~dead).nonzero().flatten()
     parts = []
     if solved.numel():
         try:
-            parts.append((solved, _gptq(W[solved], H[solved], cfg)))
+            parts.append((solved, _gptq(W[solved], H[solved], cfg, metric)))
         except HessianError:
             for i in solved.tolist():  # isolate the failing matrices
                 try:
-                    parts.append((torch.tensor([i]), _gptq(W[i : i + 1], H[i : i + 1], cfg)))
+                    parts.append((torch.tensor([i]), _gptq(W[i : i + 1], H[i : i + 1], cfg, metric)))
                 except HessianError as exc:
                     dead[i] = True
                     fallbacks.append({"target": name, "index": i, "action": "rtn", "reason": str(exc)[:200]})
@@ -457,12 +466,10 @@ def quantize_model(
     imposes an allocation instead (baselines: random or frequency-based allocations).
     """
     adapter = get_adapter(model)
-    if config.method == "vsraq" and (
-        config.lambda_metric > 0 or config.fp_target_alpha > 0 or config.router_mode == "quantize"
-    ):
+    if config.method == "vsraq" and (config.fp_target_alpha > 0 or config.router_mode == "quantize"):
         raise NotImplementedError(
-            "lambda_metric (DESIGN 3.5b), fp_target_alpha (3.5c) and router_mode='quantize' are not implemented "
-            "yet; set lambda_metric=0, fp_target_alpha=0 and router_mode='refit' or 'keep'."
+            "fp_target_alpha (DESIGN 3.5c) and router_mode='quantize' are not implemented yet; set "
+            "fp_target_alpha=0 and router_mode='refit' or 'keep'."
         )
     if config.dynamic:
         raise NotImplementedError(
@@ -621,7 +628,8 @@ def _quantize_layer(
         finally:
             cap.close()
         for name, lin in linears.items():
-            qw = solve_batch(lin.weight[None].float(), cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks)
+            metric = plan.metric_for(name) if plan is not None else None
+            qw = solve_batch(lin.weight[None].float(), cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks, metric)
             lin.weight.copy_(qw.weight[0])
             result.weights[f"{prefix}.{name}"] = qw
         if expert_stage is None:
@@ -652,7 +660,8 @@ def _quantize_layer(
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
-        qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits)
+        metric = plan.metric_next if plan is not None and expert_stage == "down" else None
+        qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits, metric)
         W.copy_(qw.weight)
         if expert_stage == "gate_up":
             inter = W.shape[1] // 2
@@ -670,6 +679,19 @@ class _VsraqPlan:
     fp_logits: torch.Tensor | None  # this layer's FP router logits (T, E), calibration order
     attention_weights: list[torch.Tensor] | None  # per-batch token weights for attention / shared experts
     expert_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (token, expert, weight)
+    metric_here: torch.Tensor | None = None  # output metric from this layer's router (o_proj), DESIGN 3.5b
+    metric_next: torch.Tensor | None = None  # ... from the next MoE layer's router (down projections)
+    metric_v: torch.Tensor | None = None  # this layer's metric carried back to v_proj (DESIGN 3.5d)
+
+    def metric_for(self, name: str) -> torch.Tensor | None:
+        """The output metric of a residual writer by its name in the layer; None for the other linears."""
+        if name.endswith("v_proj"):
+            return self.metric_v
+        if name.endswith("o_proj"):
+            return self.metric_here
+        if name.endswith("down_proj"):
+            return self.metric_next
+        return None
 
 
 def _vsraq_plan(
@@ -681,7 +703,7 @@ def _vsraq_plan(
     moe_layers: dict[int, MoELayer],
 ) -> _VsraqPlan:
     from .routing import boundary_margin
-    from .vsraq import expert_pairs_fp, margin_scale, token_weights
+    from .vsraq import boundary_matrix, expert_pairs_fp, margin_scale, metric, token_weights, value_path_matrix
 
     logits = result.fp_router_logits
     k = adapter.router_rule().top_k if logits else 0
@@ -692,8 +714,22 @@ def _vsraq_plan(
         m = boundary_margin(sel, k)
         return m, margin_scale(m)
 
+    def boundary_of(index: int | None) -> torch.Tensor | None:
+        if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0):
+            return None
+        moe = moe_layers[index]
+        norm = getattr(moe.layer, "post_attention_layernorm", None)
+        sel = adapter.route(logits[index], moe.router).selection
+        gamma = None if norm is None or getattr(norm, "weight", None) is None else norm.weight.detach().float()
+        return boundary_matrix(moe.router.weight.detach().float(), gamma, sel, k)
+
+    def metric_of(index: int | None) -> torch.Tensor | None:
+        A = boundary_of(index) if cfg.lambda_metric > 0 else None
+        return None if A is None else metric(A, cfg.lambda_metric)
+
+    later = sorted(i for i in logits if i > layer.index)
     if layer.index not in logits:  # a dense layer, or no FP pass
-        return _VsraqPlan(None, None, None)
+        return _VsraqPlan(None, None, None, None, metric_of(later[0] if later else None))
     fp = adapter.route(logits[layer.index], layer.router)  # this layer's FP decisions, computed once
     m = boundary_margin(fp.selection, k)
     tau = margin_scale(m)
@@ -702,10 +738,18 @@ def _vsraq_plan(
         attention = list(token_weights(m, cfg.lambda_attention, tau).split(sizes))
     pairs = None
     if cfg.lambda_expert > 0:
-        later = sorted(i for i in logits if i > layer.index)
         nm, tau_next = margins_of(later[0]) if later else (None, None)
         pairs = expert_pairs_fp(fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau)
-    return _VsraqPlan(logits.get(layer.index), attention, pairs)
+    next_metric = metric_of(later[0] if later else None)
+    metric_v = None
+    lins = adapter.attention_linears(layer)
+    if cfg.lambda_metric_v > 0 and "self_attn.v_proj" in lins and "self_attn.o_proj" in lins:
+        c = adapter.config
+        heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        B = value_path_matrix(boundary_of(layer.index), lins["self_attn.o_proj"].weight.detach(), heads, kv)
+        metric_v = metric(B, cfg.lambda_metric_v)
+    plan = _VsraqPlan(logits.get(layer.index), attention, pairs, metric_of(layer.index), next_metric, metric_v)
+    return plan
 
 
 def _align_router(

@@ -195,3 +195,63 @@ def expert_pairs_fp(
             nw = near_miss_weight * fragility(gap[nt, ne], tau) * fp.weights.abs().mean() * down[nt]
             tokens, experts, weights = torch.cat([tokens, nt]), torch.cat([experts, ne]), torch.cat([weights, nw])
     return tokens, experts, weights
+
+
+# ---------------------------------------------------------------------------------------------- residual metric
+def boundary_matrix(
+    router_weight: torch.Tensor, norm_weight: torch.Tensor | None, selection: torch.Tensor, k: int
+) -> torch.Tensor:
+    """``A / ||A||`` of DESIGN 3.5b (float64, ``(d, d)``): ``A = sum_t phi(m_t) u_t u_t^T``,
+    ``u_t = gamma * (r_(k) - r_(k+1))``, ``||A||`` its largest eigenvalue.
+
+    A router reads the residual through its norm: a residual error ``e`` moves token t's boundary margin by
+    about ``u_t . e / rms``. ``A`` is built through the expert pairs, ``A = D P D^T`` with ``D = gamma * R^T``
+    ``(d, E)`` and ``P = sum_t phi_t (e_i - e_j)(e_i - e_j)^T`` ``(E, E)``: one ``(d, E)`` product, no per-token
+    outer products. (The per-token ``1 / rms^2`` is left out: ``phi`` already ranks the tokens.)
+    """
+    E = selection.shape[-1]
+    order = selection.topk(k + 1, dim=-1).indices
+    i, j = order[:, k - 1], order[:, k]
+    margins = selection.gather(1, i[:, None])[:, 0] - selection.gather(1, j[:, None])[:, 0]
+    phi = fragility(margins, margin_scale(margins)).double()
+    P = torch.zeros(E, E, dtype=torch.float64)
+    P.index_put_((i, i), phi, accumulate=True)
+    P.index_put_((j, j), phi, accumulate=True)
+    P.index_put_((i, j), -phi, accumulate=True)
+    P.index_put_((j, i), -phi, accumulate=True)
+    D = router_weight.double().T  # (d, E)
+    if norm_weight is not None:
+        D = D * norm_weight.double()[:, None]
+    return _unit(D @ P @ D.T)
+
+
+def _unit(A: torch.Tensor) -> torch.Tensor:
+    return A / torch.linalg.eigvalsh(A)[-1].clamp(min=1e-30)
+
+
+def metric(A: torch.Tensor, lam: float) -> torch.Tensor:
+    """``M = I + lam * A`` (``A`` normalised, PSD): the metric never discounts a direction, only stresses some."""
+    return (torch.eye(A.shape[0], dtype=torch.float64) + lam * A).float()
+
+
+def boundary_metric(
+    router_weight: torch.Tensor, norm_weight: torch.Tensor | None, selection: torch.Tensor, k: int, lam: float
+) -> torch.Tensor:
+    """The output metric of a residual writer (DESIGN 3.5b): ``M = I + lam * A / ||A||``."""
+    return metric(boundary_matrix(router_weight, norm_weight, selection, k), lam)
+
+
+def value_path_matrix(A: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The boundary matrix carried back through ``o_proj`` to ``v_proj``'s output rows (DESIGN 3.5d):
+    ``B_h = sum_{q in group(h)} W_o[:, q]^T A W_o[:, q]`` for each kv head ``h`` (block diagonal: different heads
+    mix different tokens), normalised. Attention mixes values linearly for fixed attention weights, so an
+    error in head h's values reaches the residual through the o_proj columns of the query heads it serves."""
+    d_out, d_in = o_proj.shape
+    hd = d_in // num_heads
+    group = num_heads // num_kv_heads
+    Wo = o_proj.double().reshape(d_out, num_kv_heads, group, hd)
+    B = torch.zeros(num_kv_heads * hd, num_kv_heads * hd, dtype=torch.float64)
+    for h in range(num_kv_heads):
+        blk = slice(h * hd, (h + 1) * hd)
+        B[blk, blk] = torch.einsum("dqi,de,eqj->ij", Wo[:, h], A, Wo[:, h])
+    return _unit(B)

@@ -64,6 +64,7 @@ def _moe_kernel(
     stride_on,
     A_PER_SLOT: tl.constexpr,
     MUL_ROUTED: tl.constexpr,
+    FUSE_SILU: tl.constexpr,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     TILE_IN_GROUP: tl.constexpr,
@@ -87,6 +88,10 @@ def _moe_kernel(
     s_e = s_ptr + e * stride_se
     p_e = perm_ptr + e * stride_pe
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # FUSE_SILU: the weight is [gate; up] along N (2 * N columns); this program also accumulates the up
+    # columns rn + N and writes silu(gate) * up, so the (slots, 2N) intermediate never reaches memory.
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    N_W = 2 * N if FUSE_SILU else N
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         ka = tl.load(p_e + k, mask=k < K, other=0) if HAS_PERM else k  # act-order: this expert's column order
@@ -103,7 +108,7 @@ def _moe_kernel(
             k,
             rn,
             K,
-            N,
+            N_W,
             stride_qk,
             stride_qn,
             stride_zg,
@@ -113,7 +118,32 @@ def _moe_kernel(
             TILE_IN_GROUP,
             DTYPE,
         )
-        acc += tl.dot(a.to(DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)
+        a_dot = a.to(DTYPE).to(DOT_DTYPE)
+        acc += tl.dot(a_dot, w.to(DOT_DTYPE), out_dtype=tl.float32)
+        if FUSE_SILU:
+            w_up = _dequant_tile(
+                qw_e,
+                z_e,
+                s_e,
+                k0,
+                k,
+                rn + N,
+                K,
+                N_W,
+                stride_qk,
+                stride_qn,
+                stride_zg,
+                stride_sg,
+                BITS,
+                GROUP_SIZE,
+                TILE_IN_GROUP,
+                DTYPE,
+            )
+            acc_up += tl.dot(a_dot, w_up.to(DOT_DTYPE), out_dtype=tl.float32)
+    if FUSE_SILU:
+        # Round gate and up to the activation dtype first, as the unfused path's (slots, 2N) store does.
+        g = acc.to(DTYPE).to(tl.float32)
+        acc = g * tl.sigmoid(g) * acc_up.to(DTYPE).to(tl.float32)
     if MUL_ROUTED:
         rw = tl.load(rw_ptr + slots, mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -159,10 +189,14 @@ def moe_gemm(
     block_m: int = 16,
     block_n: int = 64,
     block_k: int = 64,
+    fuse_silu: bool = False,
 ) -> torch.Tensor:
     """One launch over every expert: rows of ``a`` (tokens, or slots when ``a_per_slot``) times each slot's
-    expert weight; returns ``(num_slots, N)`` (slot order ``t * k + j``)."""
+    expert weight; returns ``(num_slots, N)`` (slot order ``t * k + j``). ``fuse_silu``: ``w`` is [gate; up]
+    and the result is ``silu(gate) * up``, ``(num_slots, N / 2)``."""
     N, K = w.out_features, w.in_features
+    if fuse_silu:
+        N //= 2
     out = torch.zeros(num_slots, N, dtype=a.dtype, device=a.device)
     if slots.numel() == 0:
         return out
@@ -198,6 +232,7 @@ def moe_gemm(
         out.stride(1),
         A_PER_SLOT=a_per_slot,
         MUL_ROUTED=routed_weights is not None,
+        FUSE_SILU=fuse_silu,
         BITS=w.bits,
         GROUP_SIZE=w.group_size,
         TILE_IN_GROUP=tile_in_group,
@@ -219,14 +254,24 @@ def fused_moe(
     topk_weights: torch.Tensor,
     act=torch.nn.functional.silu,
     block_m: int = 16,
+    fuse_act: bool | None = None,
 ) -> torch.Tensor:
-    """The whole MoE block's experts: ``sum_j w_tj * down_e(act(gate_e(x_t)) * up_e(x_t))``, two launches."""
+    """The whole MoE block's experts: ``sum_j w_tj * down_e(act(gate_e(x_t)) * up_e(x_t))``, two launches.
+
+    ``fuse_act`` (default: when ``act`` is SiLU) applies ``silu(gate) * up`` in the gate/up launch's
+    epilogue; other activations run between the launches in torch."""
     T, k = topk_ids.shape
     E = gate_up.qweight.shape[0]
     slots, block_expert = align_slots(topk_ids, E, block_m)
-    h = moe_gemm(x, gate_up, slots, block_expert, T * k, k, a_per_slot=False, block_m=block_m)
-    g, u = h.chunk(2, dim=-1)
-    inter = (act(g.float()) * u.float()).to(x.dtype)
+    silu = act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU)
+    if fuse_act and not silu:
+        raise ValueError(f"fuse_act=True needs a SiLU activation, got {act!r}.")
+    if silu if fuse_act is None else fuse_act:
+        inter = moe_gemm(x, gate_up, slots, block_expert, T * k, k, a_per_slot=False, block_m=block_m, fuse_silu=True)
+    else:
+        h = moe_gemm(x, gate_up, slots, block_expert, T * k, k, a_per_slot=False, block_m=block_m)
+        g, u = h.chunk(2, dim=-1)
+        inter = (act(g.float()) * u.float()).to(x.dtype)
     y = moe_gemm(
         inter,
         down,

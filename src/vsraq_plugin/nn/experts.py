@@ -15,6 +15,8 @@ from ..kernels import takes_triton_path
 from ..packing import dequantize_packed, packed_rows
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The name under which the plugin registers its experts implementation in transformers' ExpertsInterface.
+EXPERTS_IMPLEMENTATION = "vsraq"
 
 
 class QuantExperts(nn.Module):
@@ -68,6 +70,17 @@ class QuantExperts(nn.Module):
         getattr(self, f"{proj}_qzeros")[e].zero_()[:, : qzeros.shape[1]].copy_(qzeros)
         getattr(self, f"{proj}_scales")[e].copy_(scales)
         getattr(self, f"{proj}_g_idx")[e].copy_(g_idx)
+
+    def expert_tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
+        """One expert's GPTQ v1 tensors at its own width (the inverse of ``load_expert``)."""
+        fin, fout = self._shapes[proj]
+        b = self.expert_bits[e]
+        return {
+            "qweight": getattr(self, f"{proj}_qweight")[e][: packed_rows(fin, b)].contiguous(),
+            "qzeros": getattr(self, f"{proj}_qzeros")[e][:, : packed_rows(fout, b)].contiguous(),
+            "scales": getattr(self, f"{proj}_scales")[e].contiguous(),
+            "g_idx": getattr(self, f"{proj}_g_idx")[e].contiguous(),
+        }
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
@@ -157,9 +170,10 @@ class QuantExperts(nn.Module):
                 out = y if out is None else out + y
             return out
 
-        impl = ALL_EXPERTS_FUNCTIONS.get_interface(
-            getattr(self.config, "_experts_implementation", None) or "eager", self._eager_forward
-        )
+        name = getattr(self.config, "_experts_implementation", None) or "eager"
+        if name == EXPERTS_IMPLEMENTATION:  # "vsraq" off the Triton path: the family's own loop, dequantized
+            name = "eager"
+        impl = ALL_EXPERTS_FUNCTIONS.get_interface(name, self._eager_forward)
         self._compute_dtype = hidden_states.dtype
         try:
             return impl(self, hidden_states, top_k_index, top_k_weights)
@@ -172,3 +186,13 @@ class QuantExperts(nn.Module):
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
             f"intermediate_dim={self.intermediate_dim}, bits={bits}, group_size={self.group_size}"
         )
+
+
+def vsraq_experts_forward(module: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """transformers experts implementation ``"vsraq"`` (``from_pretrained(..., experts_implementation="vsraq")``
+    or ``model.set_experts_implementation("vsraq")``): a ``QuantExperts`` runs the fused MoE Triton kernel on
+    CUDA and its dequantized loop elsewhere; an unquantized experts module runs its family's eager loop."""
+    if isinstance(module, QuantExperts):
+        return module(hidden_states, top_k_index, top_k_weights)
+    eager = getattr(type(module).forward, "__wrapped__", type(module).forward)
+    return eager(module, hidden_states, top_k_index, top_k_weights)

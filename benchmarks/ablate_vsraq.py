@@ -1,9 +1,11 @@
 """Ablation of the VSRAQ terms on the shipped fixture, against rtn / stock gptq / agq, same data, one run.
 
-Rows: rtn, gptq, agq, VSRAQ value only (router re-fit), structure (re-fit + boundary rows + reweighting),
-experts only (FP decisions x affinity x downstream fragility + near misses), attention only (own-layer
-fragility weights), full VSRAQ (defaults).
-Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
+Rows: rtn, gptq (no group-aware act-order: the GPTQ reference), gptq, agq (the QuantConfig defaults, GAR on),
+then VSRAQ with one family of terms at a time: value only (router re-fit), value+structure (re-fit + boundary
+rows + reweighting), experts only (FP decisions x affinity x downstream fragility + near misses), attention
+only (own-layer fragility weights), metric only (output metric of o_proj and the down projections, DESIGN
+3.5b), metric + v_proj (3.5d), metric + v_proj + gate/up (3.5d); then full VSRAQ (defaults) and full without
+the metrics. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
 
     OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64]
 """
@@ -18,9 +20,20 @@ from pathlib import Path
 
 import torch
 
-OFF = dict(lambda_value=0.0, lambda_structure=0.0, lambda_expert=0.0, lambda_attention=0.0, reweight_rounds=0)
+OFF = dict(
+    lambda_value=0.0,
+    lambda_structure=0.0,
+    lambda_expert=0.0,
+    lambda_attention=0.0,
+    reweight_rounds=0,
+    lambda_metric=0.0,
+    lambda_metric_v=0.0,
+    lambda_metric_up=0.0,
+)
+NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0)
 ROWS: dict[str, dict] = {
     "rtn": dict(method="rtn"),
+    "gptq reference (no GAR)": dict(method="gptq", act_group_aware=False),
     "gptq": dict(method="gptq"),
     "agq": dict(method="agq"),
     "vsraq value only": dict(method="vsraq", **{**OFF, "lambda_value": 1.0}),
@@ -29,6 +42,13 @@ ROWS: dict[str, dict] = {
     ),
     "vsraq experts only": dict(method="vsraq", **{**OFF, "lambda_expert": 1.0}),
     "vsraq attention only": dict(method="vsraq", **{**OFF, "lambda_attention": 4.0}),
+    "vsraq metric only": dict(method="vsraq", **{**OFF, "lambda_metric": 32.0}),
+    "vsraq metric + v_proj": dict(method="vsraq", **{**OFF, "lambda_metric": 32.0, "lambda_metric_v": 256.0}),
+    "vsraq metric + v_proj + gate/up": dict(
+        method="vsraq",
+        **{**OFF, "lambda_metric": 32.0, "lambda_metric_v": 256.0, "lambda_expert": 1.0, "lambda_metric_up": 64.0},
+    ),
+    "vsraq full without metrics": dict(method="vsraq", **NO_METRIC),
     "vsraq full": dict(method="vsraq"),
 }
 

@@ -2,9 +2,11 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tiny_models import tiny_model
 from vsraq_plugin.config import QuantConfig
+from vsraq_plugin.models import get_adapter
 from vsraq_plugin.pipeline import quantize_model
 from vsraq_plugin.routing import RouterRule, route
 from vsraq_plugin.vsraq import (
@@ -91,7 +93,15 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
     windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
     a, b = copy.deepcopy(fp), copy.deepcopy(fp)
     ra = quantize_model(a, windows, QuantConfig(bits=3, group_size=16, method="gptq"), batch_size=2, progress=False)
-    zero = dict(lambda_value=0.0, lambda_structure=0.0, lambda_expert=0.0, lambda_attention=0.0, lambda_metric=0.0)
+    zero = dict(
+        lambda_value=0.0,
+        lambda_structure=0.0,
+        lambda_expert=0.0,
+        lambda_attention=0.0,
+        lambda_metric=0.0,
+        lambda_metric_v=0.0,
+        lambda_metric_up=0.0,
+    )
     rb = quantize_model(
         b, windows, QuantConfig(bits=3, group_size=16, method="vsraq", **zero), batch_size=2, progress=False
     )
@@ -151,3 +161,49 @@ def test_boundary_metric_equals_the_per_token_sum():
     ref = torch.eye(d, dtype=torch.float64) + 3.0 * A / torch.linalg.eigvalsh(A)[-1]
     assert torch.allclose(M, ref, atol=1e-5)
     assert torch.linalg.eigvalsh(M)[0] >= 1 - 1e-5  # I + PSD: the metric never discounts a direction
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_every_metric_term_runs_on_every_family(family):
+    """The output metrics (o_proj/down, v_proj through o_proj, gate/up through down) on every adapter: finite
+    weights on the grid, and the metric actually changes the solve against lambda = 0."""
+    fp = tiny_model(family, seed=4)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
+    on = QuantConfig(bits=3, group_size=16, lambda_metric=32.0, lambda_metric_v=256.0, lambda_metric_up=64.0)
+    off = on.replace(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0)
+    a, b = copy.deepcopy(fp), copy.deepcopy(fp)
+    ra = quantize_model(a, windows, on, batch_size=2, progress=False)
+    rb = quantize_model(b, windows, off, batch_size=2, progress=False)
+    assert all(torch.isfinite(qw.weight).all() for qw in ra.weights.values())
+    assert all(int(qw.codes.max()) <= 7 for qw in ra.weights.values())
+    changed = [n for n in ra.weights if not torch.equal(ra.weights[n].codes, rb.weights[n].codes)]
+    assert any(n.endswith("down_proj") for n in changed)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_quantized_router_mode_round_trips(family, tmp_path):
+    """``router_mode="quantize"``: the re-fitted router is GPTQ'd on its weighted row Hessians; the checkpoint
+    stores it as GPTQ tensors and both loaders rebuild the in-memory model's logits bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
+    from vsraq_plugin.pipeline import router_name
+
+    fp = tiny_model(family, seed=9)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(4))
+    m = copy.deepcopy(fp)
+    cfg = QuantConfig(bits=4, group_size=16, router_mode="quantize")
+    res = quantize_model(m, windows, cfg, batch_size=2, progress=False)
+    layers = get_adapter(m).moe_layers(m)
+    for layer in layers:
+        qw = res.weights[router_name(layer)]
+        assert torch.equal(layer.router.weight, qw.weight[0])  # the model computes with the grid values
+        assert int(qw.codes.max()) <= 15
+    out = save_checkpoint(m, res, tmp_path / "q")
+    keys = load_file(str(out / "model.safetensors")).keys()
+    assert any(k.endswith("gate.qweight") for k in keys) and not any(k.endswith(".gate.weight") for k in keys)
+    ids = windows[:2]
+    with torch.no_grad():
+        ref = m(ids).logits
+        assert torch.equal(load_checkpoint(out)(ids).logits, ref)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, ref)

@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
 from .nn import QuantExperts, QuantLinear
 from .packing import pack_linear
-from .pipeline import QuantizationResult
+from .pipeline import QuantizationResult, router_name
 
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -149,6 +149,13 @@ def checkpoint_tensors(
                     key = _expert_key(adapter, layer.index, e, proj, layout)
                     tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
             quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
+            rname = router_name(layer)
+            if rname in result.weights:  # router_mode="quantize": the router is a GPTQ linear too
+                qw = result.weights[rname]
+                packed = pack_linear(qw.codes[0], qw.scales[0], qw.zeros[0], qw.g_idx[0], qw.bits)
+                key = _param_key(adapter, rname, layout)
+                tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
+                quantized_params.add(f"{rname}.weight")
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if name in quantized_params or (tied and name == "lm_head.weight"):
@@ -339,23 +346,45 @@ def check_gptq_config(qcfg, origin: str) -> dict:
     return qcfg
 
 
+def quantized_routers(model: nn.Module, keys) -> dict[str, tuple[str, ...]]:
+    """Router parameters a checkpoint stores as GPTQ tensors (``router_mode="quantize"``): parameter name ->
+    the checkpoint prefixes found (original name first)."""
+    adapter = get_adapter(model)
+    out = {}
+    for layer in adapter.moe_layers(model):
+        rname = router_name(layer)
+        found = tuple(k for k in (_native_to_checkpoint(adapter, rname), rname) if f"{k}.qweight" in keys)
+        if found:
+            out[f"{rname}.weight"] = found
+    return out
+
+
 def install_quantized(
     model: nn.Module, slots: list[QuantSlot], tensors: dict[str, torch.Tensor], qcfg: dict, origin: str, dtype
-) -> set[str]:
-    """Put the checkpoint's quantized modules in place of ``slots``; returns the tensor names used. Any
-    quantized tensor (``qweight``...) left unused is an error: a module the loader would leave unquantized."""
+) -> tuple[set[str], set[str]]:
+    """Put the checkpoint's quantized modules in place of ``slots`` and dequantize quantized routers into their
+    weights; returns the tensor names used and the parameter names filled. Any quantized tensor (``qweight``...)
+    left unused is an error: a module the loader would leave unquantized."""
+    from .packing import dequantize_packed
+
     adapter = get_adapter(model)
     source = _TensorSource(tensors, origin)
+    routers = quantized_routers(model, tensors.keys())
     with torch.no_grad():
         for slot in slots:
             _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype))
+        for param, keys in routers.items():
+            weight = model.get_parameter(param)
+            parts = [source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES]
+            out_f, in_f = weight.shape
+            weight.copy_(dequantize_packed(*parts, int(qcfg["bits"]), in_f, out_f, torch.float32).to(weight.dtype))
     leftover = sorted(k for k in tensors if k not in source.consumed and k.rsplit(".", 1)[-1] in QUANT_SUFFIXES)
     if leftover:
         raise CheckpointError(
             f"{origin}: quantized tensors {leftover[:4]} belong to no module vsraq knows for this family; "
             "loading would leave those modules unquantized. The checkpoint does not match this model's layout."
         )
-    return source.consumed
+    return source.consumed, set(routers)
 
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -375,7 +404,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
-    consumed = install_quantized(model, quantized_slots(model), tensors, qcfg, str(path), dtype)
+    consumed, filled = install_quantized(model, quantized_slots(model), tensors, qcfg, str(path), dtype)
     with torch.no_grad():
         rest = {}
         for name in model.state_dict():
@@ -393,7 +422,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     }
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [
-        n for n in model.state_dict() if n not in quant_names and n not in rest and not (tied and n == "lm_head.weight")
+        n
+        for n in model.state_dict()
+        if n not in quant_names and n not in rest and n not in filled and not (tied and n == "lm_head.weight")
     ]
     leftover = sorted(set(tensors) - consumed)
     if missing or leftover:

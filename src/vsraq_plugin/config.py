@@ -46,7 +46,8 @@ class QuantConfig:
     lambda_expert: float = 1.0  # expert tokens: downstream (next-layer) fragility
     lambda_attention: float = 4.0  # attention / shared experts: own-layer fragility
     lambda_metric: float = 32.0  # output metric of the residual writers (DESIGN 3.5b): M = I + lambda * A / ||A||
-    lambda_metric_v: float = 0.0  # the same metric carried back to v_proj through o_proj (DESIGN 3.5d)
+    lambda_metric_v: float = 256.0  # the same metric carried back to v_proj through o_proj (DESIGN 3.5d)
+    lambda_metric_up: float = 0.0  # ... and to the experts' gate/up through their down_proj (DESIGN 3.5d)
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
@@ -99,6 +100,7 @@ class QuantConfig:
             "lambda_attention",
             "lambda_metric",
             "lambda_metric_v",
+            "lambda_metric_up",
             "near_miss_weight",
             "margin_band",
             "router_ridge",

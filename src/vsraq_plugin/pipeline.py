@@ -336,9 +336,14 @@ def solve_experts(
     for width in sorted(set(expert_bits.tolist())):
         ids = (expert_bits == width).nonzero().flatten()
         sub: list[dict] = []
-        parts.append((ids, solve_batch(W[ids], H[ids], cfg.replace(bits=width), name, sub, metric)))
+        parts.append((ids, solve_batch(W[ids], H[ids], cfg.replace(bits=width), name, sub, _rows_of(metric, ids))))
         fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
     return _take(parts, W.shape[0])
+
+
+def _rows_of(metric: torch.Tensor | None, ids) -> torch.Tensor | None:
+    """A batch's slice of an output metric: a shared ``(rows, rows)`` one as is, a per-matrix one indexed."""
+    return metric if metric is None or metric.dim() == 2 else metric[ids]
 
 
 def solve_batch(
@@ -350,18 +355,18 @@ def solve_batch(
     metric: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ on a batch; matrices whose Hessian is unusable fall back to RTN (reported), never NaN or a crash.
-    ``metric``: an output metric ``(rows, rows)`` shared by the batch (DESIGN 3.5b), or None."""
+    ``metric``: an output metric ``(rows, rows)`` shared by the batch or ``(B, rows, rows)`` (DESIGN 3.5b)."""
     B = W.shape[0]
     dead = torch.diagonal(H, dim1=-2, dim2=-1).eq(0).all(-1) | ~torch.isfinite(H).all(-1).all(-1)
     solved = (~dead).nonzero().flatten()
     parts = []
     if solved.numel():
         try:
-            parts.append((solved, _gptq(W[solved], H[solved], cfg, metric)))
+            parts.append((solved, _gptq(W[solved], H[solved], cfg, _rows_of(metric, solved))))
         except HessianError:
             for i in solved.tolist():  # isolate the failing matrices
                 try:
-                    parts.append((torch.tensor([i]), _gptq(W[i : i + 1], H[i : i + 1], cfg, metric)))
+                    parts.append((torch.tensor([i]), _gptq(W[i : i + 1], H[i : i + 1], cfg, _rows_of(metric, [i]))))
                 except HessianError as exc:
                     dead[i] = True
                     fallbacks.append({"target": name, "index": i, "action": "rtn", "reason": str(exc)[:200]})
@@ -466,11 +471,10 @@ def quantize_model(
     imposes an allocation instead (baselines: random or frequency-based allocations).
     """
     adapter = get_adapter(model)
-    if config.method == "vsraq" and (config.fp_target_alpha > 0 or config.router_mode == "quantize"):
-        raise NotImplementedError(
-            "fp_target_alpha (DESIGN 3.5c) and router_mode='quantize' are not implemented yet; set "
-            "fp_target_alpha=0 and router_mode='refit' or 'keep'."
-        )
+    if config.method == "vsraq" and config.fp_target_alpha > 0:
+        raise NotImplementedError("fp_target_alpha (DESIGN 3.5c) is not implemented yet; set fp_target_alpha=0.")
+    if config.router_mode == "quantize" and config.method != "vsraq":
+        raise NotImplementedError("router_mode='quantize' is part of method='vsraq'; use it with that method.")
     if config.dynamic:
         raise NotImplementedError(
             "per-module `dynamic` overrides are not applied by the pipeline yet (they arrive with expert-wise mixed "
@@ -660,7 +664,11 @@ def _quantize_layer(
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
-        metric = plan.metric_next if plan is not None and expert_stage == "down" else None
+        metric = None
+        if plan is not None and expert_stage == "down":
+            metric = plan.metric_next
+        elif plan is not None and plan.boundary_next is not None and pairs is not None:
+            metric = _gate_up_metric(adapter, experts, pairs, plan.boundary_next, cfg.lambda_metric_up)
         qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits, metric)
         W.copy_(qw.weight)
         if expert_stage == "gate_up":
@@ -670,6 +678,30 @@ def _quantize_layer(
             result.weights[f"{prefix}.mlp.experts.up_proj"] = up
         else:
             result.weights[f"{prefix}.mlp.experts.down_proj"] = qw
+
+
+def _gate_up_metric(adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-expert output metric of the fused gate/up rows (DESIGN 3.5d), from the FP expert weights and the
+    tokens the FP router sends to each expert."""
+    from .vsraq import metric, up_path_matrices
+
+    X, tokens, eids, _ = pairs
+    views = adapter.expert_weights(experts)
+    E, inter = views["gate_proj"].shape[0], views["gate_proj"].shape[1]
+    gate_scale, up_scale = torch.zeros(E, inter), torch.zeros(E, inter)
+    act = experts.act_fn
+    for e in range(E):
+        x = X[tokens[eids == e]].float()
+        if x.shape[0] == 0:
+            continue
+        g = x @ views["gate_proj"][e].float().T
+        u = x @ views["up_proj"][e].float().T
+        with torch.enable_grad():  # act'(g) by autograd: any activation the family uses
+            gg = g.clone().requires_grad_(True)
+            (d_act,) = torch.autograd.grad(act(gg).sum(), gg)
+        up_scale[e] = act(g).pow(2).mean(0).sqrt()
+        gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
+    return metric(up_path_matrices(A, views["down_proj"].detach(), gate_scale, up_scale), lam)
 
 
 @dataclass
@@ -682,6 +714,7 @@ class _VsraqPlan:
     metric_here: torch.Tensor | None = None  # output metric from this layer's router (o_proj), DESIGN 3.5b
     metric_next: torch.Tensor | None = None  # ... from the next MoE layer's router (down projections)
     metric_v: torch.Tensor | None = None  # this layer's metric carried back to v_proj (DESIGN 3.5d)
+    boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix A (gate/up metric)
 
     def metric_for(self, name: str) -> torch.Tensor | None:
         """The output metric of a residual writer by its name in the layer; None for the other linears."""
@@ -715,7 +748,7 @@ def _vsraq_plan(
         return m, margin_scale(m)
 
     def boundary_of(index: int | None) -> torch.Tensor | None:
-        if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0):
+        if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0 and cfg.lambda_metric_up <= 0):
             return None
         moe = moe_layers[index]
         norm = getattr(moe.layer, "post_attention_layernorm", None)
@@ -749,33 +782,68 @@ def _vsraq_plan(
         B = value_path_matrix(boundary_of(layer.index), lins["self_attn.o_proj"].weight.detach(), heads, kv)
         metric_v = metric(B, cfg.lambda_metric_v)
     plan = _VsraqPlan(logits.get(layer.index), attention, pairs, metric_of(layer.index), next_metric, metric_v)
+    if cfg.lambda_metric_up > 0:
+        plan.boundary_next = boundary_of(later[0] if later else None)
     return plan
 
 
 def _align_router(
     adapter: MoEAdapter, layer: MoELayer, routed: list, cfg: QuantConfig, plan: _VsraqPlan, result: QuantizationResult
 ) -> None:
-    """Re-fit the 16-bit router on the quantized stream toward the FP logits (DESIGN 3.3, 3.4)."""
-    from .vsraq import align_router
+    """Re-fit the router on the quantized stream toward the FP logits (DESIGN 3.3, 3.4); with
+    ``router_mode="quantize"`` then GPTQ it on the same weighted row Hessians (the asymmetric-target form)."""
+    from .vsraq import align_router, router_row_hessians
 
-    if cfg.router_mode != "refit" or cfg.lambda_value <= 0 or plan.fp_logits is None:
+    if cfg.router_mode == "keep" or plan.fp_logits is None:
+        return
+    quantize = cfg.router_mode == "quantize"
+    if cfg.lambda_value <= 0 and not quantize:
         return
     X = torch.cat([x for x, _, _ in routed])
     router = layer.router
-    fit = align_router(
-        X,
-        plan.fp_logits,
-        router.weight.detach().float(),
-        lambda z: adapter.route(z, router),
-        adapter.router_rule().top_k,
-        cfg.lambda_value,
-        cfg.lambda_structure,
-        cfg.margin_band,
-        cfg.reweight_rounds,
-        cfg.router_ridge,
-    )
-    router.weight.copy_(fit.weight.to(router.weight.dtype))
-    result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
+    R = router.weight.detach().float()
+    k = adapter.router_rule().top_k
+    if cfg.lambda_value > 0:
+        fit = align_router(
+            X,
+            plan.fp_logits,
+            R,
+            lambda z: adapter.route(z, router),
+            k,
+            cfg.lambda_value,
+            cfg.lambda_structure,
+            cfg.margin_band,
+            cfg.reweight_rounds,
+            cfg.router_ridge,
+        )
+        R = fit.weight
+        result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
+    if quantize:
+        selection = adapter.route(plan.fp_logits, router).selection
+        H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band)
+        cfg.check_in_features(R.shape[1], f"model.layers.{layer.index}.router")
+        qw, _, _ = gptq_quantize(
+            R[None].float(),
+            H[None],
+            cfg.bits,
+            cfg.group_size,
+            cfg.sym,
+            cfg.desc_act,
+            cfg.static_groups,
+            cfg.damp_percent,
+            cfg.damp_auto_increment,
+            cfg.block_size,
+            cfg.act_group_aware,
+        )
+        R = qw.weight[0]
+        result.weights[router_name(layer)] = qw
+    router.weight.copy_(R.to(router.weight.dtype))
+
+
+def router_name(layer: MoELayer) -> str:
+    """The router's module name, e.g. ``model.layers.3.mlp.gate``."""
+    child = next(n for n, m in layer.mlp.named_children() if m is layer.router)
+    return f"model.layers.{layer.index}.mlp.{child}"
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -898,3 +966,5 @@ def _apply_layer(adapter: MoEAdapter, layer: MoELayer, weights: dict[str, Quanti
         gate, up = weights[f"{prefix}.mlp.experts.gate_proj"], weights[f"{prefix}.mlp.experts.up_proj"]
         ex.gate_up_proj.copy_(torch.cat([gate.weight, up.weight], dim=1))
         ex.down_proj.copy_(weights[f"{prefix}.mlp.experts.down_proj"].weight)
+        if router_name(layer) in weights:
+            layer.router.weight.copy_(weights[router_name(layer)].weight[0])

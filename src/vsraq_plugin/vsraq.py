@@ -96,6 +96,26 @@ def refit_router(
     return solve_router(*router_normal_equations(X, Z, row_weights), R0, ridge)
 
 
+def router_row_weights(
+    selection: torch.Tensor, k: int, lambda_value: float, lambda_structure: float, margin_band: float
+) -> torch.Tensor:
+    """``w_ti = (1 + lambda_value * phi(m_t)) * (1 + lambda_structure * [i in B_t])`` (DESIGN 3.3, 3.4), ``(T, E)``."""
+    margins = boundary_margin(selection, k)
+    tau = margin_scale(margins)
+    w_t = token_weights(margins, lambda_value, tau)
+    return w_t[:, None] * (1.0 + lambda_structure * boundary_participants(selection, k, margin_band, tau).float())
+
+
+def router_row_hessians(
+    X: torch.Tensor, selection: torch.Tensor, k: int, lambda_value: float, lambda_structure: float, margin_band: float
+) -> torch.Tensor:
+    """Per-row weighted Hessians ``H_i = X^T W_i X / sum_t w_ti`` ``(E, d, d)`` for GPTQ on the router
+    (``router_mode="quantize"``, DESIGN 3.3): the rows of the experts at the boundary weigh the fragile tokens."""
+    rows = router_row_weights(selection, k, lambda_value, lambda_structure, margin_band)
+    A, _, wsum = router_normal_equations(X, torch.zeros_like(rows), rows)
+    return (A / wsum.clamp(min=1e-12)[:, None, None]).float()
+
+
 @dataclass
 class RouterFit:
     weight: torch.Tensor
@@ -124,10 +144,7 @@ def align_router(
     """
     fp: Routing = route_fn(fp_logits)
     E = fp_logits.shape[-1]
-    margins = boundary_margin(fp.selection, k)
-    tau = margin_scale(margins)
-    w_t = token_weights(margins, lambda_value, tau)
-    rows = w_t[:, None] * (1.0 + lambda_structure * boundary_participants(fp.selection, k, margin_band, tau).float())
+    rows = router_row_weights(fp.selection, k, lambda_value, lambda_structure, margin_band)
 
     def agreement(R: torch.Tensor) -> tuple[float, torch.Tensor]:
         q = route_fn(X.float() @ R.float().T)
@@ -230,8 +247,9 @@ def _unit(A: torch.Tensor) -> torch.Tensor:
 
 
 def metric(A: torch.Tensor, lam: float) -> torch.Tensor:
-    """``M = I + lam * A`` (``A`` normalised, PSD): the metric never discounts a direction, only stresses some."""
-    return (torch.eye(A.shape[0], dtype=torch.float64) + lam * A).float()
+    """``M = I + lam * A`` (``A`` normalised, PSD, ``(..., n, n)``): the metric never discounts a direction,
+    only stresses some."""
+    return (torch.eye(A.shape[-1], dtype=torch.float64) + lam * A).float()
 
 
 def boundary_metric(
@@ -255,3 +273,23 @@ def value_path_matrix(A: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num
         blk = slice(h * hd, (h + 1) * hd)
         B[blk, blk] = torch.einsum("dqi,de,eqj->ij", Wo[:, h], A, Wo[:, h])
     return _unit(B)
+
+
+def up_path_matrices(
+    A: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor
+) -> torch.Tensor:
+    """The boundary matrix carried back through each expert's ``down_proj`` to its gate/up rows (DESIGN 3.5d),
+    ``(E, 2I, 2I)``, normalised per expert: an error ``e`` in up's output reaches the residual as
+    ``W_down (act(g) * e)``, one in gate's as ``W_down (act'(g) u * e)``; with ``B = W_down^T A W_down`` the
+    blocks are ``diag(s) B diag(s)``, ``s`` the per-unit RMS of ``act(g)`` (up) or ``act'(g) u`` (gate) over the
+    expert's tokens. Cross terms between gate and up rows are left out."""
+    Wd = down.double()  # (E, d, I)
+    B = Wd.transpose(1, 2) @ A @ Wd  # (E, I, I)
+    sg, su = gate_scale.double(), up_scale.double()
+    Mg = sg[:, :, None] * B * sg[:, None, :]
+    Mu = su[:, :, None] * B * su[:, None, :]
+    E, inter = sg.shape
+    out = torch.zeros(E, 2 * inter, 2 * inter, dtype=torch.float64)
+    out[:, :inter, :inter], out[:, inter:, inter:] = Mg, Mu
+    top = torch.linalg.eigvalsh(out)[:, -1].clamp(min=1e-30)
+    return out / top[:, None, None]

@@ -37,6 +37,7 @@ from ..checkpoint import (
     checkpoint_tensors,
     install_quantized,
     quantization_config,
+    quantized_routers,
     quantized_slots,
     quantized_state_dict,
 )
@@ -195,6 +196,10 @@ class _PluginQuantizer:
         self._files = [str(f) for f in (kwargs.get("checkpoint_files") or [])]
         self._slots = quantized_slots(model)
         patterns = {rf"\.({'|'.join(QUANT_SUFFIXES)})$"}
+        # Quantized routers (router_mode="quantize") are dequantized into their weight after loading.
+        routers = quantized_routers(model, _LazyTensors(self._files).keys()) if self._files else {}
+        missing = {rf"^{re.escape(name)}$" for name in routers}
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | missing
         for slot in self._slots:
             _set_module(model, slot.path, _Pending())
             if slot.bias:

@@ -4,8 +4,9 @@ Rows: rtn, gptq (no group-aware act-order: the GPTQ reference), gptq, agq (the Q
 then VSRAQ with one family of terms at a time: value only (router re-fit), value+structure (re-fit + boundary
 rows + reweighting), experts only (FP decisions x affinity x downstream fragility + near misses), attention
 only (own-layer fragility weights), metric only (output metric of o_proj and the down projections, DESIGN
-3.5b), metric + v_proj (3.5d), metric + v_proj + gate/up (3.5d); then full VSRAQ (defaults) and full without
-the metrics. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
+3.5b), metric + v_proj (3.5d), metric + v_proj + gate/up (3.5d), FP targets of the residual writers only
+(3.5c); then full VSRAQ without the metrics, without the FP targets, with the router quantized, and with the
+defaults. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
 
     OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64]
 """
@@ -29,6 +30,7 @@ OFF = dict(
     lambda_metric=0.0,
     lambda_metric_v=0.0,
     lambda_metric_up=0.0,
+    fp_target_alpha=0.0,
 )
 NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0)
 ROWS: dict[str, dict] = {
@@ -48,7 +50,10 @@ ROWS: dict[str, dict] = {
         method="vsraq",
         **{**OFF, "lambda_metric": 32.0, "lambda_metric_v": 256.0, "lambda_expert": 1.0, "lambda_metric_up": 64.0},
     ),
+    "vsraq FP targets only": dict(method="vsraq", **{**OFF, "fp_target_alpha": 0.5}),
     "vsraq full without metrics": dict(method="vsraq", **NO_METRIC),
+    "vsraq full without FP targets": dict(method="vsraq", fp_target_alpha=0.0),
+    "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),
 }
 

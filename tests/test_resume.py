@@ -55,3 +55,39 @@ def test_killed_run_resumes_to_a_bit_identical_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_vsraq_with_fp_targets_and_quantized_router_resumes_bit_for_bit(tmp_path):
+    """The FP stream (FP targets, DESIGN 3.5c) and a quantized router are part of the resumable state: an
+    interrupted run resumed from its work dir gives the straight run's codes and routers."""
+    import copy
+
+    import pytest
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    fp = tiny_model("mixtral", seed=5)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=3, group_size=16, fp_target_alpha=0.5, router_mode="quantize")
+    straight_model = copy.deepcopy(fp)
+    straight = quantize_model(straight_model, windows, cfg, batch_size=2, progress=False)
+
+    def crash(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(
+            copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path, on_layer_done=crash
+        )
+    resumed_model = copy.deepcopy(fp)
+    resumed = quantize_model(resumed_model, windows, cfg, batch_size=2, progress=False, work_dir=tmp_path)
+    assert straight.weights.keys() == resumed.weights.keys()
+    for name, qw in straight.weights.items():
+        assert torch.equal(qw.codes, resumed.weights[name].codes), name
+    for (n, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters(), strict=True):
+        assert torch.equal(a, b), n

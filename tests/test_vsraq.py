@@ -101,6 +101,7 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
         lambda_metric=0.0,
         lambda_metric_v=0.0,
         lambda_metric_up=0.0,
+        fp_target_alpha=0.0,
     )
     rb = quantize_model(
         b, windows, QuantConfig(bits=3, group_size=16, method="vsraq", **zero), batch_size=2, progress=False
@@ -134,8 +135,8 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
 def test_unimplemented_terms_fail_clearly():
     fp = tiny_model("mixtral")
     windows = torch.randint(0, fp.config.vocab_size, (2, 16))
-    with pytest.raises(NotImplementedError, match="fp_target_alpha"):
-        quantize_model(fp, windows, QuantConfig(method="vsraq", group_size=16, fp_target_alpha=0.5), progress=False)
+    with pytest.raises(NotImplementedError, match="router_mode='quantize'"):
+        quantize_model(fp, windows, QuantConfig(method="gptq", group_size=16, router_mode="quantize"), progress=False)
     with pytest.raises(NotImplementedError, match="dynamic"):
         quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={"q_proj": {"bits": 8}}), progress=False)
     with pytest.raises(NotImplementedError, match="true_sequential"):
@@ -207,3 +208,32 @@ def test_quantized_router_mode_round_trips(family, tmp_path):
         ref = m(ids).logits
         assert torch.equal(load_checkpoint(out)(ids).logits, ref)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, ref)
+
+
+def test_fp_target_weight_is_the_least_squares_optimum():
+    """W' from the closed form == lstsq of the blended target on the explicit token matrices (float64)."""
+    from vsraq_plugin.vsraq import fp_target_weight
+
+    g = torch.Generator().manual_seed(1)
+    T, d, R = 400, 12, 5
+    X = torch.randn(T, d, generator=g, dtype=torch.float64)
+    Xq = X + 0.1 * torch.randn(T, d, generator=g, dtype=torch.float64)
+    W = torch.randn(R, d, generator=g, dtype=torch.float64)
+    for alpha in (0.0, 0.5, 1.0):
+        target = alpha * X @ W.T + (1 - alpha) * Xq @ W.T
+        ref = torch.linalg.lstsq(Xq, target).solution.T
+        H, C = Xq.T @ Xq / T, Xq.T @ X / T
+        got = fp_target_weight(W[None], H[None], C[None], alpha, damp_percent=0.0)[0]
+        assert torch.allclose(got, ref, atol=1e-8)
+
+
+def test_fp_target_leaves_a_matrix_without_data_alone():
+    from vsraq_plugin.vsraq import fp_target_weight
+
+    W = torch.randn(2, 3, 4)
+    H = torch.zeros(2, 4, 4)
+    H[1] = torch.eye(4)
+    C = torch.zeros(2, 4, 4)
+    out = fp_target_weight(W, H, C, 1.0, 0.01)
+    assert torch.equal(out[0], W[0])  # no token reached matrix 0: unchanged
+    assert not torch.equal(out[1], W[1])  # C = 0: the FP target pulls matrix 1 toward zero output

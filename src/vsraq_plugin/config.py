@@ -52,7 +52,7 @@ class QuantConfig:
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
     router_ridge: float = 0.1  # pull of the re-fitted router toward the original, relative to mean diag(X^T W X)
-    fp_target_alpha: float = 0.0  # blend of FP-stream targets (DESIGN 3.5c); 0 = quantized stream only
+    fp_target_alpha: float = 0.5  # residual writers' target: alpha * FP + (1 - alpha) * quantized stream (3.5c)
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
 
     # Expert-wise mixed precision (DESIGN 6): an average width over ``bit_levels`` for the routed experts of

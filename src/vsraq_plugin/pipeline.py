@@ -18,6 +18,7 @@ weighted by the gate score of the token).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -145,8 +146,14 @@ class _StageCapture:
         experts: nn.Module | None = None,
         weighted: bool = False,
         token_weights: list[torch.Tensor] | None = None,
+        fp_inputs: dict[str, list[torch.Tensor]] | None = None,
     ):
         self.acc = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
+        # FP targets: sum_t w_t x~_t x_t^T against the FP stream's inputs of the same tokens (DESIGN 3.5c).
+        self.fp_inputs = {n: v for n, v in (fp_inputs or {}).items() if n in linears}
+        self.cross = {n: torch.zeros(linears[n].in_features, linears[n].in_features) for n in self.fp_inputs}
+        self.cross_w = dict.fromkeys(self.fp_inputs, 0.0)
+        self.batch = dict.fromkeys(linears, 0)
         self.token_weights = token_weights  # per calibration batch, or None (unweighted)
         self.calls = dict.fromkeys(linears, 0)
         self.handles = [lin.register_forward_pre_hook(self._linear_hook(name)) for name, lin in linears.items()]
@@ -173,6 +180,12 @@ class _StageCapture:
                 w = self.token_weights[self.calls[name]]
                 self.calls[name] += 1
             self.acc[name].add(args[0].detach(), w)
+            if name in self.fp_inputs:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                wt = torch.ones(x.shape[0]) if w is None else w.reshape(-1).float()
+                self.cross[name] += (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
+                self.cross_w[name] += float(wt.sum())
+            self.batch[name] += 1
             self._done(name)
 
         return hook
@@ -185,6 +198,9 @@ class _StageCapture:
         self.all_tokens.add(x)
         self.routed.append((x, idx, w))
         self._done("experts")
+
+    def cross_matrix(self, name: str) -> torch.Tensor:
+        return (self.cross[name] / max(self.cross_w[name], 1e-12))[None]
 
     @property
     def active(self) -> bool:
@@ -471,8 +487,6 @@ def quantize_model(
     imposes an allocation instead (baselines: random or frequency-based allocations).
     """
     adapter = get_adapter(model)
-    if config.method == "vsraq" and config.fp_target_alpha > 0:
-        raise NotImplementedError("fp_target_alpha (DESIGN 3.5c) is not implemented yet; set fp_target_alpha=0.")
     if config.router_mode == "quantize" and config.method != "vsraq":
         raise NotImplementedError("router_mode='quantize' is part of method='vsraq'; use it with that method.")
     if config.dynamic:
@@ -522,12 +536,16 @@ def quantize_model(
         expert_bits = {}
     if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
         result.fp_router_logits.update(_fp_prepass(runner, layers, x_q))
+    # The full-precision stream layer by layer, for the FP targets of the residual writers (DESIGN 3.5c).
+    fp_stream = config.method == "vsraq" and config.fp_target_alpha > 0
+    x_fp = list(x_q) if fp_stream else None
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
     first = 0
     if state is not None:
-        first, restored_q = state.restore(adapter, layers, result)
+        first, restored_q, restored_fp = state.restore(adapter, layers, result)
         if first:
             x_q = restored_q
+            x_fp = restored_fp
     bar = tqdm(
         total=len(layers),
         initial=first,
@@ -537,11 +555,16 @@ def quantize_model(
     )
     for layer in layers[first:]:
         t0 = time.perf_counter()
-        _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers, expert_bits.get(layer.index))
+        fp_layer = copy.deepcopy(layer.layer) if fp_stream else None
+        fp = (fp_layer, x_fp) if fp_stream else None
+        _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers, expert_bits.get(layer.index), fp)
         x_q = runner.run(layer.layer, x_q)
+        if fp_stream:
+            x_fp = runner.run(fp_layer, x_fp)
+            del fp_layer
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
-            state.save_layer(layer, result, x_q)
+            state.save_layer(layer, result, x_q, x_fp)
         bar.update(1)
         if on_layer_done is not None:
             on_layer_done(layer.index)
@@ -603,8 +626,10 @@ def _quantize_layer(
     result: QuantizationResult,
     moe_layers: dict[int, MoELayer],
     expert_bits: torch.Tensor | None = None,
+    fp: tuple[nn.Module, list[torch.Tensor]] | None = None,
 ) -> None:
-    """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized."""
+    """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
+    ``fp``: this layer with its original weights and the FP stream's inputs (FP targets, DESIGN 3.5c)."""
     prefix = f"model.layers.{layer.index}"
     fallbacks = result.summary["fallbacks"]
     dense = adapter.dense_mlp_linears(layer)
@@ -623,9 +648,18 @@ def _quantize_layer(
     routed: list = []
     starved: list[int] = []
     pairs = None
+    fp_experts_x = None
     for linears, expert_stage in stages:
         attn_w = plan.attention_weights if plan is not None and expert_stage is None else None
-        cap = _StageCapture(linears, layer.experts if expert_stage == "gate_up" else None, weighted, attn_w)
+        fp_inputs = None
+        if fp is not None:  # the FP stream's inputs of this stage's residual writers (and of the experts)
+            names = [n for n in linears if n.endswith(("o_proj", "down_proj"))]
+            extra = {"experts": _child(fp[0], layer, layer.experts)} if expert_stage == "gate_up" else {}
+            fp_inputs = _record_inputs(
+                runner, fp[0], x_fp=fp[1], modules={n: fp[0].get_submodule(n) for n in names}, **extra
+            )
+            fp_experts_x = fp_inputs.pop("experts", fp_experts_x)
+        cap = _StageCapture(linears, layer.experts if expert_stage == "gate_up" else None, weighted, attn_w, fp_inputs)
         try:
             if cap.active:
                 runner.capture(layer.layer, x_q)
@@ -633,7 +667,10 @@ def _quantize_layer(
             cap.close()
         for name, lin in linears.items():
             metric = plan.metric_for(name) if plan is not None else None
-            qw = solve_batch(lin.weight[None].float(), cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks, metric)
+            W = lin.weight[None].float()
+            if name in cap.cross:
+                W = _fp_target(W, cap.acc[name].H, cap.cross_matrix(name), cfg)
+            qw = solve_batch(W, cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks, metric)
             lin.weight.copy_(qw.weight[0])
             result.weights[f"{prefix}.{name}"] = qw
         if expert_stage is None:
@@ -664,20 +701,83 @@ def _quantize_layer(
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = _with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
+            if fp is not None and pairs is not None and fp_experts_x is not None:
+                fp_ex = _child(fp[0], layer, layer.experts)
+                C = _expert_cross(experts, fp_ex, pairs, torch.cat(fp_experts_x))
+                target = _fp_target(W.float(), acc.H, C, cfg)
+                keep = torch.zeros(W.shape[0], dtype=torch.bool)
+                keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
+                W = torch.where(keep[:, None, None], W.float(), target)
         metric = None
         if plan is not None and expert_stage == "down":
             metric = plan.metric_next
         elif plan is not None and plan.boundary_next is not None and pairs is not None:
             metric = _gate_up_metric(adapter, experts, pairs, plan.boundary_next, cfg.lambda_metric_up)
         qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits, metric)
-        W.copy_(qw.weight)
+        (experts.gate_up_proj if expert_stage == "gate_up" else experts.down_proj).copy_(qw.weight)
         if expert_stage == "gate_up":
-            inter = W.shape[1] // 2
+            inter = experts.gate_up_proj.shape[1] // 2
             gate, up = split_rows(qw, [inter, inter])
             result.weights[f"{prefix}.mlp.experts.gate_proj"] = gate
             result.weights[f"{prefix}.mlp.experts.up_proj"] = up
         else:
             result.weights[f"{prefix}.mlp.experts.down_proj"] = qw
+
+
+def _child(fp_layer: nn.Module, layer: MoELayer, module: nn.Module) -> nn.Module:
+    """The module of the FP copy of a layer that sits where ``module`` sits in the layer."""
+    name = next(n for n, m in layer.layer.named_modules() if m is module)
+    return fp_layer.get_submodule(name)
+
+
+def _record_inputs(runner: LayerRunner, fp_layer: nn.Module, x_fp, modules: dict, **more) -> dict:
+    """Per calibration batch, the first input of each module of the FP layer copy on the FP stream."""
+    modules = {**modules, **more}
+    if not modules:
+        return {}
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    pending: set[str] = set()
+
+    def hook(name):
+        def fn(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            store[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            pending.add(name)
+            if pending >= set(modules):
+                pending.clear()
+                raise _Stop
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        runner.capture(fp_layer, x_fp)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
+def _fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    from .vsraq import fp_target_weight
+
+    return fp_target_weight(W, H, C, cfg.fp_target_alpha, cfg.damp_percent)
+
+
+def _expert_cross(experts: nn.Module, fp_experts: nn.Module, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+    """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs: quantized stream (current,
+    quantized gate/up) against FP stream (original gate/up on the FP hidden states), same (token, expert) pairs."""
+    X, tokens, eids, w = pairs
+    h_q = expert_hidden(experts, experts.gate_up_proj.detach().float(), X, tokens, eids)
+    h_fp = expert_hidden(fp_experts, fp_experts.gate_up_proj.detach().float(), x_fp, tokens, eids)
+    E, inter = experts.gate_up_proj.shape[0], h_q.shape[1]
+    C = torch.zeros(E, inter, inter)
+    for e in range(E):
+        sel = (eids == e).nonzero().flatten()
+        if sel.numel():
+            we = w[sel].float()
+            C[e] = (h_q[sel] * we[:, None]).T @ h_fp[sel] / we.sum().clamp(min=1e-12)
+    return C
 
 
 def _gate_up_metric(adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float) -> torch.Tensor:
@@ -887,7 +987,7 @@ class _ResumeState:
     def restore(self, adapter: MoEAdapter, layers: list[MoELayer], result: QuantizationResult):
         prog = self.dir / "progress.json"
         if not prog.exists():
-            return 0, None
+            return 0, None, None
         data = json.loads(prog.read_text())
         if data.get("fingerprint") != self.fingerprint:
             raise CalibrationError(
@@ -910,9 +1010,12 @@ class _ResumeState:
         streams = load_file(str(self.dir / f"streams_{done - 1:04d}.safetensors"))
         n = len([k for k in streams if k.startswith("q.")])
         x_q = [streams[f"q.{i}"] for i in range(n)]
-        return done, x_q
+        x_fp = [streams[f"f.{i}"] for i in range(n)] if "f.0" in streams else None
+        return done, x_q, x_fp
 
-    def save_layer(self, layer: MoELayer, result: QuantizationResult, x_q: list[torch.Tensor]) -> None:
+    def save_layer(
+        self, layer: MoELayer, result: QuantizationResult, x_q: list[torch.Tensor], x_fp: list[torch.Tensor] | None
+    ) -> None:
         index = layer.index
         prefix = f"model.layers.{index}."
         tensors = {}
@@ -926,6 +1029,7 @@ class _ResumeState:
                     tensors[f"{name}.bits"] = qw.bits_per_matrix
         _atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
         streams = {f"q.{i}": t for i, t in enumerate(x_q)}
+        streams.update({f"f.{i}": t for i, t in enumerate(x_fp or [])})
         _atomic_save(streams, self.dir / f"streams_{index:04d}.safetensors")
         _atomic_write_text(
             self.dir / "progress.json",

@@ -293,3 +293,25 @@ def up_path_matrices(
     out[:, :inter, :inter], out[:, inter:, inter:] = Mg, Mu
     top = torch.linalg.eigvalsh(out)[:, -1].clamp(min=1e-30)
     return out / top[:, None, None]
+
+
+# ---------------------------------------------------------------------------------------------- FP targets
+def fp_target_weight(
+    W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp_percent: float
+) -> torch.Tensor:
+    """The continuous optimum against a blended target (DESIGN 3.5c):
+    ``min ||W' X~ - (alpha W X + (1 - alpha) W X~)||^2``  ->  ``W' = W + alpha W (C^T - H) H^-1``,
+    with ``H = X~ X~^T`` and ``C = X~ X^T`` (both weighted, count-normalised), X the full-precision stream's
+    inputs and X~ the quantized stream's, token for token. ``W`` ``(B, rows, d)``, ``H``/``C`` ``(B, d, d)``.
+    GPTQ then quantizes ``W'`` with ``H``. ``H`` is damped as GPTQ damps it."""
+    Hd = H.double().clone()
+    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    dead = diag <= 0  # columns no token activates: no target to match
+    diag.add_(damp_percent * diag.mean(-1, keepdim=True))
+    diag.masked_fill_(dead, 1.0)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    ok = (info == 0) & ~dead.all(-1)  # a matrix without data (an expert no token reached) keeps its weight
+    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype))
+    delta = torch.cholesky_solve((C.double() - H.double()) @ W.double().transpose(1, 2), L)  # (B, d, rows)
+    delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
+    return (W.double() + alpha * delta.transpose(1, 2)).to(W.dtype)

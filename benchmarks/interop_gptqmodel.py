@@ -73,6 +73,9 @@ def main() -> None:
                 {
                     "gptqmodel": proc.stdout.strip().splitlines()[-1],
                     "max |diff|": float(diff.max()),
+                    "max |diff| vs plugin in bf16": float((theirs - ref_bf16).abs().max()),
+                    "mean |diff| vs plugin in bf16": float((theirs - ref_bf16).abs().mean()),
+                    "mean |diff| plugin fp32 vs bf16": float((ref - ref_bf16).abs().mean()),
                     "max |diff| / max |logit|": float(diff.max() / ref.abs().max()),
                     "argmax agreement": float((theirs.argmax(-1) == ref.argmax(-1)).float().mean()),
                 }

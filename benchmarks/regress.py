@@ -8,10 +8,11 @@ On the shipped fixture at W4g64 and W3g64, fixed calibration windows, every wind
   in its own venv on the same calibration windows and loaded by the plugin's loader.
 Writes ``regress.json`` (every number and verdict) and exits non-zero when an enforced check fails.
 
-Issue #5's target is a disagreement ratio of 0.85 at both widths; it is enforced at both since the routing
-metric on the residual writers (DESIGN 3.5b) got W4 there (0.87x before it). Every method runs with the
-same QuantConfig defaults (group-aware act-order included), so the ratios compare like with like.
-Thresholds are never loosened to pass; raise them as the method improves.
+Issue #5 asked for 0.85x disagreement and 1.02x KL; the method has since got to about 0.60-0.63x and 0.64-0.69x
+(output metrics, DESIGN 3.5b/3.5d; FP targets, 3.5c), so the gate now enforces 0.75x and 0.85x, at both widths,
+against both stock GPTQs. Every method runs with the same QuantConfig defaults (group-aware act-order
+included), so the ratios compare like with like. Thresholds are never loosened to pass; raise them as the
+method improves.
 
     OMP_NUM_THREADS=1 python benchmarks/regress.py [--out regress.json]
 """
@@ -35,8 +36,8 @@ from ablate_vsraq import measure, table
 HERE = Path(__file__).resolve().parent
 GPTQMODEL = "gptqmodel 7.7 gptq"
 
-DISAGREEMENT_RATIO = {4: 0.85, 3: 0.85}  # enforced
-KL_RATIO = 1.02
+DISAGREEMENT_RATIO = {4: 0.75, 3: 0.75}  # enforced (issue #5 started at 0.85)
+KL_RATIO = 0.85  # enforced (issue #5 started at 1.02)
 BITS = (4, 3)
 GROUP_SIZE = 64
 

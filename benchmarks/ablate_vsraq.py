@@ -8,7 +8,10 @@ only (own-layer fragility weights), metric only (output metric of o_proj and the
 (3.5c); then full VSRAQ without the metrics, without the FP targets, with the router quantized, and with the
 defaults. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
 
-    OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64]
+``--refine``: instead, block-wise refinement (DESIGN 3.7, ``refine.py``) on top of gptq and of vsraq:
+reconstruction only (AutoRound-like), + value term, + structure term (``--refine-steps`` per block).
+
+    OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64] [--refine]
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ ROWS: dict[str, dict] = {
     "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),
 }
+
+
+def refine_rows(steps: int) -> dict[str, dict]:
+    rec = dict(refine_steps=steps)
+    val = dict(rec, refine_lambda_value=1.0)
+    both = dict(val, refine_lambda_structure=1.0)
+    rows = {"gptq": dict(method="gptq"), "vsraq": dict(method="vsraq")}
+    for base in ("gptq", "vsraq"):
+        rows[f"{base} + refine (reconstruction)"] = dict(method=base, **rec)
+        rows[f"{base} + refine + value"] = dict(method=base, **val)
+        rows[f"{base} + refine + value + structure"] = dict(method=base, **both)
+    return rows
 
 
 def measure(
@@ -118,6 +133,33 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _autoround_peer(python: str, model: Path | None, group_size: int, iters: int):
+    """AutoRound (its own venv) on the same calibration text, loaded by the plugin's loader."""
+    import os
+    import subprocess
+    import tempfile
+
+    from vsraq_plugin.checkpoint import load_checkpoint
+    from vsraq_plugin.cli import fixture_path
+
+    path = model or fixture_path()
+    script = Path(__file__).resolve().parent / "peers" / "autoround_quantize.py"
+    work = Path(tempfile.mkdtemp(prefix="vsraq-autoround-"))
+
+    def run(_calib, bits: int) -> dict:
+        out = work / f"autoround_W{bits}"
+        cmd = [python, str(script), str(path), "--bits", str(bits), "--group-size", str(group_size)]
+        cmd += ["--iters", str(iters), "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
+        if proc.returncode != 0:
+            raise SystemExit(f"auto-round failed:\n{proc.stderr[-3000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {f"auto-round {iters} iters W{bits}g{group_size}": (load_checkpoint(out), info["seconds"])}
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
@@ -127,9 +169,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
+    ap.add_argument("--refine", action="store_true", help="the refinement rows instead of the VSRAQ terms")
+    ap.add_argument("--refine-steps", type=int, default=100)
+    ap.add_argument(
+        "--autoround-python", help="python of a venv with auto-round: only gptq, vsraq and AutoRound's own rows"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    report = measure(ROWS, args.bits, args.group_size, args.n_samples, args.eval_windows, args.model)
+    rows = refine_rows(args.refine_steps) if args.refine else ROWS
+    peers = None
+    if args.autoround_python:
+        rows = {"gptq": dict(method="gptq"), "vsraq": dict(method="vsraq")}
+        peers = _autoround_peer(args.autoround_python, args.model, args.group_size, args.refine_steps)
+    report = measure(rows, args.bits, args.group_size, args.n_samples, args.eval_windows, args.model, peers=peers)
     print(table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,7 +4,10 @@ Default: 64 experts of the fixture's, OLMoE's and Qwen3-30B-A3B's expert shapes,
 its own Hessian from correlated synthetic activations. Prints wall time of both, the ratio, and the max
 difference of the dequantized weights (0 when the two are bit-identical).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_gptq.py [--experts 64] [--threads 2]
+``--metric``: instead, the cost of the output-metric solve (DESIGN 3.5b, the residual writers' rounding):
+batched GPTQ against batched GPTQ with a rank-8 row metric, same experts, side by side.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_gptq.py [--experts 64] [--threads 2] [--metric]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs of each")
+    ap.add_argument("--metric", action="store_true", help="time the output-metric solve against plain GPTQ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kw = dict(bits=args.bits, group_size=args.group_size, sym=True)
@@ -50,6 +54,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {args.experts} experts, W{args.bits}g{args.group_size}"
     )
+    if args.metric:
+        return metric_cost(args, kw)
     print(f"{'shape':24s} {'loop s':>9s} {'batched s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
     for name, (rows, cols) in SHAPES.items():
         W, H = make_problem(args.experts, rows, cols, seed=0)
@@ -64,6 +70,24 @@ def main() -> None:
             t_batch = min(t_batch, time.perf_counter() - t0)
         diff = (torch.cat(loop) - batched).abs().max().item()
         print(f"{name:24s} {t_loop:9.2f} {t_batch:10.2f} {t_loop / t_batch:8.2f}x {diff:11.3g}", flush=True)
+
+
+def metric_cost(args, kw) -> None:
+    print(f"{'shape':24s} {'gptq s':>9s} {'metric s':>9s} {'ratio':>7s}")
+    for name, (rows, cols) in SHAPES.items():
+        W, H = make_problem(args.experts, rows, cols, seed=0)
+        U = torch.randn(rows, 8, generator=torch.Generator().manual_seed(1))
+        A = U @ U.T
+        M = (torch.eye(rows) + 32 * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
+        t_plain = t_metric = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            gptq_quantize(W, H, **kw)
+            t_plain = min(t_plain, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            gptq_quantize(W, H, **kw, row_metric=M)
+            t_metric = min(t_metric, time.perf_counter() - t0)
+        print(f"{name:24s} {t_plain:9.2f} {t_metric:9.2f} {t_metric / t_plain:6.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from vsraq_plugin import gptq as gptq_module
 from vsraq_plugin.gptq import HessianAccumulator, HessianError, gptq_quantize, hessian_error
 from vsraq_plugin.quantizer import compute_qparams, rtn
 
@@ -245,8 +246,9 @@ def _correlated_batch(B, R, d, seed):
     return W, X.transpose(1, 2) @ X / 300
 
 
+@pytest.mark.parametrize("tile", [64, 8])
 @pytest.mark.parametrize("static", [False, True])
-def test_identity_metric_equals_gptq(static):
+def test_identity_metric_equals_gptq(static, tile, monkeypatch):
     """The metric solve (anti-diagonal wavefront) with M = I is GPTQ: same codes as the blocked solver with
     block_size == group_size (where the reference's in-block grid quirk vanishes)."""
     W, H = _correlated_batch(3, 12, 32, 0)
@@ -259,11 +261,13 @@ def test_identity_metric_equals_gptq(static):
     assert torch.equal(got.g_idx, ref.g_idx)
 
 
-def test_metric_solve_matches_the_scalar_recursion():
+@pytest.mark.parametrize("tile", [64, 4])
+def test_metric_solve_matches_the_scalar_recursion(tile, monkeypatch):
     """Against a plain double loop (columns, then rows inside a column), float64: the wavefront reorders the
-    work, not the result."""
+    work, not the result (tile 4: 2 x 4 tiles with a 2-row edge)."""
     from vsraq_plugin.quantizer import compute_qparams, dequantize, quantize
 
+    monkeypatch.setattr(gptq_module, "_METRIC_TILE", tile)
     W, H = _correlated_batch(1, 6, 16, 1)
     A = torch.randn(6, 3, dtype=torch.float64)
     M = torch.eye(6, dtype=torch.float64) + A @ A.T
@@ -307,3 +311,17 @@ def test_metric_lowers_the_metric_error():
         aware, _, _ = gptq_quantize(W, H, 3, 8, row_metric=M[None])
         ratios.append(float(metric_error(aware.weight) / metric_error(plain.weight)))
     assert sum(ratios) / len(ratios) < 0.85, ratios  # measured about 0.71
+
+
+@pytest.mark.parametrize("metric", [False, True])
+def test_prequant_rounds_to_the_codes(metric):
+    """``keep_prequant``: the values the solver rounded give back its codes (where refinement starts)."""
+    from vsraq_plugin.quantizer import quantize
+
+    W, H = _correlated_batch(2, 8, 32, 3)
+    M = torch.eye(8).expand(2, 8, 8) * 2 if metric else None
+    qw, _, _ = gptq_quantize(W, H, 3, 8, act_group_aware=True, row_metric=M, keep_prequant=True)
+    g = qw.g_idx.long()[:, None, :].expand(-1, 8, -1)
+    s, z = torch.gather(qw.scales, 2, g), torch.gather(qw.zeros.float(), 2, g)
+    assert torch.equal(quantize(qw.prequant, s, z, 3), qw.codes.float())
+    assert gptq_quantize(W, H, 3, 8)[0].prequant is None

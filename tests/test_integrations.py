@@ -23,11 +23,14 @@ TEXTS = [
 SEQ, BATCH = 64, 4
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["fixture", "mixtral", "qwen2_moe"])
 def model_dir(request, tmp_path_factory):
-    """A tiny random MoE (Mixtral; Qwen2-MoE: shared expert, attention biases) saved with the fixture's tokenizer."""
+    """The shipped trained fixture, and tiny random MoEs (Mixtral; Qwen2-MoE: shared expert, attention biases)
+    saved with the fixture's tokenizer."""
     from transformers import AutoTokenizer
 
+    if request.param == "fixture":
+        return fixture_path()
     root = tmp_path_factory.mktemp(request.param)
     tok = AutoTokenizer.from_pretrained(fixture_path())
     model = tiny_model(request.param, seed=3)
@@ -197,3 +200,30 @@ def test_experts_implementation_vsraq(model_dir, tmp_path):
     fast = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="vsraq")
     assert fast.config._experts_implementation == "vsraq"
     assert torch.equal(_logits(fast), _logits(eager))
+
+
+def test_autoround_mixed_names_load(model_dir, tmp_path):
+    """AutoRound writes Mixtral experts as ``block_sparse_moe.experts.{e}.gate_proj`` (original block name,
+    transformers-5 projection names): the loader reads that layout too."""
+    import json as _json
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vsraq_plugin.checkpoint import save_checkpoint
+
+    if _json.loads((model_dir / "config.json").read_text())["model_type"] != "mixtral":
+        pytest.skip("the mixed layout is Mixtral's")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = config_from_gptq({"bits": 4, "group_size": 32}, {"fp_target_alpha": 0.0, "lambda_metric_v": 0.0})
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    _, result = vsraq_plugin.quantize(model, TEXTS, cfg, tokenizer=tok, seq_len=SEQ, batch_size=BATCH, progress=False)
+    src = save_checkpoint(model, result, tmp_path / "tf", key_layout="transformers")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(src, mixed)
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {k.replace(".mlp.experts.", ".block_sparse_moe.experts."): v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(mixed / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.equal(_logits(vsraq_plugin.load(mixed)), _logits(model))

@@ -327,7 +327,11 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     qe = QuantExperts(slot.experts, widths, group_size)
     for proj in EXPERT_PROJECTIONS:
         for e in range(E):
-            keys = (adapter.expert_key(i, e, proj), f"model.layers.{i}.mlp.experts.{e}.{proj}")
+            keys = (  # original names (vsraq, vLLM); transformers-5 names (gptqmodel); the mix AutoRound writes
+                adapter.expert_key(i, e, proj),
+                f"model.layers.{i}.mlp.experts.{e}.{proj}",
+                f"model.layers.{i}.{adapter.moe_block_key}.experts.{e}.{proj}",
+            )
             tensors = (source.take(*(f"{k}.{b}" for k in keys)) for b in ("qweight", "qzeros", "scales", "g_idx"))
             qe.load_expert(proj, e, *tensors)
     return qe

@@ -130,6 +130,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         desc_act=args.desc_act,
         damp_percent=args.damp_percent,
         method=args.method,
+        refine_steps=args.refine_steps,
+        refine_lambda_value=args.refine_lambda_value,
+        refine_lambda_structure=args.refine_lambda_structure,
     )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume-dir", help="keep per-layer state here; a re-run resumes after the last finished layer")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--refine-steps", type=int, default=0, help="block-wise refinement steps per layer (0: off)")
+    q.add_argument("--refine-lambda-value", type=float, default=0.0, help="refinement: next router's logits")
+    q.add_argument("--refine-lambda-structure", type=float, default=0.0, help="refinement: next router's margins")
     q.add_argument(
         "--key-layout",
         choices=("original", "transformers"),

@@ -55,6 +55,15 @@ class QuantConfig:
     fp_target_alpha: float = 0.5  # residual writers' target: alpha * FP + (1 - alpha) * quantized stream (3.5c)
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
 
+    # Block-wise refinement (DESIGN 3.7, refine.py): AutoRound-style rounding offsets and clipping after each
+    # block's solve, against the FP stream plus the next router's value/structure terms. Off (0 steps) by default.
+    refine_steps: int = 0
+    refine_lr: float = 5e-3  # signed-gradient step on the rounding offsets (in quantization steps) and clip factors
+    refine_lambda_value: float = 0.0  # fragility-weighted MSE of the next router's logits
+    refine_lambda_structure: float = 0.0  # hinge on the next router's top-k boundary margin (and order)
+    refine_clip_min: float = 0.5  # lower bound of the per-group clipping factors
+    refine_seed: int = 0  # order of the calibration batches
+
     # Expert-wise mixed precision (DESIGN 6): an average width over ``bit_levels`` for the routed experts of
     # each MoE layer; attention, shared experts and dense layers keep ``bits``.
     bits_budget: float | None = None
@@ -110,6 +119,14 @@ class QuantConfig:
                 raise ConfigError(f"{name}={value!r} must be a finite number >= 0; 0 switches the term off.")
         if not (0.0 <= self.fp_target_alpha <= 1.0):
             raise ConfigError(f"fp_target_alpha={self.fp_target_alpha} must lie in [0, 1].")
+        if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConfigError(f"refine_steps={self.refine_steps!r} must be an int >= 0; 0 switches refinement off.")
+        for name in ("refine_lr", "refine_lambda_value", "refine_lambda_structure"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r} must be a finite number >= 0.")
+        if not (0.0 < self.refine_clip_min <= 1.0):
+            raise ConfigError(f"refine_clip_min={self.refine_clip_min} must lie in (0, 1].")
         if self.reweight_rounds < 0:
             raise ConfigError(f"reweight_rounds={self.reweight_rounds} must be >= 0.")
         if (self.bits_budget is None) != (self.bit_levels is None):

@@ -302,6 +302,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, metric: torch.Tens
         cfg.block_size,
         cfg.act_group_aware,
         None if metric is None else metric.expand(W.shape[0], W.shape[1], W.shape[1]),
+        cfg.refine_steps > 0,  # refinement starts from the values the solver rounded
     )
     return qw
 
@@ -317,6 +318,10 @@ def _take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedW
             out[ids] = getattr(qw, attr)
         return out
 
+    if any(qw.prequant is not None for _, qw in qws):  # an RTN fallback rounded its own weight
+        for _, qw in qws:
+            if qw.prequant is None:
+                qw.prequant = qw.weight
     widths = {qw.bits for _, qw in qws}
     per_matrix = None
     if len(widths) > 1:
@@ -332,6 +337,7 @@ def _take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedW
         bits=max(widths),
         group_size=first.group_size,
         bits_per_matrix=per_matrix,
+        prequant=gather("prequant") if first.prequant is not None else None,
     )
 
 
@@ -428,6 +434,7 @@ def split_rows(qw: QuantizedWeight, sizes: Sequence[int]) -> list[QuantizedWeigh
                 qw.bits,
                 qw.group_size,
                 qw.bits_per_matrix,
+                None if qw.prequant is None else qw.prequant[:, rows],
             )
         )
         start += n
@@ -510,6 +517,8 @@ def quantize_model(
     result = QuantizationResult(
         weights={}, config=config, summary={"method": config.method, "fallbacks": [], "layer_seconds": []}
     )
+    if config.method == "rtn" and config.refine_steps > 0:
+        raise NotImplementedError("refinement starts from a GPTQ solve: use method gptq, agq or vsraq with it.")
     if config.method == "rtn" and config.bits_budget is not None:
         raise NotImplementedError("expert-wise mixed precision is implemented for gptq, agq and vsraq, not rtn.")
     if config.method == "rtn":
@@ -534,10 +543,12 @@ def quantize_model(
         expert_bits = _expert_widths(adapter, moe_layers, config, router_init, result)
     else:
         expert_bits = {}
-    if config.method == "vsraq":  # every layer's FP router logits up front: layer l needs layer l+1's margins
+    refine_routing = config.refine_steps > 0 and (config.refine_lambda_value > 0 or config.refine_lambda_structure > 0)
+    if config.method == "vsraq" or refine_routing:  # every layer's FP router logits: layer l needs l+1's margins
         result.fp_router_logits.update(_fp_prepass(runner, layers, x_q))
     # The full-precision stream layer by layer, for the FP targets of the residual writers (DESIGN 3.5c).
-    fp_stream = config.method == "vsraq" and config.fp_target_alpha > 0
+    fp_targets = config.method == "vsraq" and config.fp_target_alpha > 0
+    fp_stream = fp_targets or config.refine_steps > 0
     x_fp = list(x_q) if fp_stream else None
     state = _ResumeState(work_dir, model, windows, config) if work_dir is not None else None
     first = 0
@@ -556,8 +567,10 @@ def quantize_model(
     for layer in layers[first:]:
         t0 = time.perf_counter()
         fp_layer = copy.deepcopy(layer.layer) if fp_stream else None
-        fp = (fp_layer, x_fp) if fp_stream else None
+        fp = (fp_layer, x_fp) if fp_targets else None
         _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers, expert_bits.get(layer.index), fp)
+        if config.refine_steps > 0:
+            _refine(runner, adapter, layer, layers, fp_layer, x_q, x_fp, result, config, progress)
         x_q = runner.run(layer.layer, x_q)
         if fp_stream:
             x_fp = runner.run(fp_layer, x_fp)
@@ -571,6 +584,20 @@ def quantize_model(
     bar.close()
     result.summary["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _refine(runner, adapter, layer, layers, fp_layer, x_q, x_fp, result: QuantizationResult, cfg, progress) -> None:
+    """Block-wise refinement of one solved layer (DESIGN 3.7): the next layer's attention and router on the path."""
+    from .refine import refine_block
+
+    nxt = layers[layer.index + 1] if layer.index + 1 < len(layers) else None
+    nxt = nxt if nxt is not None and nxt.is_moe else None
+    logits = result.fp_router_logits.get(nxt.index) if nxt is not None else None
+    report = refine_block(runner, adapter, layer, nxt, fp_layer, x_q, x_fp, result.weights, logits, cfg, progress)
+    loss = report["loss"]
+    result.summary.setdefault("refine", {})[layer.index] = {"first_loss": loss[0], "last_loss": loss[-1]}
+    for qw in result.weights.values():  # the pre-rounding values are only needed while a layer is refined
+        qw.prequant = None
 
 
 def _expert_widths(

@@ -78,6 +78,9 @@ class QuantizedWeight:
     bits: int
     group_size: int
     bits_per_matrix: torch.Tensor | None = None  # (B,) when the matrices of a batch have different widths
+    # The values the solver rounded (GPTQ's compensated weights), kept only on request: where refinement
+    # (refine.py) starts from, since round(prequant / scale) + zero == codes.
+    prequant: torch.Tensor | None = None
 
 
 def group_count(in_features: int, group_size: int) -> int:

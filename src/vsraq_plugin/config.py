@@ -58,7 +58,7 @@ class QuantConfig:
     # Block-wise refinement (DESIGN 3.7, refine.py): AutoRound-style rounding offsets and clipping after each
     # block's solve, against the FP stream plus the next router's value/structure terms. Off (0 steps) by default.
     refine_steps: int = 0
-    refine_lr: float = 5e-3  # signed-gradient step on the rounding offsets (in quantization steps) and clip factors
+    refine_lr: float = 1e-3  # signed-gradient step on the offsets (in grid steps) and clip factors; 5e-3 was worse
     refine_lambda_value: float = 0.0  # fragility-weighted MSE of the next router's logits
     refine_lambda_structure: float = 0.0  # hinge on the next router's top-k boundary margin (and order)
     refine_clip_min: float = 0.5  # lower bound of the per-group clipping factors

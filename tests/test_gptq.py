@@ -246,7 +246,7 @@ def _correlated_batch(B, R, d, seed):
     return W, X.transpose(1, 2) @ X / 300
 
 
-@pytest.mark.parametrize("tile", [64, 8])
+@pytest.mark.parametrize("tile", [64, 8, 4])
 @pytest.mark.parametrize("static", [False, True])
 def test_identity_metric_equals_gptq(static, tile, monkeypatch):
     """The metric solve (anti-diagonal wavefront) with M = I is GPTQ: same codes as the blocked solver with
@@ -261,7 +261,7 @@ def test_identity_metric_equals_gptq(static, tile, monkeypatch):
     assert torch.equal(got.g_idx, ref.g_idx)
 
 
-@pytest.mark.parametrize("tile", [64, 4])
+@pytest.mark.parametrize("tile", [64, 4, 2])
 def test_metric_solve_matches_the_scalar_recursion(tile, monkeypatch):
     """Against a plain double loop (columns, then rows inside a column), float64: the wavefront reorders the
     work, not the result (tile 4: 2 x 4 tiles with a 2-row edge)."""

@@ -226,8 +226,14 @@ def _solve_wavefront(
     N, d, r = Wt.shape
     gs = d if group_size == -1 else group_size
     ngroups = d // gs
-    tc = min(d, max(gs, _METRIC_TILE // gs * gs)) if group_size != -1 else min(d, _METRIC_TILE)
-    tr = min(r, _METRIC_TILE)
+    # Column tiles divide the groups (a group starts at a tile start) or hold whole groups.
+    if group_size == -1:
+        tc = min(d, _METRIC_TILE)
+    elif gs % _METRIC_TILE == 0:
+        tc = _METRIC_TILE
+    else:
+        tc = max(gs, _METRIC_TILE // gs * gs)
+    tc, tr = min(d, tc), min(r, _METRIC_TILE)
     Wc = Wt.transpose(1, 2).contiguous()  # (N, rows, in): compensated weights
     feed = torch.zeros_like(Wc)  # row feedback, used for rounding only
     codes = torch.empty_like(Wc)
@@ -274,7 +280,6 @@ def _solve_tiles(tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, pe
     h, w = tiles[0][1][1] - tiles[0][1][0], tiles[0][0][1] - tiles[0][0][0]
     rows = torch.stack([torch.arange(r0, r1, device=dev) for _, (r0, r1) in tiles])  # (K, h)
     cols = torch.stack([torch.arange(c0, c1, device=dev) for (c0, c1), _ in tiles])  # (K, w)
-    K = rows.shape[0]
     ri, ci = rows[:, :, None], cols[:, None, :]
     Wt = Wc[:, ri, ci]  # (N, K, h, w) copies
     Ft = feed[:, ri, ci]
@@ -286,7 +291,6 @@ def _solve_tiles(tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, pe
     errs, ferrs = torch.zeros_like(Wt), torch.zeros_like(Wt)
     gs = Wc.shape[2] if group_size == -1 else group_size
     batch = torch.arange(N, device=dev)[:, None, None]
-    kk = torch.arange(K, device=dev)[:, None]
     for s in range(h + w - 1):
         a = torch.arange(max(0, s - w + 1), min(h, s + 1), device=dev)
         b = s - a
@@ -295,14 +299,18 @@ def _solve_tiles(tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, pe
             scale, zero = scales[batch, rows[:, a], g], zeros[batch, rows[:, a], g]
         else:
             if group_size != -1:
-                start = (b % gs == 0).nonzero().flatten()  # tiles start at group boundaries
-                if start.numel():
-                    ra, rb = a[start], b[start]
-                    span = rb[:, None] + torch.arange(gs, device=dev)  # (m, gs), inside the tile
-                    vals = Wt[:, kk[:, :, None], ra[None, :, None], span[None]]  # (N, K, m, gs)
+                ks, js = (cols[:, b] % gs == 0).nonzero(as_tuple=True)  # a group starts at this element
+                if ks.numel():
+                    ra, rb = a[js], b[js]
+                    if w >= gs:  # the group lies inside the tile: read the tile's own (updated) copy
+                        span = rb[:, None] + torch.arange(gs, device=dev)
+                        vals = Wt[:, ks[:, None], ra[:, None], span]  # (N, m, gs)
+                    else:  # the group starts the tile and runs into later ones, which hold every update so far
+                        span = cols[ks, rb][:, None] + torch.arange(gs, device=dev)
+                        vals = Wc[:, rows[ks, ra][:, None], span]
                     s_, z_ = compute_qparams(vals, bits, sym)
-                    grp = cols[:, rb] // gs  # (K, m)
-                    scales[:, rows[:, ra], grp], zeros[:, rows[:, ra], grp] = s_, z_
+                    r_, g_ = rows[ks, ra], cols[ks, rb] // gs
+                    scales[:, r_, g_], zeros[:, r_, g_] = s_, z_
             g = cols[:, b] // gs if group_size != -1 else torch.zeros_like(cols[:, b])
             scale, zero = scales[:, rows[:, a], g], zeros[:, rows[:, a], g]
         wv = Wt[:, :, a, b]  # (N, K, n)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from .config import ConfigError, QuantConfig
 from .pipeline import QuantizationResult, calibration_windows, quantize_model
 
 # GPTQConfig / GPTQQuantizer fields that map one to one onto QuantConfig.
@@ -25,8 +25,6 @@ def config_from_gptq(fields: dict, knobs: dict | None = None) -> QuantConfig:
     settings.setdefault("method", "vsraq")
     unknown = sorted(set(settings) - set(QuantConfig.__dataclass_fields__))
     if unknown:
-        from .config import ConfigError
-
         raise ConfigError(f"unknown vsraq settings {unknown}; see QuantConfig for the valid names.")
     return QuantConfig(**settings)
 

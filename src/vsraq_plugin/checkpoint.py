@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .packing import pack_linear
 from .pipeline import QuantizationResult, router_name
 
 WEIGHTS_NAME = "model.safetensors"
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ v1 tensors of one quantized linear
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -230,23 +232,46 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _open_weights(path: Path) -> dict[str, torch.Tensor]:
+class SafetensorsFiles(Mapping):
+    """A checkpoint's tensors by name across its safetensors files, each read on first access (no full copy in
+    memory). Anything but safetensors is refused; an unreadable file is a ``CheckpointError``."""
+
+    def __init__(self, files) -> None:
+        bad = [f for f in files if not str(f).endswith(".safetensors")]
+        if bad:
+            raise CheckpointError(f"{bad[0]} is not safetensors; vsraq never unpickles weights: re-save it.")
+        self._where = {}
+        for f in files:
+            handle = self._guard(f, lambda f=f: safe_open(str(f), framework="pt"))
+            self._where.update({k: (f, handle) for k in handle.keys()})  # noqa: SIM118 (no __iter__)
+
+    @staticmethod
+    def _guard(f, read):
+        try:
+            return read()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"{f} is not a readable safetensors file ({exc}); the checkpoint is corrupt or truncated: re-create it."
+            ) from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        f, handle = self._where[key]
+        return self._guard(f, lambda: handle.get_tensor(key))
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _open_weights(path: Path) -> SafetensorsFiles:
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         hint = f" (found pickled {pickles}: vsraq never unpickles weights)" if pickles else ""
         raise CheckpointError(f"{path} holds no *.safetensors weights{hint}; save the model with safetensors.")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    tensors[k] = fh.get_tensor(k)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(
-                f"{f} is not a readable safetensors file ({exc}); the checkpoint is corrupt or truncated: re-create it."
-            ) from exc
-    return tensors
+    return SafetensorsFiles(files)
 
 
 @dataclass
@@ -311,7 +336,7 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     if slot.kind == "linear":
         ql = QuantLinear(slot.in_features, slot.out_features, bits, group_size, bias=slot.bias, dtype=dtype)
-        for buf in ("qweight", "qzeros", "scales", "g_idx"):
+        for buf in QUANT_SUFFIXES:
             getattr(ql, buf).copy_(source.take(*(f"{k}.{buf}" for k in slot.keys)))
         if slot.bias:
             ql.bias.copy_(source.take(*(f"{k}.bias" for k in slot.keys)))
@@ -332,7 +357,7 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
                 f"model.layers.{i}.mlp.experts.{e}.{proj}",
                 f"model.layers.{i}.{adapter.moe_block_key}.experts.{e}.{proj}",
             )
-            tensors = (source.take(*(f"{k}.{b}" for k in keys)) for b in ("qweight", "qzeros", "scales", "g_idx"))
+            tensors = (source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES)
             qe.load_expert(proj, e, *tensors)
     return qe
 
@@ -389,9 +414,6 @@ def install_quantized(
             "loading would leave those modules unquantized. The checkpoint does not match this model's layout."
         )
     return source.consumed, set(routers)
-
-
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -477,22 +477,23 @@ def _gptq_batch(
 
     Hinv, damp = _damped_inverse_cholesky(Hs, damp_percent, damp_auto_increment)
 
-    # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column:
-    # chunks sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
-    chunk = max(1, _CHUNK_BYTES // (min(block_size, d) * r * 4))
-    parts = []
     if row_metric is not None:
         # Upper Cholesky factor of M^-1 (GPTQ's Hinv, for rows): M = I + PSD is well conditioned.
         Mf = row_metric.double()
         Minv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Mf)), upper=True).float()
-        static_all = None if static is None else (static[0], static[1])
-        parts.append(_solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static_all, Minv))
-        chunk = N  # done: the loop below is skipped
-    for c in range(0 if row_metric is None else N, N, chunk):
-        part = slice(c, c + chunk)
-        static_part = None if static is None else (static[0][part], static[1][part])
-        parts.append(_solve_columns(Wt[part], Hinv[part], perm_n[part], bits, sym, group_size, static_part, block_size))
-    codes, Q, scales, zeros, U = (torch.cat(t) for t in zip(*parts, strict=True))
+        codes, Q, scales, zeros, U = _solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static, Minv)
+    else:
+        # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column: chunks
+        # sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
+        chunk = max(1, _CHUNK_BYTES // (min(block_size, d) * r * 4))
+        parts = []
+        for c in range(0, N, chunk):
+            part = slice(c, c + chunk)
+            static_part = None if static is None else (static[0][part], static[1][part])
+            parts.append(
+                _solve_columns(Wt[part], Hinv[part], perm_n[part], bits, sym, group_size, static_part, block_size)
+            )
+        codes, Q, scales, zeros, U = (torch.cat(t) for t in zip(*parts, strict=True))
 
     if desc_act or gar:
         inv = torch.argsort(perm_n, dim=-1)

@@ -566,15 +566,16 @@ def quantize_model(
     )
     for layer in layers[first:]:
         t0 = time.perf_counter()
-        fp_layer = copy.deepcopy(layer.layer) if fp_stream else None
-        fp = (fp_layer, x_fp) if fp_targets else None
+        # The FP stream past this layer, from its weights before they are quantized: the next layer's FP input
+        # and the refinement's target. The FP targets also need the original layer during the stage captures.
+        x_fp_next = runner.run(layer.layer, x_fp) if fp_stream else None
+        fp = (copy.deepcopy(layer.layer), x_fp) if fp_targets else None
         _quantize_layer(runner, adapter, layer, x_q, config, result, moe_layers, expert_bits.get(layer.index), fp)
+        del fp
         if config.refine_steps > 0:
-            _refine(runner, adapter, layer, layers, fp_layer, x_q, x_fp, result, config, progress)
+            _refine(runner, adapter, layer, layers, x_q, x_fp_next, result, config, progress)
         x_q = runner.run(layer.layer, x_q)
-        if fp_stream:
-            x_fp = runner.run(fp_layer, x_fp)
-            del fp_layer
+        x_fp = x_fp_next
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
             state.save_layer(layer, result, x_q, x_fp)
@@ -586,14 +587,14 @@ def quantize_model(
     return result
 
 
-def _refine(runner, adapter, layer, layers, fp_layer, x_q, x_fp, result: QuantizationResult, cfg, progress) -> None:
+def _refine(runner, adapter, layer, layers, x_q, fp_out, result: QuantizationResult, cfg, progress) -> None:
     """Block-wise refinement of one solved layer (DESIGN 3.7): the next layer's attention and router on the path."""
     from .refine import refine_block
 
     nxt = layers[layer.index + 1] if layer.index + 1 < len(layers) else None
     nxt = nxt if nxt is not None and nxt.is_moe else None
     logits = result.fp_router_logits.get(nxt.index) if nxt is not None else None
-    report = refine_block(runner, adapter, layer, nxt, fp_layer, x_q, x_fp, result.weights, logits, cfg, progress)
+    report = refine_block(runner, adapter, layer, nxt, x_q, fp_out, result.weights, logits, cfg, progress)
     loss = report["loss"]
     result.summary.setdefault("refine", {})[layer.index] = {"first_loss": loss[0], "last_loss": loss[-1]}
     for qw in result.weights.values():  # the pre-rounding values are only needed while a layer is refined
@@ -875,6 +876,7 @@ def _vsraq_plan(
         return m, margin_scale(m)
 
     def boundary_of(index: int | None) -> torch.Tensor | None:
+        """The router's normalised boundary matrix A (DESIGN 3.5b), when some output metric needs it."""
         if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0 and cfg.lambda_metric_up <= 0):
             return None
         moe = moe_layers[index]
@@ -883,13 +885,13 @@ def _vsraq_plan(
         gamma = None if norm is None or getattr(norm, "weight", None) is None else norm.weight.detach().float()
         return boundary_matrix(moe.router.weight.detach().float(), gamma, sel, k)
 
-    def metric_of(index: int | None) -> torch.Tensor | None:
-        A = boundary_of(index) if cfg.lambda_metric > 0 else None
-        return None if A is None else metric(A, cfg.lambda_metric)
+    def residual_metric(A: torch.Tensor | None) -> torch.Tensor | None:
+        return None if A is None or cfg.lambda_metric <= 0 else metric(A, cfg.lambda_metric)
 
     later = sorted(i for i in logits if i > layer.index)
+    A_next = boundary_of(later[0] if later else None)  # each router's A is built once per layer
     if layer.index not in logits:  # a dense layer, or no FP pass
-        return _VsraqPlan(None, None, None, None, metric_of(later[0] if later else None))
+        return _VsraqPlan(None, None, None, None, residual_metric(A_next))
     fp = adapter.route(logits[layer.index], layer.router)  # this layer's FP decisions, computed once
     m = boundary_margin(fp.selection, k)
     tau = margin_scale(m)
@@ -900,18 +902,23 @@ def _vsraq_plan(
     if cfg.lambda_expert > 0:
         nm, tau_next = margins_of(later[0]) if later else (None, None)
         pairs = expert_pairs_fp(fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau)
-    next_metric = metric_of(later[0] if later else None)
+    A_here = boundary_of(layer.index)
     metric_v = None
     lins = adapter.attention_linears(layer)
     if cfg.lambda_metric_v > 0 and "self_attn.v_proj" in lins and "self_attn.o_proj" in lins:
         c = adapter.config
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        B = value_path_matrix(boundary_of(layer.index), lins["self_attn.o_proj"].weight.detach(), heads, kv)
+        B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
         metric_v = metric(B, cfg.lambda_metric_v)
-    plan = _VsraqPlan(logits.get(layer.index), attention, pairs, metric_of(layer.index), next_metric, metric_v)
-    if cfg.lambda_metric_up > 0:
-        plan.boundary_next = boundary_of(later[0] if later else None)
-    return plan
+    return _VsraqPlan(
+        logits.get(layer.index),
+        attention,
+        pairs,
+        residual_metric(A_here),
+        residual_metric(A_next),
+        metric_v,
+        A_next if cfg.lambda_metric_up > 0 else None,
+    )
 
 
 def _align_router(
@@ -949,19 +956,7 @@ def _align_router(
         selection = adapter.route(plan.fp_logits, router).selection
         H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band)
         cfg.check_in_features(R.shape[1], f"model.layers.{layer.index}.router")
-        qw, _, _ = gptq_quantize(
-            R[None].float(),
-            H[None],
-            cfg.bits,
-            cfg.group_size,
-            cfg.sym,
-            cfg.desc_act,
-            cfg.static_groups,
-            cfg.damp_percent,
-            cfg.damp_auto_increment,
-            cfg.block_size,
-            cfg.act_group_aware,
-        )
+        qw = _gptq(R[None].float(), H[None], cfg)
         R = qw.weight[0]
         result.weights[router_name(layer)] = qw
     router.weight.copy_(R.to(router.weight.dtype))

@@ -71,8 +71,10 @@ def _slots(adapter, layer, weights: dict[str, QuantizedWeight]) -> list[_Slot]:
         qws = [weights[n] for n in names]
         if any(q.prequant is None for q in qws):
             raise ValueError("refinement needs the solver's pre-rounding values (keep_prequant); internal error.")
-        cat = (lambda f: torch.cat([getattr(q, f) for q in qws], dim=1)) if len(qws) > 1 else None
-        get = cat or (lambda f: getattr(qws[0], f))
+
+        def get(field: str) -> torch.Tensor:  # gate and up are refined as the one fused weight they form
+            return torch.cat([getattr(q, field) for q in qws], dim=1)
+
         bits = qws[0].bits_per_matrix
         B = qws[0].codes.shape[0]
         maxq = (
@@ -111,15 +113,15 @@ def refine_block(
     adapter,
     layer,
     next_layer,
-    fp_layer: nn.Module,
     x_q: list[torch.Tensor],
-    x_fp: list[torch.Tensor],
+    targets: list[torch.Tensor],
     weights: dict[str, QuantizedWeight],
     fp_next_logits: torch.Tensor | None,
     cfg,
     progress: bool = False,
 ) -> dict:
-    """Refine one block in place (model weights and ``weights``); returns the loss history and the settings."""
+    """Refine one block in place (model weights and ``weights``) toward ``targets``, the FP stream's outputs of
+    this block per calibration batch; returns the loss history."""
     from tqdm.auto import tqdm
 
     from .routing import boundary_margin, selection_scores
@@ -133,10 +135,6 @@ def refine_block(
         params += [s.V, s.c]
     by_id = {id(p): n for n, p in layer.layer.named_parameters()}
     names = [by_id[id(getattr(s.module, s.attr))] for s in slots]  # parameter names inside the block
-    with torch.no_grad():
-        targets = runner.run(fp_layer, x_fp)
-        for t in targets:
-            t.requires_grad_(False)
     sizes = [h.shape[0] * h.shape[1] for h in x_q]
     offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     rule = adapter.router_rule()

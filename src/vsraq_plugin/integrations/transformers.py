@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from ..checkpoint import (
     QUANT_SUFFIXES,
     CheckpointError,
     QuantSlot,
+    SafetensorsFiles,
     check_gptq_config,
     checkpoint_tensors,
     install_quantized,
@@ -98,30 +98,6 @@ class _Pending(nn.Module):
     """Holds a quantized module's place while transformers loads the other weights (it has no state)."""
 
 
-class _LazyTensors(Mapping):
-    """Checkpoint tensors by name across safetensors files, read on first access (no full copy in memory)."""
-
-    def __init__(self, files: list[str]) -> None:
-        from safetensors import safe_open
-
-        bad = [f for f in files if not str(f).endswith(".safetensors")]
-        if bad:
-            raise CheckpointError(
-                f"{bad[0]} is not safetensors; vsraq never unpickles weights: re-save with safetensors."
-            )
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
 def _quantizer_tags(qc) -> list[str]:
     meta = getattr(qc, "meta", None) or {}
     return [str(t) for t in (meta.get("quantizer") or [])]
@@ -159,6 +135,7 @@ class _PluginQuantizer:
         self._result = None
         self._slots: list[QuantSlot] | None = None
         self._files: list[str] | None = None
+        self._tensors: SafetensorsFiles | None = None
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, **kwargs):
@@ -197,7 +174,8 @@ class _PluginQuantizer:
         self._slots = quantized_slots(model)
         patterns = {rf"\.({'|'.join(QUANT_SUFFIXES)})$"}
         # Quantized routers (router_mode="quantize") are dequantized into their weight after loading.
-        routers = quantized_routers(model, _LazyTensors(self._files).keys()) if self._files else {}
+        self._tensors = SafetensorsFiles(self._files) if self._files else None
+        routers = quantized_routers(model, self._tensors.keys()) if self._tensors is not None else {}
         missing = {rf"^{re.escape(name)}$" for name in routers}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | missing
         for slot in self._slots:
@@ -215,7 +193,7 @@ class _PluginQuantizer:
         return self._quantize(model)
 
     def _install(self, model):
-        if not self._files:
+        if self._tensors is None:
             raise CheckpointError("the GPTQ checkpoint has no weight files to read the quantized tensors from.")
         folder = Path(self._files[0]).parent
         # The block as the checkpoint wrote it (GPTQConfig adds its own defaults), so a re-save is faithful.
@@ -223,7 +201,7 @@ class _PluginQuantizer:
         block = json.loads(saved.read_text()).get("quantization_config") if saved.is_file() else None
         block = check_gptq_config(block or self.quantization_config.to_dict(), str(folder))
         emb = model.get_input_embeddings().weight
-        install_quantized(model, self._slots, _LazyTensors(self._files), block, str(folder), emb.dtype)
+        install_quantized(model, self._slots, self._tensors, block, str(folder), emb.dtype)
         model.to(emb.device)
         model.config.quantization_config = GPTQCheckpointConfig(block)
         return model

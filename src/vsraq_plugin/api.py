@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, QuantConfig
-from .pipeline import QuantizationResult, calibration_windows, quantize_model
+from .pipeline import QuantizationResult, calibration_windows, quantize_folder, quantize_model
 
 # GPTQConfig / GPTQQuantizer fields that map one to one onto QuantConfig.
 GPTQ_FIELDS = ("bits", "group_size", "sym", "desc_act", "damp_percent", "true_sequential", "static_groups")
@@ -42,22 +42,37 @@ def quantize(
     progress: bool = True,
     work_dir: str | Path | None = None,
     overwrite: bool = False,
-) -> tuple[nn.Module, QuantizationResult]:
+    key_layout: str = "original",
+    max_shard_size: str | int = "5GB",
+) -> tuple[nn.Module | None, QuantizationResult]:
     """Quantize a causal LM (an ``nn.Module`` or a model folder) with VSRAQ (or ``config.method``).
 
     ``calib``: a text file, a list of texts, a ``datasets.Dataset`` with a ``text`` column, or token windows.
-    The model is quantized in place (it then computes with the dequantized weights); with ``out`` the GPTQ
-    v1 checkpoint is written there atomically. Returns the model and the result (codes, grids, summary).
+    A model folder is streamed layer by layer (never materialised whole; ``config.device`` runs the solve) and
+    its checkpoint written to ``out`` as it goes: returns ``(None, result)``; load the result with
+    ``vsraq_plugin.load(out)``. An ``nn.Module`` is quantized in place (it then computes with the dequantized
+    weights; its layers visit ``config.device`` one at a time) and, with ``out``, saved there: returns the
+    model and the result (codes, grids, summary). Checkpoints are written atomically.
     """
     config = config or QuantConfig()
     if isinstance(model, (str, Path)):
-        from .cli import CLIError, load_model, load_tokenizer
+        from .cli import CLIError, load_tokenizer
 
+        if out is None:
+            raise ValueError(
+                f"quantizing the model folder {model} streams it layer by layer and writes the checkpoint as it goes: "
+                "pass out=... (or load the model yourself and pass the nn.Module)."
+            )
         try:
             tokenizer = tokenizer or load_tokenizer(model)
-            model = load_model(model)
         except CLIError as exc:
             raise ValueError(str(exc)) from exc
+        windows = None if config.method == "rtn" else calibration_windows(tokenizer, calib, seq_len, n_samples)
+        result = quantize_folder(
+            model, windows, config, out, tokenizer=tokenizer, batch_size=batch_size, progress=progress,
+            work_dir=work_dir, key_layout=key_layout, overwrite=overwrite, max_shard_size=max_shard_size,
+        )  # fmt: skip
+        return None, result
     windows = None
     if config.method != "rtn":
         windows = calibration_windows(tokenizer, calib, seq_len, n_samples)
@@ -66,12 +81,17 @@ def quantize(
     if out is not None:
         from .checkpoint import save_checkpoint
 
-        save_checkpoint(model, result, out, tokenizer=tokenizer, overwrite=overwrite)
+        save_checkpoint(
+            model, result, out, tokenizer=tokenizer, overwrite=overwrite, key_layout=key_layout,
+            max_shard_size=max_shard_size,
+        )  # fmt: skip
     return model, result
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A GPTQ v1 (MoE) checkpoint as a transformers model with the plugin's quantized modules."""
+def load(path: str | Path, dtype: torch.dtype | str = torch.float32, device_map="cpu") -> nn.Module:
+    """A GPTQ v1 (MoE) checkpoint as a transformers model with the plugin's quantized modules, built module by
+    module on ``device_map`` (a device, ``"auto"`` or a dict of module prefixes) in ``dtype`` (``"auto"``: the
+    checkpoint's own dtype)."""
     from .checkpoint import load_checkpoint
 
-    return load_checkpoint(path, dtype)
+    return load_checkpoint(path, dtype, device_map)

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .config import QuantConfig
+from .methods import router_name
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
 from .nn import QuantExperts, QuantLinear
 from .packing import pack_linear
-from .pipeline import QuantizationResult, router_name
+from .quantizer import QuantizedWeight
+from .solve import QuantizationResult
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ v1 tensors of one quantized linear
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -120,49 +122,76 @@ def quantization_config(
 
 
 # ---------------------------------------------------------------------------------------------- save
+def _pack(qw: QuantizedWeight, e: int, bits: int | None = None) -> dict[str, torch.Tensor]:
+    packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], bits or qw.bits)
+    return packed.state_dict()
+
+
+def layer_tensors(
+    adapter: MoEAdapter,
+    layer: MoELayer,
+    weights: dict[str, QuantizedWeight],
+    layout: str = "original",
+    dtype_of=None,
+) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor of one decoder layer, by its name in the file: the packed GPTQ v1 tensors of its
+    quantized linears and experts, and its other tensors (norms, router, biases) from the layer's modules, cast
+    by ``dtype_of(native name)`` (the source dtype; None keeps the module's)."""
+    if layout not in KEY_LAYOUTS:
+        raise CheckpointError(f"key_layout={layout!r} is unknown; use one of {KEY_LAYOUTS}.")
+
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t if dtype_of is None or not t.is_floating_point() else t.to(dtype_of(name))
+
+    prefix = f"model.layers.{layer.index}"
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_params: set[str] = set()
+    for name, lin in _linear_targets(adapter, layer).items():
+        full = f"{prefix}.{name}"
+        if full not in weights:
+            raise CheckpointError(f"{full} was not quantized; run the quantization before saving.")
+        key = _param_key(adapter, full, layout)
+        tensors.update({f"{key}.{k}": v for k, v in _pack(weights[full], 0).items()})
+        if lin.bias is not None:
+            tensors[f"{key}.bias"] = cast(f"{full}.bias", lin.bias.detach())
+        quantized_params.update({f"{full}.weight", f"{full}.bias"})
+    if layer.is_moe:
+        for proj in EXPERT_PROJECTIONS:
+            qw = weights[f"{prefix}.mlp.experts.{proj}"]
+            for e in range(qw.codes.shape[0]):
+                bits = qw.bits if qw.bits_per_matrix is None else int(qw.bits_per_matrix[e])
+                key = _expert_key(adapter, layer.index, e, proj, layout)
+                tensors.update({f"{key}.{k}": v for k, v in _pack(qw, e, bits).items()})
+        quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
+        rname = router_name(layer)
+        if rname in weights:  # router_mode="quantize": the router is a GPTQ linear too
+            key = _param_key(adapter, rname, layout)
+            tensors.update({f"{key}.{k}": v for k, v in _pack(weights[rname], 0).items()})
+            quantized_params.add(f"{rname}.weight")
+    for name, tensor in layer.layer.state_dict().items():
+        full = f"{prefix}.{name}"
+        if full not in quantized_params:
+            tensors[_param_key(adapter, full, layout)] = cast(full, tensor.detach())
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
 def checkpoint_tensors(
     model: nn.Module, result: QuantizationResult, layout: str = "original"
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by its name in the file (``layout``: see ``_expert_key``)."""
-    if layout not in KEY_LAYOUTS:
-        raise CheckpointError(f"key_layout={layout!r} is unknown; use one of {KEY_LAYOUTS}.")
+    """Every tensor of the checkpoint of an in-memory quantized model, by its name in the file (``layout``: see
+    ``_expert_key``); unquantized tensors in ``result.source_dtype`` (the model's dtype before quantization)."""
     adapter = get_adapter(model)
+    dtype = result.source_dtype
+    dtype_of = None if dtype is None else (lambda name: dtype)
     tensors: dict[str, torch.Tensor] = {}
-    quantized_params: set[str] = set()
     for layer in adapter.layers(model):
-        prefix = f"model.layers.{layer.index}"
-        for name, lin in _linear_targets(adapter, layer).items():
-            full = f"{prefix}.{name}"
-            if full not in result.weights:
-                raise CheckpointError(f"{full} was not quantized; run the quantization before saving.")
-            qw = result.weights[full]
-            packed = pack_linear(qw.codes[0], qw.scales[0], qw.zeros[0], qw.g_idx[0], qw.bits)
-            key = _param_key(adapter, full, layout)
-            tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
-            if lin.bias is not None:
-                tensors[f"{key}.bias"] = lin.bias.detach().contiguous()
-            quantized_params.update({f"{full}.weight", f"{full}.bias"})
-        if layer.is_moe:
-            for proj in EXPERT_PROJECTIONS:
-                qw = result.weights[f"{prefix}.mlp.experts.{proj}"]
-                for e in range(qw.codes.shape[0]):
-                    bits = qw.bits if qw.bits_per_matrix is None else int(qw.bits_per_matrix[e])
-                    packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], bits)
-                    key = _expert_key(adapter, layer.index, e, proj, layout)
-                    tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
-            quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})
-            rname = router_name(layer)
-            if rname in result.weights:  # router_mode="quantize": the router is a GPTQ linear too
-                qw = result.weights[rname]
-                packed = pack_linear(qw.codes[0], qw.scales[0], qw.zeros[0], qw.g_idx[0], qw.bits)
-                key = _param_key(adapter, rname, layout)
-                tensors.update({f"{key}.{k}": v for k, v in packed.state_dict().items()})
-                quantized_params.add(f"{rname}.weight")
+        tensors.update(layer_tensors(adapter, layer, result.weights, layout, dtype_of))
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
-        if name in quantized_params or (tied and name == "lm_head.weight"):
+        if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
             continue
-        tensors[_param_key(adapter, name, layout)] = tensor.detach().contiguous()
+        t = tensor.detach() if dtype is None or not tensor.is_floating_point() else tensor.detach().to(dtype)
+        tensors[_param_key(adapter, name, layout)] = t.contiguous()
     return tensors
 
 
@@ -188,6 +217,150 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def parse_size(size: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"64KiB"`` or a byte count, in bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max_shard_size={size!r} is not a size; use e.g. '5GB', '500MB' or a byte count.")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class ShardWriter:
+    """safetensors shards written as tensors arrive, each at most ``max_bytes``, never holding more than one
+    tensor: a shard's data is spooled to disk (one spool per alignment), and its file (8-byte header size, JSON
+    header, data with the widest dtypes first so every tensor is aligned) is assembled when the shard closes.
+    safetensors' own ``save_file`` needs every tensor of a file in memory at once; the files written here are
+    read by it (and by every safetensors reader) unchanged. One shard is named ``model.safetensors``; several
+    are ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.shards: list[tuple[Path, list[str]]] = []  # closed shards: file, tensor names
+        self.total = 0
+        self.names: set[str] = set()
+        self._open()
+
+    def _open(self) -> None:
+        self.entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, align, nbytes
+        self.spools: dict[int, object] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise CheckpointError(f"tensor {name!r} written twice; internal error.")
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors.")
+        nbytes = t.numel() * t.element_size()
+        if self.entries and self.size + nbytes > self.max_bytes:
+            self._close()
+            self._open()
+        align = min(t.element_size(), 8)
+        spool = self.spools.get(align)
+        if spool is None:
+            spool = self.spools[align] = open(self.folder / f".spool-{len(self.shards)}-{align}", "wb")  # noqa: SIM115
+        if nbytes:
+            spool.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), align, nbytes))
+        self.names.add(name)
+        self.size += nbytes
+
+    def _close(self) -> None:
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        order = sorted(range(len(self.entries)), key=lambda i: -self.entries[i][3])  # stable: arrival order
+        for i in order:
+            name, dtype, shape, _, nbytes = self.entries[i]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        with open(path, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for align in sorted(self.spools, reverse=True):
+                spool = self.spools[align]
+                spool.close()
+                with open(spool.name, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+                os.unlink(spool.name)
+            out.flush()
+            os.fsync(out.fileno())
+        self.shards.append((path, [e[0] for e in self.entries]))
+        self.total += offset
+
+    def close(self) -> list[str]:
+        """Close the last shard, give the shards their final names (and the index); returns the file names."""
+        if self.entries or not self.shards:
+            self._close()
+        n = len(self.shards)
+        names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (path, tensors), name in zip(self.shards, names, strict=True):
+            os.replace(path, self.folder / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+    def abort(self) -> None:
+        for spool in self.spools.values():
+            spool.close()
+
+
+class _OutputFolder:
+    """A checkpoint folder built under a temporary name beside ``out`` and renamed into place when complete: a
+    failure (or a kill) never leaves a half-written checkpoint at ``out``."""
+
+    def __init__(self, out: str | Path, overwrite: bool) -> None:
+        self.out = Path(out)
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
+            raise CheckpointError(f"{self.out} exists and is not empty; choose another --out or pass overwrite=True.")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to {self.out.parent}: {exc.strerror}; pick a writable --out.") from exc
+
+    def commit(self) -> Path:
+        os.chmod(self.tmp, 0o755)
+        if self.out.exists():
+            backup = self.out.with_name(f".{self.out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(self.out, backup)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_configs(folder: Path, config_dict: dict, qcfg: dict, dtype: torch.dtype | None, tokenizer) -> None:
+    cfg = dict(config_dict)
+    cfg.pop("quantization_config", None)
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).removeprefix("torch.")  # what the unquantized tensors are stored in
+    cfg["quantization_config"] = qcfg
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(
     model: nn.Module,
     result: QuantizationResult,
@@ -195,40 +368,81 @@ def save_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     key_layout: str = "original",
+    max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write the GPTQ v1 checkpoint into ``out_dir``: built in a temporary folder beside it, then renamed,
-    so a failure never leaves a half-written checkpoint. ``key_layout``: ``original`` (the family's names,
-    as vLLM and the Hub's GPTQ models use) or ``transformers`` (transformers-5 names, as gptqmodel 7 reads)."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; choose another --out or pass overwrite=True.")
+    """Write the GPTQ v1 checkpoint of an in-memory quantized model into ``out_dir``: built in a temporary folder
+    beside it, then renamed, so a failure never leaves a half-written checkpoint. ``key_layout``: ``original``
+    (the family's names, as vLLM and the Hub's GPTQ models use) or ``transformers`` (transformers-5 names, as
+    gptqmodel 7 reads). Unquantized tensors are stored in the model's dtype before quantization."""
+    if key_layout not in KEY_LAYOUTS:
+        raise CheckpointError(f"key_layout={key_layout!r} is unknown; use one of {KEY_LAYOUTS}.")
+    folder = _OutputFolder(out_dir, overwrite)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror}; pick a writable --out.") from exc
-    try:
-        tensors = checkpoint_tensors(model, result, key_layout)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        writer = ShardWriter(folder.tmp, parse_size(max_shard_size))
+        try:
+            for name, tensor in checkpoint_tensors(model, result, key_layout).items():
+                writer.add(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         qcfg = quantization_config(result.config, result.summary, get_adapter(model), key_layout)
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _write_configs(folder.tmp, model.config.to_dict(), qcfg, result.source_dtype, tokenizer)
+        return folder.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.abort()
         raise
-    return out
+
+
+class StreamingCheckpoint:
+    """The checkpoint of a streamed run (``pipeline.quantize_folder``), written as layers finish: each layer's
+    packed tensors and its unquantized tensors (in the source dtype) go to the shards at once; embeddings, the
+    final norm and ``lm_head`` are copied from the source at the end, then the configs, then the rename."""
+
+    def __init__(self, out, store, config: QuantConfig, layout: str, overwrite: bool, max_shard_size) -> None:
+        if layout not in KEY_LAYOUTS:
+            raise CheckpointError(f"key_layout={layout!r} is unknown; use one of {KEY_LAYOUTS}.")
+        self.store, self.config, self.layout = store, config, layout
+        self.adapter = store.adapter
+        max_bytes = parse_size(max_shard_size)
+        self.folder = _OutputFolder(out, overwrite)
+        self.writer = ShardWriter(self.folder.tmp, max_bytes)
+
+    def _dtype_of(self, native: str) -> torch.dtype:
+        from .streaming import native_to_source
+
+        source = self.store.source
+        for key in (native, native_to_source(self.adapter, native)):
+            if key in source:
+                return source.dtype_of(key)
+        return source.dtype
+
+    def write_layer(self, layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
+        for name, tensor in layer_tensors(self.adapter, layer, weights, self.layout, self._dtype_of).items():
+            self.writer.add(name, tensor)
+
+    def finish(self, result: QuantizationResult, tokenizer=None) -> Path:
+        source = self.store.source
+        model = self.store.model
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        rest = [
+            n for n in model.state_dict() if not n.startswith("model.layers.") and not (tied and n == "lm_head.weight")
+        ]
+        for name in rest:
+            from .streaming import ModelSourceError, native_to_source
+
+            key = next((k for k in (name, native_to_source(self.adapter, name)) if k in source), None)
+            if key is None:
+                raise ModelSourceError(f"{source.path}: tensor {name!r} is missing from the model folder.")
+            self.writer.add(_param_key(self.adapter, name, self.layout), source.read([key])[key])
+        self.writer.close()
+        qcfg = quantization_config(self.config, result.summary, self.adapter, self.layout)
+        _write_configs(self.folder.tmp, source.config.to_dict(), qcfg, source.dtype, tokenizer)
+        return self.folder.commit()
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.folder.abort()
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -389,24 +603,35 @@ def quantized_routers(model: nn.Module, keys) -> dict[str, tuple[str, ...]]:
 
 
 def install_quantized(
-    model: nn.Module, slots: list[QuantSlot], tensors: dict[str, torch.Tensor], qcfg: dict, origin: str, dtype
+    model: nn.Module,
+    slots: list[QuantSlot],
+    tensors: dict[str, torch.Tensor],
+    qcfg: dict,
+    origin: str,
+    dtype,
+    placement=None,
 ) -> tuple[set[str], set[str]]:
-    """Put the checkpoint's quantized modules in place of ``slots`` and dequantize quantized routers into their
-    weights; returns the tensor names used and the parameter names filled. Any quantized tensor (``qweight``...)
-    left unused is an error: a module the loader would leave unquantized."""
+    """Put the checkpoint's quantized modules in place of ``slots`` (on ``placement(module path)``, default: where
+    the model's embeddings are) and dequantize quantized routers into their weights; returns the tensor names
+    used and the parameter names filled. Any quantized tensor (``qweight``...) left unused is an error: a module
+    the loader would leave unquantized."""
     from .packing import dequantize_packed
 
     adapter = get_adapter(model)
     source = _TensorSource(tensors, origin)
     routers = quantized_routers(model, tensors.keys())
+    if placement is None:
+        device = model.get_input_embeddings().weight.device
+        placement = lambda name: device  # noqa: E731
     with torch.no_grad():
         for slot in slots:
-            _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype))
+            _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype).to(placement(slot.path)))
         for param, keys in routers.items():
             weight = model.get_parameter(param)
             parts = [source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES]
             out_f, in_f = weight.shape
-            weight.copy_(dequantize_packed(*parts, int(qcfg["bits"]), in_f, out_f, torch.float32).to(weight.dtype))
+            value = dequantize_packed(*parts, int(qcfg["bits"]), in_f, out_f, torch.float32).to(weight.dtype)
+            _assign(model, param, value.to(placement(param) if weight.is_meta else weight.device))
     leftover = sorted(k for k in tensors if k not in source.consumed and k.rsplit(".", 1)[-1] in QUANT_SUFFIXES)
     if leftover:
         raise CheckpointError(
@@ -416,9 +641,45 @@ def install_quantized(
     return source.consumed, set(routers)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter (possibly on the meta device) by ``value``."""
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def placement_of(device_map) -> callable:
+    """``device_map`` as a function of a module or parameter path: a device (``"cpu"``, ``"cuda:0"``,
+    ``torch.device``), ``"auto"`` (the current CUDA device when there is one, else the CPU), or a dict of module
+    prefixes to devices as transformers takes it (the longest matching prefix wins; ``""`` is the default)."""
+    from .streaming import resolve_device
+
+    if device_map is None or isinstance(device_map, (str, torch.device, int)):
+        dev = resolve_device("auto" if device_map is None else device_map if not isinstance(device_map, int)
+                             else f"cuda:{device_map}")  # fmt: skip
+        return lambda name: dev
+    if not isinstance(device_map, dict):
+        raise CheckpointError(f"device_map={device_map!r} must be a device, 'auto' or a dict of module -> device.")
+    table = {k: resolve_device(v if not isinstance(v, int) else f"cuda:{v}") for k, v in device_map.items()}
+    default = table.get("", torch.device("cpu"))
+
+    def place(name: str) -> torch.device:
+        best, dev = -1, default
+        for prefix, d in table.items():
+            if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, dev = len(prefix), d
+        return dev
+
+    return place
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, device_map="cpu") -> nn.Module:
     """Load a GPTQ v1 MoE checkpoint (ours, or any per-expert GPTQ checkpoint of a supported family) onto
-    the transformers 5 model, with ``QuantLinear``/``QuantExperts`` in place of the quantized modules."""
+    the transformers 5 model, with ``QuantLinear``/``QuantExperts`` in place of the quantized modules.
+
+    The model is built on the meta device and each module is filled from the (lazily read) safetensors files
+    directly on its device, in ``dtype`` (``"auto"``: the dtype the checkpoint stores its unquantized tensors
+    in): no full-size float32 copy is ever made. ``device_map``: see ``placement_of``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -428,29 +689,41 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     config = AutoConfig.from_pretrained(path)
     qcfg = check_gptq_config(getattr(config, "quantization_config", None), str(path))
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if dtype == "auto":
+        dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    place = placement_of(device_map)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
-    consumed, filled = install_quantized(model, quantized_slots(model), tensors, qcfg, str(path), dtype)
-    with torch.no_grad():
-        rest = {}
-        for name in model.state_dict():
-            for key in (_native_to_checkpoint(adapter, name), name):
-                if key in tensors and key not in consumed:
-                    rest[name] = tensors[key]
-                    consumed.add(key)
-                    break
-        model.load_state_dict(rest, strict=False)
+    consumed, filled = install_quantized(model, quantized_slots(model), tensors, qcfg, str(path), dtype, place)
     quant_names = {
         f"{mod_name}.{k}"
         for mod_name, mod in model.named_modules()
         if isinstance(mod, (QuantLinear, QuantExperts))
         for k in mod.state_dict()
     }
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [
-        n
-        for n in model.state_dict()
-        if n not in quant_names and n not in rest and n not in filled and not (tied and n == "lm_head.weight")
+    with torch.no_grad():
+        rest = {}
+        for name in model.state_dict():
+            if name in quant_names or name in filled:
+                continue
+            for key in (_native_to_checkpoint(adapter, name), name):
+                if key in tensors and key not in consumed:
+                    value = tensors[key]
+                    value = value.to(dtype) if value.is_floating_point() else value
+                    rest[name] = value.to(place(name))
+                    consumed.add(key)
+                    break
+        model.load_state_dict(rest, strict=False, assign=True)
+        tied = getattr(config, "tie_word_embeddings", False)
+        if tied:
+            model.tie_weights()
+        for mod_name, mod in model.named_modules():  # non-persistent buffers (rotary frequencies): recomputed
+            if any(b is not None and b.is_meta for b in mod.buffers(recurse=False)) and mod._non_persistent_buffers_set:
+                mod.to_empty(device=place(mod_name), recurse=False)
+                model._init_weights(mod)
+    missing = [n for n, t in model.state_dict().items() if t.is_meta] + [
+        n for n, b in model.named_buffers() if b.is_meta
     ]
     leftover = sorted(set(tensors) - consumed)
     if missing or leftover:
@@ -458,8 +731,6 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
             f"{path}: tensors missing from the checkpoint {missing[:5]} or not used {leftover[:5]}; "
             "it does not match this model family's layout."
         )
-    if tied:
-        model.tie_weights()
     return model.eval()
 
 

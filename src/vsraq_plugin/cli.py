@@ -22,8 +22,11 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def load_model(path: str | Path):
-    """A transformers causal LM in float32 on CPU, with a clear error for a path that is not a model."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """A transformers causal LM in ``dtype`` on ``device``, with a clear error for a path that is not a model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -35,10 +38,11 @@ def load_model(path: str | Path):
             f"{path} holds only pickled *.bin weights; vsraq loads safetensors only. Re-save the model "
             "with save_pretrained(safe_serialization=True)."
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
 
 
-def load_any(path: str | Path):
+def load_any(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """A GPTQ checkpoint through the plugin's loader, any other model through transformers."""
     import json
 
@@ -47,13 +51,15 @@ def load_any(path: str | Path):
     if cfg_file.is_file():
         qcfg = json.loads(cfg_file.read_text()).get("quantization_config") or {}
         if qcfg.get("quant_method") == "gptq":
+            import torch
+
             from .checkpoint import CheckpointError, load_checkpoint
 
             try:
-                return load_checkpoint(path)
+                return load_checkpoint(path, getattr(torch, dtype), device)
             except CheckpointError as exc:
                 raise CLIError(str(exc)) from exc
-    return load_model(path)
+    return load_model(path, dtype, device)
 
 
 def load_tokenizer(path: str | Path):
@@ -114,9 +120,8 @@ def load_router_init(path: Path) -> dict[int, torch.Tensor] | None:  # noqa: F82
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
     from .config import QuantConfig
-    from .pipeline import calibration_windows, quantize_model
+    from .pipeline import calibration_windows, quantize_folder
 
     _set_threads(args.threads)
     path = resolve_model(args.model)
@@ -133,12 +138,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps,
         refine_lambda_value=args.refine_lambda_value,
         refine_lambda_structure=args.refine_lambda_structure,
+        device=args.device,
+        offload=args.offload,
     )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite.")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} is not a model directory (no config.json); pass a folder saved by save_pretrained.")
     tok = load_tokenizer(path)
-    model = load_model(path)
     windows = None
     if cfg.method != "rtn":
         calib = args.calib or (str(path / "calib.txt") if (path / "calib.txt").is_file() else None)
@@ -147,12 +155,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         windows = calibration_windows(tok, load_calibration(calib), args.seq_len, args.n_samples)
         print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}")
     router_init = load_router_init(path) if cfg.bits_budget is not None else None
-    result = quantize_model(
-        model, windows, cfg, batch_size=args.batch_size, work_dir=args.resume_dir, router_init=router_init
-    )
-    save_checkpoint(model, result, out, tokenizer=tok, overwrite=args.overwrite, key_layout=args.key_layout)
+    result = quantize_folder(
+        path, windows, cfg, out, tokenizer=tok, batch_size=args.batch_size, work_dir=args.resume_dir,
+        router_init=router_init, key_layout=args.key_layout, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
     fallbacks = result.summary["fallbacks"]
-    print(f"{cfg.method} W{cfg.bits}g{cfg.group_size}: {result.summary['seconds']:.1f}s, wrote {out}")
+    where = f"on {result.summary.get('device', 'cpu')}"
+    print(f"{cfg.method} W{cfg.bits}g{cfg.group_size} {where}: {result.summary['seconds']:.1f}s, wrote {out}")
     for f in fallbacks:
         print(f"  fallback: {f['target']}[{f['index']}] -> {f['action']} ({f['reason']})")
     if "expert_bits" in result.summary:
@@ -164,6 +174,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import build_report, evaluate, markdown_table, named, token_windows, write_report
+    from .streaming import resolve_device
 
     _set_threads(args.threads)
     text_path = Path(args.text)
@@ -171,11 +182,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--text {text_path} does not exist; pass a UTF-8 text file.")
     tok = load_tokenizer(resolve_model(args.reference))
     windows = token_windows(tok, text_path.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
-    reference = load_model(resolve_model(args.reference))
-    models = named((m, load_any(m)) for m in args.model)
+    device = str(resolve_device(args.device))
+    reference = load_model(resolve_model(args.reference), args.dtype, device)
+    models = named((m, load_any(m, args.dtype, device)) for m in args.model)
     report = build_report(
         evaluate(reference, models, windows, args.batch_size), args.reference, str(text_path), windows.numel()
     )
+    report["dtype"] = args.dtype
     for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
         meta = _quantization_meta(Path(path))
         if "expert_bits" in meta:
@@ -220,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = {}
     for bits in args.bits:
         for method in args.methods:
-            cfg = QuantConfig(bits=bits, group_size=args.group_size, method=method)
+            cfg = QuantConfig(bits=bits, group_size=args.group_size, method=method, device=args.device)
             t0 = time.perf_counter()
             model = copy.deepcopy(reference)
             quantize_model(model, calib, cfg, batch_size=args.batch_size)
@@ -279,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor names: the family's original ones (vLLM, SGLang, the Hub) or transformers-5 module names "
         "(gptqmodel 7 reads only these for MoE experts)",
     )
+    q.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA when present), cpu, cuda[:N]")
+    q.add_argument(
+        "--offload",
+        choices=("auto", "device", "cpu"),
+        default="auto",
+        help="where the calibration activations live between layers (auto: on the device when they fit)",
+    )
+    q.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard, e.g. 5GB, 500MB")
     q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
     q.set_defaults(func=cmd_quantize)
 
@@ -287,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", required=True, help="the full-precision model folder (and its tokenizer)")
     e.add_argument("--text", required=True, help="UTF-8 evaluation text")
     e.add_argument("--out", required=True, help="folder for report.json, report.md, agreement.png")
+    e.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="compute dtype of the reference and the models (bfloat16: what a server computes)",
+    )  # fmt: skip
+    e.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -300,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     d.add_argument("--group-size", type=int, default=64)
     d.add_argument("--out", default="vsraq-demo", help="report folder (default: ./vsraq-demo)")
+    d.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA when present), cpu, cuda[:N]")
     common(d)
     d.set_defaults(func=cmd_demo)
     return p
@@ -311,11 +338,20 @@ def main(argv: list[str] | None = None) -> int:
     from .gptq import HessianError
     from .models import UnsupportedModelError
     from .pipeline import CalibrationError
+    from .streaming import ModelSourceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, CalibrationError, CheckpointError, UnsupportedModelError, HessianError) as exc:
+    except (
+        CLIError,
+        ConfigError,
+        CalibrationError,
+        CheckpointError,
+        UnsupportedModelError,
+        HessianError,
+        ModelSourceError,
+    ) as exc:
         print(f"vsraq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

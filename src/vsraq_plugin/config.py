@@ -10,6 +10,19 @@ from typing import Any
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "agq", "vsraq")
 ROUTER_MODES = ("refit", "quantize", "keep")
+OFFLOAD_MODES = ("auto", "device", "cpu")
+
+
+def _valid_device(device: str) -> bool:
+    if device == "auto":
+        return True
+    try:
+        import torch
+
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 class ConfigError(ValueError):
@@ -72,6 +85,12 @@ class QuantConfig:
 
     # Per-module overrides, GPTQ ``dynamic`` style: {"regex": {"bits": 3}}.
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # Where the solve runs (DESIGN 7): "auto" = the current CUDA device when there is one, else the CPU; or a
+    # torch device string ("cpu", "cuda", "cuda:1"). Layers move there one at a time, in float32.
+    device: str = "auto"
+    # Where the calibration streams live between layers: "auto" (on the device when they fit), "device", "cpu".
+    offload: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,6 +160,10 @@ class QuantConfig:
                 )
             if not min(self.bit_levels) <= self.bits_budget <= max(self.bit_levels):
                 raise ConfigError(f"bits_budget={self.bits_budget} must lie within bit_levels={self.bit_levels}.")
+        if not isinstance(self.device, str) or not _valid_device(self.device):
+            raise ConfigError(f"device={self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"offload={self.offload!r} is unknown; use one of {OFFLOAD_MODES}.")
         if not isinstance(self.dynamic, dict):
             raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")
         for pattern, override in self.dynamic.items():

@@ -78,9 +78,10 @@ def evaluate(
     for m in (reference, *models.values()):
         m.eval()
 
+    device = next(reference.parameters()).device
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
-        ids = windows[start : start + batch_size]
+        ids = windows[start : start + batch_size].to(device)
         with record_router_logits(adapter.moe_layers(reference)) as ref_store:
             ref_logits = reference(input_ids=ids).logits.float()
         ref_routes = [

@@ -78,9 +78,9 @@ def _slots(adapter, layer, weights: dict[str, QuantizedWeight]) -> list[_Slot]:
         bits = qws[0].bits_per_matrix
         B = qws[0].codes.shape[0]
         maxq = (
-            torch.full((B, 1, 1), float(maxq_for(qws[0].bits)))
+            torch.full((B, 1, 1), float(maxq_for(qws[0].bits)), device=qws[0].codes.device)
             if bits is None
-            else (torch.tensor([float(maxq_for(int(b))) for b in bits])[:, None, None])
+            else (torch.tensor([float(maxq_for(int(b))) for b in bits], device=qws[0].codes.device)[:, None, None])
         )
         slots.append(
             _Slot(module, attr, names, qws, get("prequant"), get("scales"), get("zeros").float(), qws[0].g_idx, maxq,
@@ -145,6 +145,7 @@ def refine_block(
         and (cfg.refine_lambda_value > 0 or cfg.refine_lambda_structure > 0)
     )
     if routing_terms:
+        fp_next_logits = fp_next_logits.to(next_layer.router.weight.device)
         bias = adapter.router_bias(next_layer.router)
         sel_fp = selection_scores(fp_next_logits, rule, bias)
         m_fp = boundary_margin(sel_fp, rule.top_k)
@@ -159,9 +160,9 @@ def refine_block(
         kw = runner.kwargs[bi]
         with torch.enable_grad():
             fake = {n: s.fake_quant() for n, s in zip(names, slots, strict=True)}
-            out = torch.func.functional_call(layer.layer, fake, (x_q[bi],), kw, strict=False)
+            out = torch.func.functional_call(layer.layer, fake, (runner.batch(x_q[bi]),), kw, strict=False)
             out = out[0] if isinstance(out, tuple) else out
-            tgt = targets[bi]
+            tgt = runner.batch(targets[bi])
             loss = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp(min=1e-12)
             if routing_terms:
                 z = _next_router_logits(adapter, next_layer, out, kw).float()

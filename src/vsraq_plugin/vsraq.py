@@ -197,8 +197,13 @@ def expert_pairs_fp(
     times their closeness ``phi``: after quantization they are the ones most likely to receive the token.
     """
     T = fp.indices.shape[0]
-    down = torch.ones(T) if next_margins is None else token_weights(next_margins, lambda_expert, tau_next or 1.0)
-    tokens = torch.arange(T).repeat_interleave(k)
+    dev = fp.indices.device
+    down = (
+        torch.ones(T, device=dev)
+        if next_margins is None
+        else token_weights(next_margins.to(dev), lambda_expert, tau_next or 1.0)
+    )
+    tokens = torch.arange(T, device=dev).repeat_interleave(k)
     experts = fp.indices.reshape(-1)
     weights = (fp.weights.abs() * down[:, None]).reshape(-1)
     if near_miss_weight > 0:
@@ -231,7 +236,7 @@ def boundary_matrix(
     i, j = order[:, k - 1], order[:, k]
     margins = selection.gather(1, i[:, None])[:, 0] - selection.gather(1, j[:, None])[:, 0]
     phi = fragility(margins, margin_scale(margins)).double()
-    P = torch.zeros(E, E, dtype=torch.float64)
+    P = torch.zeros(E, E, dtype=torch.float64, device=selection.device)
     P.index_put_((i, i), phi, accumulate=True)
     P.index_put_((j, j), phi, accumulate=True)
     P.index_put_((i, j), -phi, accumulate=True)
@@ -249,7 +254,7 @@ def _unit(A: torch.Tensor) -> torch.Tensor:
 def metric(A: torch.Tensor, lam: float) -> torch.Tensor:
     """``M = I + lam * A`` (``A`` normalised, PSD, ``(..., n, n)``): the metric never discounts a direction,
     only stresses some."""
-    return (torch.eye(A.shape[-1], dtype=torch.float64) + lam * A).float()
+    return (torch.eye(A.shape[-1], dtype=torch.float64, device=A.device) + lam * A).float()
 
 
 def boundary_metric(
@@ -268,7 +273,7 @@ def value_path_matrix(A: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num
     hd = d_in // num_heads
     group = num_heads // num_kv_heads
     Wo = o_proj.double().reshape(d_out, num_kv_heads, group, hd)
-    B = torch.zeros(num_kv_heads * hd, num_kv_heads * hd, dtype=torch.float64)
+    B = torch.zeros(num_kv_heads * hd, num_kv_heads * hd, dtype=torch.float64, device=o_proj.device)
     for h in range(num_kv_heads):
         blk = slice(h * hd, (h + 1) * hd)
         B[blk, blk] = torch.einsum("dqi,de,eqj->ij", Wo[:, h], A, Wo[:, h])
@@ -289,7 +294,7 @@ def up_path_matrices(
     Mg = sg[:, :, None] * B * sg[:, None, :]
     Mu = su[:, :, None] * B * su[:, None, :]
     E, inter = sg.shape
-    out = torch.zeros(E, 2 * inter, 2 * inter, dtype=torch.float64)
+    out = torch.zeros(E, 2 * inter, 2 * inter, dtype=torch.float64, device=Wd.device)
     out[:, :inter, :inter], out[:, inter:, inter:] = Mg, Mu
     top = torch.linalg.eigvalsh(out)[:, -1].clamp(min=1e-30)
     return out / top[:, None, None]
@@ -311,7 +316,7 @@ def fp_target_weight(
     diag.masked_fill_(dead, 1.0)
     L, info = torch.linalg.cholesky_ex(Hd)
     ok = (info == 0) & ~dead.all(-1)  # a matrix without data (an expert no token reached) keeps its weight
-    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype))
+    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
     delta = torch.cholesky_solve((C.double() - H.double()) @ W.double().transpose(1, 2), L)  # (B, d, rows)
     delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
     return (W.double() + alpha * delta.transpose(1, 2)).to(W.dtype)

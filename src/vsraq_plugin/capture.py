@@ -1,0 +1,284 @@
+"""Running a decoder layer on stored hidden states and recording what its linears see (forward hooks, early stop).
+
+The calibration streams are lists of per-batch hidden states ``(batch, seq, d)``. They live on the *store*
+device (the solve device, or host memory when offloaded, ``QuantConfig.offload``); each batch is moved to the
+*compute* device only while a layer runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .gptq import HessianAccumulator
+from .models import MoEAdapter
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is not computed."""
+
+
+def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
+    """``t`` on the store device; host copies of device tensors go to pinned memory (fast transfers back)."""
+    if t.device == store:
+        return t
+    if store.type == "cpu" and t.device.type == "cuda":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t)
+        return out
+    return t.to(store)
+
+
+class LayerRunner:
+    """Runs single decoder layers on stored hidden states with the kwargs the model gives its layers.
+
+    ``model`` only needs its embeddings and rotary module materialised: the forward is stopped at the first
+    decoder layer's input (a streamed model's layers may still be on the meta device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        windows: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        store: torch.device | str | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.store = torch.device(store) if store is not None else self.device
+        layers = adapter.decoder_layers(model)
+        captured: list[torch.Tensor] = []
+        kwargs: list[dict] = []  # per batch: masks and position embeddings follow the batch's shape
+
+        def catch(_module, args, kw):
+            captured.append(to_store((args[0] if args else kw["hidden_states"]).detach(), self.store))
+            kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values")}
+            kwargs.append({**kw, "use_cache": False})
+            raise StopForward
+
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                with contextlib.suppress(StopForward):
+                    model(input_ids=windows[start : start + batch_size].to(self.device), use_cache=False)
+        finally:
+            handle.remove()
+        self.kwargs = kwargs
+        self.inputs = captured  # layer-0 inputs, one tensor per batch (on the store device)
+
+    def batch(self, h: torch.Tensor) -> torch.Tensor:
+        """A stored batch on the compute device."""
+        return h.to(self.device, non_blocking=True)
+
+    def run(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The layer's output for every batch, stored like the inputs."""
+        outs = []
+        for h, kw in zip(hidden, self.kwargs, strict=True):
+            out = layer(self.batch(h), **kw)
+            outs.append(to_store(out[0] if isinstance(out, tuple) else out, self.store))
+        return outs
+
+    def capture(self, layer: nn.Module, hidden: Sequence[torch.Tensor]) -> None:
+        """Run the layer only as far as the capture hooks need (they raise ``StopForward`` when done)."""
+        for h, kw in zip(hidden, self.kwargs, strict=True):
+            with contextlib.suppress(StopForward):
+                layer(self.batch(h), **kw)
+
+
+class StageCapture:
+    """Forward-pre hooks for one true-sequential stage: each named linear's inputs stream into its own
+    Hessian accumulator; with ``experts``, the routed expert inputs are scattered into per-expert Hessians
+    and kept (the down projections' inputs are derived from them later). Once every hooked module has
+    fired in a forward, the forward is cut short: the rest of the layer is not needed for this stage."""
+
+    def __init__(
+        self,
+        linears: dict[str, nn.Linear],
+        experts: nn.Module | None = None,
+        weighted: bool = False,
+        token_weights: list[torch.Tensor] | None = None,
+        fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+    ):
+        devices = [lin.weight.device for lin in linears.values()]
+        if experts is not None:
+            devices.append(experts.gate_up_proj.device)
+        device = devices[0] if devices else None
+        self.acc = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
+        # FP targets: sum_t w_t x~_t x_t^T against the FP stream's inputs of the same tokens (DESIGN 3.5c).
+        self.fp_inputs = {n: v for n, v in (fp_inputs or {}).items() if n in linears}
+        self.cross = {
+            n: torch.zeros(linears[n].in_features, linears[n].in_features, device=device) for n in self.fp_inputs
+        }
+        self.cross_w = dict.fromkeys(self.fp_inputs, 0.0)
+        self.batch = dict.fromkeys(linears, 0)
+        self.token_weights = token_weights  # per calibration batch, or None (unweighted)
+        self.calls = dict.fromkeys(linears, 0)
+        self.handles = [lin.register_forward_pre_hook(self._linear_hook(name)) for name, lin in linears.items()]
+        self.pending = set(linears) | ({"experts"} if experts is not None else set())
+        self.seen: set[str] = set()
+        self.experts, self.weighted = experts, weighted
+        self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if experts is not None:
+            E, _, d = experts.gate_up_proj.shape
+            self.expert_acc = HessianAccumulator(d, E, device=device)
+            self.all_tokens = HessianAccumulator(d, device=device)
+            self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+
+    def _done(self, name: str) -> None:
+        self.seen.add(name)
+        if self.seen >= self.pending:
+            self.seen = set()
+            raise StopForward
+
+    def _linear_hook(self, name: str):
+        def hook(_module, args):
+            w = None
+            if self.token_weights is not None:
+                w = self.token_weights[self.calls[name]]
+                self.calls[name] += 1
+            self.acc[name].add(args[0].detach(), w)
+            if name in self.fp_inputs:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                wt = torch.ones(x.shape[0], device=x.device) if w is None else w.reshape(-1).float()
+                self.cross[name] += (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
+                self.cross_w[name] += float(wt.sum())
+            self.batch[name] += 1
+            self._done(name)
+
+        return hook
+
+    def _experts_hook(self, _module, args, kwargs):
+        x, idx, w = routing_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        tokens, eids = expert_pairs(x, idx)
+        self.expert_acc.add(x[tokens], w.reshape(-1) if self.weighted else None, index=eids)
+        self.all_tokens.add(x)
+        self.routed.append((x, idx, w))
+        self._done("experts")
+
+    def cross_matrix(self, name: str) -> torch.Tensor:
+        return (self.cross[name] / max(self.cross_w[name], 1e-12))[None]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pending)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def record_inputs(runner: LayerRunner, layer: nn.Module, hidden, modules: dict[str, nn.Module]) -> dict:
+    """Per calibration batch, the first input ``(tokens, d)`` of each of ``modules`` (inside ``layer``) when
+    ``layer`` runs on ``hidden``; the forward stops once all of them have fired."""
+    if not modules:
+        return {}
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    pending: set[str] = set()
+
+    def hook(name):
+        def fn(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            store[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+            pending.add(name)
+            if pending >= set(modules):
+                pending.clear()
+                raise StopForward
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        runner.capture(layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
+def routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden_states, top_k_index, top_k_weights)`` of a call to a transformers-5 experts module."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    vals = list(args) + [kwargs[n] for n in names[len(args) :]]
+    return vals[0].detach(), vals[1].detach(), vals[2].detach().float()
+
+
+def expert_pairs(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, slot) pairs of a routing decision as token indices and expert ids, flattened."""
+    T, k = idx.shape
+    return torch.arange(T, device=x.device).repeat_interleave(k), idx.reshape(-1).long()
+
+
+def expert_hidden(
+    experts: nn.Module, gate_up: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, expert_ids: torch.Tensor
+) -> torch.Tensor:
+    """The down projection's input ``gate(x W_gu^T)`` for each (token, expert) pair, in pair order.
+
+    Pairs are grouped by expert (one matmul per non-empty group, no padding), gated with the family's own
+    ``_apply_gate`` (default: ``act(gate) * up``), and returned in the caller's order.
+    """
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=gate_up.shape[0]).tolist()
+    xs = x[tokens[order]]
+    out = xs.new_empty(xs.shape[0], gate_up.shape[1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(xs[start : start + c], gate_up[e].T.to(xs.dtype), out=out[start : start + c])
+            start += c
+    gate_fn = getattr(experts, "_apply_gate", None)
+    h = gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
+    result = torch.empty_like(h)
+    result[order] = h
+    return result
+
+
+def down_hessians(
+    experts: nn.Module,
+    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    weighted: bool,
+    coverage: list[int],
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[HessianAccumulator, HessianAccumulator | None]:
+    """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
+    weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
+    gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians."""
+    E, two_i, _ = experts.gate_up_proj.shape
+    device = experts.gate_up_proj.device
+    acc = HessianAccumulator(two_i // 2, E, device=device)
+    cov = HessianAccumulator(two_i // 2, len(coverage), device=device) if coverage else None
+    gate_up = experts.gate_up_proj.detach().float()
+    for x, idx, w in routed:
+        if pairs is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
+            tokens, eids, pw = pairs
+        else:
+            tokens, eids = expert_pairs(x, idx)
+            pw = w.reshape(-1) if weighted else None
+        acc.add(expert_hidden(experts, gate_up, x, tokens, eids), pw, index=eids)
+        if cov is not None:
+            T = x.shape[0]
+            slot = torch.arange(len(coverage), device=x.device).repeat_interleave(T)
+            all_eid = torch.as_tensor(coverage, device=x.device).repeat_interleave(T)
+            h = expert_hidden(experts, gate_up, x, torch.arange(T, device=x.device).repeat(len(coverage)), all_eid)
+            cov.add(h, index=slot)
+    return acc, cov
+
+
+def expert_cross(experts: nn.Module, fp_experts: nn.Module, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+    """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c): quantized stream
+    (current, quantized gate/up) against FP stream (original gate/up on the FP hidden states), same pairs."""
+    X, tokens, eids, w = pairs
+    h_q = expert_hidden(experts, experts.gate_up_proj.detach().float(), X, tokens, eids)
+    h_fp = expert_hidden(fp_experts, fp_experts.gate_up_proj.detach().float(), x_fp, tokens, eids)
+    E, inter = experts.gate_up_proj.shape[0], h_q.shape[1]
+    C = torch.zeros(E, inter, inter, device=h_q.device)
+    for e in range(E):
+        sel = (eids == e).nonzero().flatten()
+        if sel.numel():
+            we = w[sel].float()
+            C[e] = (h_q[sel] * we[:, None]).T @ h_fp[sel] / we.sum().clamp(min=1e-12)
+    return C

@@ -1,0 +1,307 @@
+"""One policy object per method: what the layer loop asks a method, instead of ``method ==`` checks.
+
+The loop (``pipeline.py``) runs the same stages for every method; a method answers, per layer, through a
+``LayerPlan``: token weights of the attention stages, the output metric of a linear, whether a linear is
+solved against FP targets, how the experts' Hessians are built, and what happens to the router. The defaults
+are stock GPTQ's; ``agq`` weights the experts' tokens by gate affinity; ``vsraq`` adds the routing terms of
+DESIGN 3.3-3.5d, computed here from the full-precision router logits with the pure functions of ``vsraq.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .models import MoEAdapter, MoELayer
+from .quantizer import QuantizedWeight
+from .solve import QuantizationResult, gptq_solve
+
+# Residual writers: their output goes straight into the residual stream the routers read (DESIGN 3.5b/3.5c).
+RESIDUAL_WRITERS = ("o_proj", "down_proj")
+
+
+@dataclass
+class RouterView:
+    """What the routing terms read of a router that may not be in memory (a later layer of a streamed model):
+    its weight ``(E, d)``, DeepSeek's selection bias, and the RMSNorm scale in front of it."""
+
+    weight: torch.Tensor
+    e_score_correction_bias: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+
+    def to(self, device) -> RouterView:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RouterView(move(self.weight), move(self.e_score_correction_bias), move(self.norm_weight))
+
+    @classmethod
+    def of(cls, layer: MoELayer) -> RouterView:
+        norm = getattr(layer.layer, "post_attention_layernorm", None)
+        gamma = None if norm is None or getattr(norm, "weight", None) is None else norm.weight.detach().float()
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        return cls(layer.router.weight.detach().float(), None if bias is None else bias.detach(), gamma)
+
+
+@dataclass
+class LayerContext:
+    """What a method may read to plan one layer."""
+
+    adapter: MoEAdapter
+    layer: MoELayer  # on the solve device
+    batch_tokens: list[int]  # tokens per calibration batch
+    fp_logits: dict[int, torch.Tensor]  # FP router logits of every MoE layer (empty unless the method asks)
+    router: Callable[[int], RouterView]  # a MoE layer's router by index (later layers: original weights)
+
+
+@dataclass
+class LayerPlan:
+    """A method's choices for one layer. The defaults are stock GPTQ's: unweighted Hessians, the tokens the
+    partially quantized model routes to each expert, no output metric, no FP targets, router untouched."""
+
+    weighted_experts: bool = False  # agq: expert tokens weighted by their gate score
+    attention_weights: list[torch.Tensor] | None = None  # per-batch token weights for the attention stages
+    fp_logits: torch.Tensor | None = None  # this layer's FP router logits (T, E), calibration order
+    expert_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # FP (token, expert, weight)
+    fp_targets: bool = False  # residual writers solved against blended FP targets (DESIGN 3.5c)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # output metric by leaf kind (3.5b, 3.5d)
+    boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
+
+    def metric_for(self, name: str) -> torch.Tensor | None:
+        """The output metric of a linear by its name in the layer (``self_attn.o_proj``, ``mlp...down_proj``)."""
+        leaf = name.rsplit(".", 1)[-1]
+        return self.metrics.get(leaf)
+
+    def fp_target(self, name: str) -> bool:
+        return self.fp_targets and name.endswith(RESIDUAL_WRITERS)
+
+    def gate_up_metric(self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig) -> torch.Tensor | None:
+        return None
+
+    def align_router(self, adapter, layer, routed, cfg, result) -> None:
+        """Called once the experts' inputs are recorded, before their Hessians are built."""
+
+
+class Method:
+    """Stock GPTQ (``gptq``): the base every method refines."""
+
+    name = "gptq"
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def needs_fp_logits(self) -> bool:
+        """Whether the FP pre-pass must record every MoE layer's router logits (layer l needs l+1's margins)."""
+        c = self.cfg
+        return c.refine_steps > 0 and (c.refine_lambda_value > 0 or c.refine_lambda_structure > 0)
+
+    @property
+    def fp_targets(self) -> bool:
+        """Whether the layers' original weights and FP inputs are needed during the stage captures."""
+        return False
+
+    @property
+    def fp_stream(self) -> bool:
+        """Whether the full-precision stream is carried layer by layer (FP targets, refinement targets)."""
+        return self.fp_targets or self.cfg.refine_steps > 0
+
+    def plan(self, ctx: LayerContext) -> LayerPlan:
+        return LayerPlan()
+
+
+class AffinityGuided(Method):
+    """MoEQuant's affinity-guided GPTQ (``agq``): expert Hessians weighted by the token's gate score."""
+
+    name = "agq"
+
+    def plan(self, ctx: LayerContext) -> LayerPlan:
+        return LayerPlan(weighted_experts=True)
+
+
+class Vsraq(Method):
+    """GPTQ with the routing-alignment terms (DESIGN 3.3-3.6); every ``lambda_*`` = 0 is ``gptq`` exactly."""
+
+    name = "vsraq"
+
+    @property
+    def needs_fp_logits(self) -> bool:
+        return True
+
+    @property
+    def fp_targets(self) -> bool:
+        return self.cfg.fp_target_alpha > 0
+
+    def plan(self, ctx: LayerContext) -> VsraqPlan:
+        return vsraq_plan(ctx, self.cfg)
+
+
+class RoundToNearest(Method):
+    name = "rtn"
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, AffinityGuided, Vsraq, RoundToNearest)}
+
+
+def method_for(cfg: QuantConfig) -> Method:
+    return METHODS[cfg.method](cfg)
+
+
+# ---------------------------------------------------------------------------------------------- VSRAQ
+@dataclass
+class VsraqPlan(LayerPlan):
+    """The VSRAQ terms for one layer, from the FP router logits (DESIGN 3.3-3.6)."""
+
+    def gate_up_metric(self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig) -> torch.Tensor | None:
+        if self.boundary_next is None or pairs is None:
+            return None
+        return gate_up_metric(adapter, experts, pairs, self.boundary_next, cfg.lambda_metric_up)
+
+    def align_router(self, adapter, layer, routed, cfg, result) -> None:
+        align_router(adapter, layer, routed, cfg, self, result)
+
+
+def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
+    """What the VSRAQ terms need for one layer (DESIGN 3.3-3.6): token weights from this layer's FP margins,
+    the experts' FP (token, expert, weight) triples, and the output metrics of the residual writers."""
+    from .routing import boundary_margin
+    from .vsraq import boundary_matrix, expert_pairs_fp, margin_scale, metric, token_weights, value_path_matrix
+
+    adapter, layer, logits = ctx.adapter, ctx.layer, ctx.fp_logits
+    k = adapter.router_rule().top_k if logits else 0
+    device = next(layer.layer.parameters()).device
+
+    views = {layer.index: RouterView.of(layer)} if layer.is_moe else {}  # this router, before its re-fit
+
+    def view(index: int) -> RouterView:
+        if index not in views:
+            views[index] = ctx.router(index)
+        return views[index]
+
+    def route(index: int):
+        return adapter.route(logits[index].to(device), view(index))
+
+    def boundary_of(index: int | None) -> torch.Tensor | None:
+        """The router's normalised boundary matrix A (DESIGN 3.5b), when some output metric needs it."""
+        if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0 and cfg.lambda_metric_up <= 0):
+            return None
+        v = view(index)
+        return boundary_matrix(v.weight, v.norm_weight, route(index).selection, k)
+
+    def residual_metric(A: torch.Tensor | None) -> torch.Tensor | None:
+        return None if A is None or cfg.lambda_metric <= 0 else metric(A, cfg.lambda_metric)
+
+    later = sorted(i for i in logits if i > layer.index)
+    A_next = boundary_of(later[0] if later else None)  # each router's A is built once per layer
+    plan = VsraqPlan(fp_targets=cfg.fp_target_alpha > 0)
+    if (m := residual_metric(A_next)) is not None:
+        plan.metrics["down_proj"] = m
+    if layer.index not in logits:  # a dense layer, or no FP pass
+        return plan
+    fp = route(layer.index)  # this layer's FP decisions, computed once
+    m = boundary_margin(fp.selection, k)
+    tau = margin_scale(m)
+    if cfg.lambda_attention > 0:
+        plan.attention_weights = list(token_weights(m, cfg.lambda_attention, tau).split(ctx.batch_tokens))
+    if cfg.lambda_expert > 0:
+        nm, tau_next = (None, None)
+        if later:
+            nm = boundary_margin(route(later[0]).selection, k)
+            tau_next = margin_scale(nm)
+        plan.expert_pairs = expert_pairs_fp(
+            fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau
+        )
+    A_here = boundary_of(layer.index)
+    if (m_here := residual_metric(A_here)) is not None:
+        plan.metrics["o_proj"] = m_here
+    lins = adapter.attention_linears(layer)
+    if cfg.lambda_metric_v > 0 and "self_attn.v_proj" in lins and "self_attn.o_proj" in lins:
+        c = adapter.config
+        heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
+        plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
+    plan.fp_logits = logits[layer.index].to(device)
+    plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
+    return plan
+
+
+def align_router(
+    adapter: MoEAdapter, layer: MoELayer, routed: list, cfg: QuantConfig, plan: LayerPlan, result: QuantizationResult
+) -> None:
+    """Re-fit the router on the quantized stream toward the FP logits (DESIGN 3.3, 3.4); with
+    ``router_mode="quantize"`` then GPTQ it on the same weighted row Hessians (the asymmetric-target form)."""
+    from .vsraq import align_router as fit_router
+    from .vsraq import router_row_hessians
+
+    if cfg.router_mode == "keep" or plan.fp_logits is None:
+        return
+    quantize = cfg.router_mode == "quantize"
+    if cfg.lambda_value <= 0 and not quantize:
+        return
+    X = torch.cat([x for x, _, _ in routed])
+    router = layer.router
+    R = router.weight.detach().float()
+    k = adapter.router_rule().top_k
+    if cfg.lambda_value > 0:
+        fit = fit_router(
+            X,
+            plan.fp_logits,
+            R,
+            lambda z: adapter.route(z, router),
+            k,
+            cfg.lambda_value,
+            cfg.lambda_structure,
+            cfg.margin_band,
+            cfg.reweight_rounds,
+            cfg.router_ridge,
+        )
+        R = fit.weight
+        result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
+    if quantize:
+        selection = adapter.route(plan.fp_logits, router).selection
+        H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band)
+        cfg.check_in_features(R.shape[1], f"model.layers.{layer.index}.router")
+        qw: QuantizedWeight = gptq_solve(R[None].float(), H[None], cfg)
+        R = qw.weight[0]
+        result.weights[router_name(layer)] = qw
+    router.weight.copy_(R.to(router.weight.dtype))
+
+
+def router_name(layer: MoELayer) -> str:
+    """The router's module name, e.g. ``model.layers.3.mlp.gate``."""
+    child = next(n for n, m in layer.mlp.named_children() if m is layer.router)
+    return f"model.layers.{layer.index}.mlp.{child}"
+
+
+def gate_up_metric(adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-expert output metric of the fused gate/up rows (DESIGN 3.5d), from the FP expert weights and the
+    tokens the FP router sends to each expert."""
+    from .vsraq import metric, up_path_matrices
+
+    X, tokens, eids, _ = pairs
+    views = adapter.expert_weights(experts)
+    E, inter = views["gate_proj"].shape[0], views["gate_proj"].shape[1]
+    gate_scale = torch.zeros(E, inter, device=X.device)
+    up_scale = torch.zeros(E, inter, device=X.device)
+    act = experts.act_fn
+    for e in range(E):
+        x = X[tokens[eids == e]].float()
+        if x.shape[0] == 0:
+            continue
+        g = x @ views["gate_proj"][e].float().T
+        u = x @ views["up_proj"][e].float().T
+        with torch.enable_grad():  # act'(g) by autograd: any activation the family uses
+            gg = g.clone().requires_grad_(True)
+            (d_act,) = torch.autograd.grad(act(gg).sum(), gg)
+        up_scale[e] = act(g).pow(2).mean(0).sqrt()
+        gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
+    return metric(up_path_matrices(A, views["down_proj"].detach(), gate_scale, up_scale), lam)
+
+
+def fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """The blended FP target of a residual writer (DESIGN 3.5c), see ``vsraq.fp_target_weight``."""
+    from .vsraq import fp_target_weight
+
+    return fp_target_weight(W, H, C, cfg.fp_target_alpha, cfg.damp_percent)

@@ -1,0 +1,398 @@
+"""Models larger than memory (DESIGN 7): a weightless skeleton, layers read from the safetensors shards one at a
+time, solve-device placement and activation offload.
+
+Two layer stores serve the layer loop through the same interface:
+
+- ``InMemoryLayers``: an ``nn.Module`` already materialised (on the host); each layer moves to the solve device
+  for its turn and back afterwards, keeping its quantized weights.
+- ``StreamedLayers``: a model folder. The model is built on the meta device; the embeddings and the rotary
+  module are materialised on the solve device (the layer-0 inputs need them); layer ``l``'s tensors are read
+  from the shards in their stored dtype when its turn comes, cast to float32 on the device, and freed after
+  its packed tensors are written. Peak memory is one layer, its Hessians and the calibration streams,
+  whatever the depth.
+
+Checkpoints of the families' original layouts are mapped onto transformers-5 modules here: per-expert
+``w1/w3/w2`` (Mixtral) or ``gate/up/down_proj`` (Qwen, OLMoE, DeepSeek) are stacked into the fused
+``experts.gate_up_proj`` / ``experts.down_proj``, as transformers' own conversion mapping does at load time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import ConfigError
+from .methods import RouterView
+from .models import MoEAdapter, MoELayer, get_adapter
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ModelSourceError(ValueError):
+    """A model folder cannot be read; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- device
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or None): the current CUDA device when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but torch sees no CUDA device; use device='cpu' or 'auto'.")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def resolve_store(offload: str, device: torch.device, stream_bytes: int, working_bytes: int) -> torch.device:
+    """Where the calibration streams live: on the solve device when they fit beside the layer's working set
+    (``offload="auto"``), or as forced (``"device"``, ``"cpu"``)."""
+    if offload == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if offload == "device":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if stream_bytes + working_bytes < 0.8 * free else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- source files
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class ModelSource:
+    """A model folder read lazily: its config and, by name, the tensors of its safetensors shards (with or
+    without ``model.safetensors.index.json``). A read opens each shard it needs once and closes it after, so
+    no mapping of a shard outlives the layer it was read for."""
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{self.path} is not a model directory (no config.json); pass a folder saved by save_pretrained."
+            )
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as exc:
+            raise ModelSourceError(f"{self.path}/config.json cannot be read as a transformers config: {exc}") from exc
+        files = self._weight_files()
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 (no __iter__)
+                        sl = handle.get_slice(key)
+                        self.where[key] = f
+                        self.meta[key] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+            except (SafetensorError, OSError) as exc:
+                raise ModelSourceError(
+                    f"{f} is not a readable safetensors file ({exc}); the model folder is damaged: re-download it."
+                ) from exc
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelSourceError(f"{index} is not a valid safetensors index ({exc}).") from exc
+            files = sorted({self.path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelSourceError(
+                    f"{index} names shards that are missing: {missing[:4]}; the download is incomplete."
+                )
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        files = [f for f in files if f.name not in ("router_init.safetensors",)]
+        if not files:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            hint = f" (found pickled {pickles[:3]}: vsraq never unpickles weights)" if pickles else ""
+            raise ModelSourceError(
+                f"{self.path} holds no *.safetensors weights{hint}; re-save the model with "
+                "save_pretrained(safe_serialization=True)."
+            )
+        return files
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self.meta[key][0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype of the floating-point weights (the most common one, by element count)."""
+        counts: dict[torch.dtype, int] = {}
+        for dt, shape in self.meta.values():
+            if dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + int(torch.Size(shape).numel())
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``keys`` in their stored dtype, on the host."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        out = {}
+        for f, ks in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as handle:
+                    for k in ks:
+                        out[k] = handle.get_tensor(k)
+            except (SafetensorError, OSError) as exc:
+                raise ModelSourceError(
+                    f"{f} cannot be read ({exc}); the model folder is damaged: re-download it."
+                ) from exc
+        return out
+
+    def fingerprint_parts(self) -> list[bytes]:
+        """What identifies these weights for resume: config, names, shapes, dtypes and a sample of every tensor."""
+        parts = [self.config.to_json_string().encode()]
+        keys = sorted(self.where)
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.where[k], []).append(k)
+        for f in sorted(by_file):
+            with safe_open(str(f), framework="pt") as handle:
+                for k in by_file[f]:
+                    sl = handle.get_slice(k)
+                    shape = sl.get_shape()
+                    head = sl[:1] if shape else handle.get_tensor(k)
+                    parts.append(f"{k}{shape}{sl.get_dtype()}".encode())
+                    parts.append(head.reshape(-1)[:64].float().numpy().tobytes())
+        return parts
+
+
+# ---------------------------------------------------------------------------------------------- key mapping
+def native_to_source(adapter: MoEAdapter, name: str) -> str:
+    """Transformers-5 parameter name -> the family's original checkpoint name (Mixtral: ``block_sparse_moe``)."""
+    if adapter.moe_block_key != "mlp" and ".mlp." in name:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+            return name.replace(".mlp.", f".{adapter.moe_block_key}.", 1)
+    return name
+
+
+def source_keys(adapter: MoEAdapter, source: ModelSource, name: str, shape: tuple[int, ...]) -> list[str] | None:
+    """The source tensors that make up the transformers-5 parameter ``name``: itself (or its original name),
+    or, for fused experts stored per expert, the per-expert weights in stacking order."""
+    for key in (name, native_to_source(adapter, name)):
+        if key in source:
+            return [key]
+    for fused, projs in ((".experts.gate_up_proj", ("gate_proj", "up_proj")), (".experts.down_proj", ("down_proj",))):
+        if not name.endswith(fused):
+            continue
+        index = int(name.split(".")[2])
+        keys = []
+        for proj in projs:
+            for e in range(shape[0]):
+                cands = (
+                    f"{adapter.expert_key(index, e, proj)}.weight",
+                    f"model.layers.{index}.mlp.experts.{e}.{proj}.weight",
+                )
+                found = next((c for c in cands if c in source), None)
+                if found is None:
+                    return None
+                keys.append(found)
+        return keys
+    return None
+
+
+def read_params(
+    adapter: MoEAdapter, source: ModelSource, names: dict[str, tuple[int, ...]], device, dtype
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Tensors for transformers-5 parameter names (name -> shape), on ``device`` in ``dtype``, and the source
+    keys used. Per-expert weights are stacked (gate rows, then up rows) into the fused layout."""
+    plan = {}
+    for name, shape in names.items():
+        keys = source_keys(adapter, source, name, shape)
+        if keys is None:
+            raise ModelSourceError(
+                f"{source.path}: no tensor for {name!r} (looked for it under its transformers-5 and original "
+                "names); the weights do not match the config's model family."
+            )
+        plan[name] = keys
+    raw = source.read(k for keys in plan.values() for k in keys)
+    out = {}
+    for name, keys in plan.items():
+        shape = names[name]
+        if len(keys) == 1:
+            t = raw[keys[0]]
+        else:
+            E = shape[0]
+            per = [raw[k] for k in keys]  # proj-major: all gates, then all ups
+            parts = [torch.stack(per[i * E : (i + 1) * E]) for i in range(len(keys) // E)]
+            t = torch.cat(parts, dim=1)
+        if tuple(t.shape) != tuple(shape):
+            raise ModelSourceError(
+                f"{source.path}: {name} has shape {tuple(t.shape)} in the weights but {tuple(shape)} in the model "
+                "built from config.json; the config does not describe these weights."
+            )
+        out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    used = {k for keys in plan.values() for k in keys}
+    return out, used
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device) -> None:
+    """Give a meta ``module`` (at ``prefix`` in ``model``) real storage: persistent state from ``tensors`` (full
+    names), non-persistent buffers (rotary frequencies) recomputed by the model's own initialisation."""
+    module.to_empty(device=device)
+    for sub in module.modules():
+        if sub._non_persistent_buffers_set and hasattr(model, "_init_weights"):
+            model._init_weights(sub)
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelSourceError(f"{prefix or 'model'}: tensors missing {missing[:4]} or unexpected {unexpected[:4]}.")
+
+
+def _state_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- layer stores
+class InMemoryLayers:
+    """A materialised model: layers move to the solve device for their turn and back to where they were."""
+
+    streamed = False
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.layers(model)
+        self.home = next(model.parameters()).device
+
+    def prepare_inputs(self) -> None:
+        """Put what the layer-0 capture runs (embeddings, rotary) on the solve device."""
+        if self.device != self.home:
+            base = getattr(self.model, "model", self.model)
+            for name, child in base.named_children():
+                if name != "layers":
+                    child.to(self.device)
+
+    def finish_inputs(self) -> None:
+        if self.device != self.home:
+            base = getattr(self.model, "model", self.model)
+            for name, child in base.named_children():
+                if name != "layers":
+                    child.to(self.home)
+
+    def onload(self, index: int) -> MoELayer:
+        layer = self.layers[index]
+        if self.device != self.home:
+            layer.layer.to(self.device)
+        return layer
+
+    def offload(self, index: int) -> None:
+        if self.device != self.home:
+            self.layers[index].layer.to(self.home)
+
+    def router(self, index: int) -> RouterView:
+        return RouterView.of(self.layers[index]).to(self.device)
+
+    def fingerprint_parts(self) -> list[bytes]:
+        parts = [self.model.config.to_json_string().encode()]
+        for p in self.model.parameters():
+            parts.append(p.detach().float().flatten()[:: max(1, p.numel() // 64)].cpu().numpy().tobytes())
+        return parts
+
+
+class StreamedLayers:
+    """A model folder quantized layer by layer (see the module docstring)."""
+
+    streamed = True
+
+    def __init__(self, source: ModelSource, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.source, self.device = source, device
+        config = source.config
+        if getattr(config, "quantization_config", None) is not None:
+            raise ModelSourceError(
+                f"{source.path} is already quantized (its config has a quantization_config); pass the "
+                "full-precision model."
+            )
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.model.eval()
+        self.adapter = get_adapter(self.model)
+        self.layers = self.adapter.layers(self.model)
+        self.used: set[str] = set()
+
+    def prepare_inputs(self) -> None:
+        """Embeddings and rotary on the device: all the layer-0 capture runs (the decoder layers stay meta)."""
+        base = getattr(self.model, "model", self.model)
+        for name, child in base.named_children():
+            if name in ("layers", "norm"):
+                continue
+            prefix = f"model.{name}."
+            tensors, used = read_params(self.adapter, self.source, _state_shapes(child, prefix), self.device,
+                                        torch.float32)  # fmt: skip
+            materialize(self.model, child, prefix, tensors, self.device)
+            self.used |= used
+
+    def finish_inputs(self) -> None:
+        base = getattr(self.model, "model", self.model)
+        for name, child in base.named_children():
+            if name != "layers":
+                child.to("meta")
+
+    def layer_keys(self, index: int) -> set[str]:
+        """Source keys of decoder layer ``index``, to check every one of them is used."""
+        return {k for k in self.source.where if k.startswith(f"model.layers.{index}.")}
+
+    def onload(self, index: int) -> MoELayer:
+        layer = self.layers[index]
+        prefix = f"model.layers.{index}."
+        tensors, used = read_params(self.adapter, self.source, _state_shapes(layer.layer, prefix), self.device,
+                                    torch.float32)  # fmt: skip
+        materialize(self.model, layer.layer, prefix, tensors, self.device)
+        extra = {k for k in self.layer_keys(index) - used if not k.endswith("rotary_emb.inv_freq")}
+        if extra:
+            raise ModelSourceError(
+                f"{self.source.path}: layer {index} has tensors the model built from config.json does not use, "
+                f"e.g. {sorted(extra)[:3]}; the config does not describe these weights."
+            )
+        return layer
+
+    def offload(self, index: int) -> None:
+        self.layers[index].layer.to("meta")
+
+    def router(self, index: int) -> RouterView:
+        layer = self.layers[index]
+        rname = f"model.layers.{index}.mlp.{_child_name(layer.mlp, layer.router)}"
+        names = {f"{rname}.weight": tuple(layer.router.weight.shape)}
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        if bias is not None:
+            names[f"{rname}.e_score_correction_bias"] = tuple(bias.shape)
+        norm = getattr(layer.layer, "post_attention_layernorm", None)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            names[f"model.layers.{index}.post_attention_layernorm.weight"] = tuple(norm.weight.shape)
+        t, _ = read_params(self.adapter, self.source, names, self.device, torch.float32)
+        return RouterView(
+            t[f"{rname}.weight"],
+            t.get(f"{rname}.e_score_correction_bias"),
+            t.get(f"model.layers.{index}.post_attention_layernorm.weight"),
+        )
+
+    def fingerprint_parts(self) -> list[bytes]:
+        return self.source.fingerprint_parts()
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(n for n, m in parent.named_children() if m is child)

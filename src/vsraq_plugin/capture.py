@@ -155,7 +155,7 @@ class StageCapture:
         x, idx, w = routing_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
         tokens, eids = expert_pairs(x, idx)
-        self.expert_acc.add(x[tokens], w.reshape(-1) if self.weighted else None, index=eids)
+        self.expert_acc.add(x, w.reshape(-1) if self.weighted else None, index=eids, rows=tokens)
         self.all_tokens.add(x)
         self.routed.append((x, idx, w))
         self._done("experts")
@@ -213,28 +213,12 @@ def expert_pairs(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.arange(T, device=x.device).repeat_interleave(k), idx.reshape(-1).long()
 
 
-def expert_hidden(
-    experts: nn.Module, gate_up: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, expert_ids: torch.Tensor
-) -> torch.Tensor:
-    """The down projection's input ``gate(x W_gu^T)`` for each (token, expert) pair, in pair order.
-
-    Pairs are grouped by expert (one matmul per non-empty group, no padding), gated with the family's own
-    ``_apply_gate`` (default: ``act(gate) * up``), and returned in the caller's order.
-    """
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=gate_up.shape[0]).tolist()
-    xs = x[tokens[order]]
-    out = xs.new_empty(xs.shape[0], gate_up.shape[1])
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            torch.mm(xs[start : start + c], gate_up[e].T.to(xs.dtype), out=out[start : start + c])
-            start += c
+def expert_gate(experts: nn.Module, gate_up: torch.Tensor, e: int, xs: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s down-projection input ``gate(xs W_gu[e]^T)`` for its tokens ``xs``, with the family's own
+    ``_apply_gate`` (default: ``act(gate) * up``)."""
+    out = torch.mm(xs, gate_up[e].T.to(xs.dtype))
     gate_fn = getattr(experts, "_apply_gate", None)
-    h = gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
-    result = torch.empty_like(h)
-    result[order] = h
-    return result
+    return gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
 
 
 def down_hessians(
@@ -246,7 +230,8 @@ def down_hessians(
 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
     """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
     weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
-    gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians."""
+    gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians. Each expert's
+    inputs are computed and folded into its Hessian in turn (never all (token, expert) pairs at once)."""
     E, two_i, _ = experts.gate_up_proj.shape
     device = experts.gate_up_proj.device
     acc = HessianAccumulator(two_i // 2, E, device=device)
@@ -258,13 +243,12 @@ def down_hessians(
         else:
             tokens, eids = expert_pairs(x, idx)
             pw = w.reshape(-1) if weighted else None
-        acc.add(expert_hidden(experts, gate_up, x, tokens, eids), pw, index=eids)
+        acc.add(x, pw, index=eids, rows=tokens, transform=lambda e, xs: expert_gate(experts, gate_up, e, xs))
         if cov is not None:
             T = x.shape[0]
             slot = torch.arange(len(coverage), device=x.device).repeat_interleave(T)
-            all_eid = torch.as_tensor(coverage, device=x.device).repeat_interleave(T)
-            h = expert_hidden(experts, gate_up, x, torch.arange(T, device=x.device).repeat(len(coverage)), all_eid)
-            cov.add(h, index=slot)
+            rows = torch.arange(T, device=x.device).repeat(len(coverage))
+            cov.add(x, index=slot, rows=rows, transform=lambda j, xs: expert_gate(experts, gate_up, coverage[j], xs))
     return acc, cov
 
 
@@ -272,13 +256,14 @@ def expert_cross(experts: nn.Module, fp_experts: nn.Module, pairs, x_fp: torch.T
     """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c): quantized stream
     (current, quantized gate/up) against FP stream (original gate/up on the FP hidden states), same pairs."""
     X, tokens, eids, w = pairs
-    h_q = expert_hidden(experts, experts.gate_up_proj.detach().float(), X, tokens, eids)
-    h_fp = expert_hidden(fp_experts, fp_experts.gate_up_proj.detach().float(), x_fp, tokens, eids)
-    E, inter = experts.gate_up_proj.shape[0], h_q.shape[1]
-    C = torch.zeros(E, inter, inter, device=h_q.device)
+    gu_q, gu_fp = experts.gate_up_proj.detach().float(), fp_experts.gate_up_proj.detach().float()
+    E, inter = gu_q.shape[0], gu_q.shape[1] // 2
+    C = torch.zeros(E, inter, inter, device=X.device)
     for e in range(E):
         sel = (eids == e).nonzero().flatten()
         if sel.numel():
             we = w[sel].float()
-            C[e] = (h_q[sel] * we[:, None]).T @ h_fp[sel] / we.sum().clamp(min=1e-12)
+            h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
+            h_fp = expert_gate(fp_experts, gu_fp, e, x_fp[tokens[sel]])
+            C[e] = (h_q * we[:, None]).T @ h_fp / we.sum().clamp(min=1e-12)
     return C

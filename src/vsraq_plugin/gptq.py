@@ -24,7 +24,7 @@ class HessianAccumulator:
     """Streaming, count-normalised ``H = sum_t w_t x_t x_t^T / sum_t w_t`` for ``num_matrices`` matrices.
 
     ``add(x)`` feeds every matrix the same tokens; ``add(x, index=e)`` sends token t to matrix ``e[t]``
-    only (experts: one scatter into a padded batch, then one batched matmul); a 2-D ``weight`` of shape
+    only (experts: one Gram matrix per expert over its own tokens, no padding); a 2-D ``weight`` of shape
     ``(tokens, num_matrices)`` gives each matrix its own token weights (row-specific Hessians, DESIGN 3.1).
     Normalising by the weight sum makes integer weights identical to duplicated tokens.
     """
@@ -37,10 +37,24 @@ class HessianAccumulator:
         self.tokens = torch.zeros(num_matrices, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        n, d = x.shape
-        if d != self.in_features:
+    def add(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        transform=None,
+    ) -> None:
+        """Add tokens ``x`` ``(..., d)``. With ``index`` (one matrix id per sample), ``rows`` maps each sample to
+        its row of ``x`` (routed (token, expert) pairs without copying the tokens ``top_k`` times), and
+        ``transform(e, xs)`` maps matrix e's rows before they enter its Hessian (an expert's gate/up and
+        activation: the down projections' inputs), one matrix at a time, so no ``(samples, width)`` tensor of
+        all matrices is ever built."""
+        x = x.reshape(-1, x.shape[-1])
+        x = x if transform is not None else x.float()
+        n = x.shape[0] if rows is None else rows.numel()
+        d = x.shape[1]
+        if transform is None and d != self.in_features:
             raise ValueError(f"inputs have {d} features, the accumulator expects {self.in_features}.")
         if n == 0:
             return
@@ -49,6 +63,8 @@ class HessianAccumulator:
         weight = weight.float().reshape(n, -1)
         if (weight < 0).any() or not torch.isfinite(weight).all():
             raise ValueError("token weights must be finite and >= 0.")
+        if (rows is not None or transform is not None) and index is None:
+            raise ValueError("rows and transform go with an index (one matrix id per sample).")
 
         if weight.shape[1] == self.num_matrices and self.num_matrices > 1:  # row-specific weights
             if index is not None:
@@ -66,18 +82,29 @@ class HessianAccumulator:
                 raise ValueError(f"index values must lie in [0, {self.num_matrices}).")
             w = weight[:, 0]
             counts = torch.bincount(index, minlength=self.num_matrices)
-            order = torch.argsort(index, stable=True)
-            xs = x[order] * w[order].sqrt()[:, None]  # tokens grouped by matrix, contiguous
-            added = x.new_zeros(self.num_matrices, d, d)
-            start = 0
-            for e, c in enumerate(counts.tolist()):  # one Gram matrix per non-empty group, no padding
-                if c:
-                    seg = xs[start : start + c]
-                    torch.mm(seg.T, seg, out=added[e])
-                    start += c
+            order = torch.argsort(index, stable=True)  # samples grouped by matrix, in their original order
             wsum = torch.zeros(self.num_matrices, dtype=torch.float64, device=x.device)
             wsum.index_add_(0, index, w.double())
             count = torch.bincount(index[w > 0], minlength=self.num_matrices)
+            # One Gram matrix per non-empty group, no padding, folded into H at once: no (E, d, d) temporary
+            # beside H (at real widths that is E x 16 MiB) and no (samples, d) copy of all groups.
+            new_sum = self.weight_sum + wsum
+            keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
+            self.H.mul_(keep.float()[:, None, None])
+            scale = new_sum.clamp(min=1e-300).float()
+            start = 0
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    sel = order[start : start + c]
+                    seg = x[sel] if rows is None else x[rows[sel]]
+                    if transform is not None:
+                        seg = transform(e, seg).float()
+                    seg = seg * w[sel].sqrt()[:, None]
+                    self.H[e].add_((seg.T @ seg).div_(scale[e]))
+                    start += c
+            self.weight_sum = new_sum
+            self.tokens += count
+            return
 
         new_sum = self.weight_sum + wsum
         keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))

@@ -456,7 +456,7 @@ def quantize_layer(
                 tokens, eids, w = plan.expert_pairs
                 pairs = (X, tokens, eids, w)
                 acc = HessianAccumulator(X.shape[1], acc.num_matrices, device=X.device)
-                acc.add(X[tokens], w, index=eids)
+                acc.add(X, w, index=eids, rows=tokens)
             starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             name = f"{prefix}.mlp.experts.gate_up_proj"
             H = with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)

@@ -19,7 +19,8 @@ Checkpoints of the families' original layouts are mapped onto transformers-5 mod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,22 +143,33 @@ class ModelSource:
                 counts[dt] = counts.get(dt, 0) + int(torch.Size(shape).numel())
         return max(counts, key=counts.get) if counts else torch.float32
 
-    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors of ``keys`` in their stored dtype, on the host."""
-        by_file: dict[Path, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.where[k], []).append(k)
-        out = {}
-        for f, ks in by_file.items():
+    @contextmanager
+    def opened(self) -> Iterator:
+        """``get(key)``: one stored tensor at a time, each shard opened once for the block and closed after it (its
+        mapping, and the resident pages it brought in, do not outlive the block)."""
+        handles: dict[Path, object] = {}
+
+        def get(key: str) -> torch.Tensor:
+            f = self.where[key]
             try:
-                with safe_open(str(f), framework="pt") as handle:
-                    for k in ks:
-                        out[k] = handle.get_tensor(k)
+                if f not in handles:
+                    handles[f] = safe_open(str(f), framework="pt").__enter__()
+                return handles[f].get_tensor(key)
             except (SafetensorError, OSError) as exc:
                 raise ModelSourceError(
                     f"{f} cannot be read ({exc}); the model folder is damaged: re-download it."
                 ) from exc
-        return out
+
+        try:
+            yield get
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``keys`` in their stored dtype, on the host."""
+        with self.opened() as get:
+            return {k: get(k) for k in keys}
 
     def fingerprint_parts(self) -> list[bytes]:
         """What identifies these weights for resume: config, names, shapes, dtypes and a sample of every tensor."""
@@ -215,8 +227,9 @@ def source_keys(adapter: MoEAdapter, source: ModelSource, name: str, shape: tupl
 def read_params(
     adapter: MoEAdapter, source: ModelSource, names: dict[str, tuple[int, ...]], device, dtype
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Tensors for transformers-5 parameter names (name -> shape), on ``device`` in ``dtype``, and the source
-    keys used. Per-expert weights are stacked (gate rows, then up rows) into the fused layout."""
+    """Tensors for transformers-5 parameter names (name -> shape), on ``device`` in ``dtype`` (floating point), and
+    the source keys used. Per-expert weights are copied one at a time into the fused layout (gate rows, then up
+    rows): no stacked copy of a layer's experts is ever made beside the result."""
     plan = {}
     for name, shape in names.items():
         keys = source_keys(adapter, source, name, shape)
@@ -226,23 +239,34 @@ def read_params(
                 "names); the weights do not match the config's model family."
             )
         plan[name] = keys
-    raw = source.read(k for keys in plan.values() for k in keys)
     out = {}
-    for name, keys in plan.items():
-        shape = names[name]
-        if len(keys) == 1:
-            t = raw[keys[0]]
-        else:
-            E = shape[0]
-            per = [raw[k] for k in keys]  # proj-major: all gates, then all ups
-            parts = [torch.stack(per[i * E : (i + 1) * E]) for i in range(len(keys) // E)]
-            t = torch.cat(parts, dim=1)
-        if tuple(t.shape) != tuple(shape):
-            raise ModelSourceError(
-                f"{source.path}: {name} has shape {tuple(t.shape)} in the weights but {tuple(shape)} in the model "
-                "built from config.json; the config does not describe these weights."
-            )
-        out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    with source.opened() as get:
+        for name, keys in plan.items():
+            shape = tuple(names[name])
+            stored = [source.meta[k] for k in keys]
+            if len(keys) == 1:
+                got = stored[0][1]
+            else:  # E experts per projection, stacked, projections concatenated along the rows
+                E, per = shape[0], len(keys) // shape[0]
+                rows = stored[0][1][0]
+                got = (E, rows * per, *stored[0][1][1:])
+                if any(s[1] != stored[0][1] for s in stored):
+                    got = None
+            if got != shape:
+                raise ModelSourceError(
+                    f"{source.path}: {name} has shape {got} in the weights but {shape} in the model built from "
+                    "config.json; the config does not describe these weights."
+                )
+            floating = stored[0][0].is_floating_point
+            target = dtype if floating else stored[0][0]
+            if len(keys) == 1:
+                out[name] = get(keys[0]).to(device=device, dtype=target)
+                continue
+            t = torch.empty(shape, device=device, dtype=target)
+            for i, k in enumerate(keys):
+                proj, e = divmod(i, shape[0])
+                t[e, proj * rows : (proj + 1) * rows].copy_(get(k))
+            out[name] = t
     used = {k for keys in plan.values() for k in keys}
     return out, used
 

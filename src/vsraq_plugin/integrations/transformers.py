@@ -36,6 +36,7 @@ from ..checkpoint import (
     check_gptq_config,
     checkpoint_tensors,
     install_quantized,
+    placement_of,
     quantization_config,
     quantized_routers,
     quantized_slots,
@@ -201,8 +202,9 @@ class _PluginQuantizer:
         block = json.loads(saved.read_text()).get("quantization_config") if saved.is_file() else None
         block = check_gptq_config(block or self.quantization_config.to_dict(), str(folder))
         emb = model.get_input_embeddings().weight
-        install_quantized(model, self._slots, self._tensors, block, str(folder), emb.dtype)
-        model.to(emb.device)
+        # Each quantized module goes where the user's device_map puts it (transformers keeps the map it used).
+        dmap = getattr(model, "hf_device_map", None) or {"": emb.device}
+        install_quantized(model, self._slots, self._tensors, block, str(folder), emb.dtype, placement_of(dmap))
         model.config.quantization_config = GPTQCheckpointConfig(block)
         return model
 

@@ -1,0 +1,164 @@
+"""Memory flat in depth: `vsraq quantize` streams a model folder layer by layer (DESIGN 7), side by side with
+GPTQModel (its default offloading) on the same models and calibration tokens, in one run.
+
+The models are random-weight Qwen3-MoE at Qwen3-30B-A3B's widths (hidden 2048, 32 query / 4 kv heads of 128,
+expert intermediate 768, top-8) with ``--experts`` experts (16 by default: the layer shapes of the real model
+with fewer experts, so a layer fits a CPU run), saved in bf16 in several shards, at each ``--layers`` depth.
+Every quantization runs in its own process; its peak RSS comes from ``wait4`` (that process alone) and its wall
+time from the parent. Printed: peak RSS and wall time per tool and depth, the RSS ratio between the deepest and
+the shallowest model (1.0 = flat in depth), and the bf16 size of each model for scale.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --layers 4 8 --methods gptq vsraq \
+        --gptqmodel-python /tmp/gqvenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_model(folder: Path, layers: int, experts: int, seed: int = 0) -> int:
+    """A random Qwen3-MoE at Qwen3-30B-A3B's widths, saved in bf16 with the fixture's tokenizer; returns bytes."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from vsraq_plugin.cli import fixture_path
+
+    tok = AutoTokenizer.from_pretrained(fixture_path())
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_hidden_layers=layers,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    for layer in model.model.layers:  # give the routers real spread (they start near zero)
+        torch.nn.init.normal_(layer.mlp.gate.weight, std=0.05)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    tok.save_pretrained(folder)
+    (folder / "calib.txt").write_text((fixture_path() / "calib.txt").read_text())
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    return size
+
+
+def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
+    """Run ``cmd``: its wall seconds and peak RSS in MiB (that process alone: reaped with ``wait4``)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout[-2000:]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--methods", nargs="+", default=["gptq", "vsraq"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--n-samples", type=int, default=16, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--device", default="auto", help="vsraq quantize --device")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.7: adds it as a row")
+    ap.add_argument("--work", type=Path, help="folder for the models and checkpoints (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=Path("bench_scale.json"))
+    args = ap.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="vsraq-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTQMODEL_CPU_WORKERS": str(args.threads)}
+    vsraq = [sys.executable, "-m", "vsraq_plugin"]
+    rows, sizes = [], {}
+    for depth in args.layers:
+        model_dir = work / f"qwen3moe-{depth}L"
+        if not (model_dir / "config.json").exists():
+            sizes[depth] = make_model(model_dir, depth, args.experts)
+        else:
+            sizes[depth] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        for method in args.methods:
+            out = work / f"q-{method}-{depth}L"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [*vsraq, "quantize", str(model_dir), "--method", method, "--bits", str(args.bits)]
+            cmd += ["--group-size", str(args.group_size), "--n-samples", str(args.n_samples), "--seq-len"]
+            cmd += [str(args.seq_len), "--device", args.device, "--threads", str(args.threads), "--out", str(out)]
+            r = measure(cmd, env, work)
+            rows.append({"tool": f"vsraq quantize --method {method}", "layers": depth, **r})
+            print(f"{depth} layers, {method}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+        if args.gptqmodel_python:
+            from safetensors.torch import save_file
+            from transformers import AutoTokenizer
+
+            from vsraq_plugin.calibration import calibration_windows
+
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            windows = calibration_windows(tok, model_dir / "calib.txt", args.seq_len, args.n_samples)
+            wfile = work / "windows.safetensors"
+            save_file({"windows": windows.contiguous()}, str(wfile))
+            out = work / f"q-gptqmodel-{depth}L"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [args.gptqmodel_python, str(HERE / "peers" / "gptqmodel_quantize.py"), str(model_dir), str(wfile)]
+            cmd += ["--bits", str(args.bits), "--group-size", str(args.group_size), "--out", str(out)]
+            cmd += ["--threads", str(args.threads)]
+            r = measure(cmd, env, work)
+            rows.append({"tool": "gptqmodel 7.7 gptq", "layers": depth, **r})
+            print(f"{depth} layers, gptqmodel: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+
+    print()
+    print(
+        f"Random Qwen3-MoE at Qwen3-30B-A3B widths, {args.experts} experts, W{args.bits}g{args.group_size}, "
+        f"{args.n_samples} x {args.seq_len} calibration tokens, {args.threads} thread(s), device {args.device}"
+    )
+    print("| tool | layers | bf16 model MiB | wall s | s / layer | peak RSS MiB | RSS / bf16 size |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mb = sizes[r["layers"]] / 2**20
+        print(f"| {r['tool']} | {r['layers']} | {mb:.0f} | {r['seconds']:.0f} | {r['seconds'] / r['layers']:.1f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x |")  # fmt: skip
+    lo, hi = min(args.layers), max(args.layers)
+    ratios = {}
+    for tool in dict.fromkeys(r["tool"] for r in rows):
+        a = next(r for r in rows if r["tool"] == tool and r["layers"] == lo)
+        b = next(r for r in rows if r["tool"] == tool and r["layers"] == hi)
+        ratios[tool] = b["peak_rss_mb"] / a["peak_rss_mb"]
+        print(f"{tool}: peak RSS at {hi} layers / at {lo} layers = {ratios[tool]:.3f}x")
+    args.out.write_text(json.dumps({"rows": rows, "model_bytes": sizes, "rss_ratio": ratios}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

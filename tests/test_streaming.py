@@ -1,0 +1,252 @@
+"""Streaming (DESIGN 7): a model folder quantized layer by layer must give the in-memory run's codes bit for bit,
+write unquantized tensors in the source dtype, read sharded sources, shard its own output, resume after a kill,
+and load back module by module in the dtype a server uses."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tiny_models import MOE_FAMILIES, tiny_model
+from vsraq_plugin.checkpoint import QUANT_SUFFIXES, CheckpointError, ShardWriter, load_checkpoint, save_checkpoint
+from vsraq_plugin.cli import fixture_path, load_model, load_tokenizer
+from vsraq_plugin.config import ConfigError, QuantConfig
+from vsraq_plugin.pipeline import calibration_windows, quantize_folder, quantize_model
+from vsraq_plugin.streaming import ModelSource, ModelSourceError, resolve_device
+
+
+def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) checkpoint folder."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _assert_same_codes(a: dict, b: dict) -> None:
+    quant = [k for k in a if k.rsplit(".", 1)[-1] in QUANT_SUFFIXES]
+    assert quant and sorted(a) == sorted(b)
+    for k in quant:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _serving(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model as a server computes it: parameters (and persistent buffers) in ``dtype``; the rotary
+    frequencies stay float32, as transformers keeps them when it loads a model in ``dtype``."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fixture_windows():
+    tok = load_tokenizer(fixture_path())
+    return tok, calibration_windows(tok, fixture_path() / "calib.txt", 128, 8)
+
+
+@pytest.mark.parametrize("method", ["gptq", "vsraq"])
+def test_streamed_fixture_equals_in_memory_and_keeps_bf16(method, fixture_windows, tmp_path):
+    """The shipped fixture is stored in bf16: streamed from its folder it gives the in-memory run's codes bit for
+    bit, stores every unquantized tensor in bf16 (config.json says so), and reloads in bf16 with exactly the logits
+    of the in-memory quantized model computed in bf16."""
+    tok, windows = fixture_windows
+    cfg = QuantConfig(bits=3, group_size=64, method=method, device="cpu")
+    model = load_model(fixture_path())
+    res = quantize_model(model, windows, cfg, progress=False)
+    save_checkpoint(model, res, tmp_path / "mem")
+    streamed = quantize_folder(fixture_path(), windows, cfg, tmp_path / "str", tokenizer=tok, progress=False)
+    assert streamed.weights == {}  # written as it went, nothing kept
+    mem, st = _checkpoint(tmp_path / "mem"), _checkpoint(tmp_path / "str")
+    _assert_same_codes(mem, st)
+    rest = [k for k in st if k.rsplit(".", 1)[-1] not in QUANT_SUFFIXES]
+    assert {st[k].dtype for k in rest} == {torch.bfloat16}
+    assert {mem[k].dtype for k in rest} == {torch.float32}  # an in-memory float32 model saves float32
+    for k in rest:  # the same values: bf16 -> float32 -> bf16 is exact
+        assert torch.equal(mem[k].to(torch.bfloat16), st[k]), k
+    config = json.loads((tmp_path / "str" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["quantization_config"]["quant_method"] == "gptq"
+    loaded = load_checkpoint(tmp_path / "str", dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    ids = windows[:2]
+    with torch.no_grad():
+        assert torch.equal(_serving(model, torch.bfloat16)(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streamed_equals_in_memory_on_every_family(family, tmp_path):
+    """Each family's checkpoint layout (Mixtral's w1/w3/w2, the others' gate/up/down per expert) is mapped onto
+    the fused transformers-5 experts when streaming; the codes equal the in-memory run's bit for bit."""
+    model = tiny_model(family, seed=2)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "fp")
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
+    mem_model = load_model(tmp_path / "fp")  # float32, from the same bf16 files
+    res = quantize_model(mem_model, windows, cfg, batch_size=2, progress=False)
+    save_checkpoint(mem_model, res, tmp_path / "mem")
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
+    _assert_same_codes(_checkpoint(tmp_path / "mem"), _checkpoint(tmp_path / "str"))
+    loaded = load_checkpoint(tmp_path / "str", dtype="auto")  # bf16, as stored (the re-fitted routers too)
+    with torch.no_grad():
+        ref = _serving(mem_model, torch.bfloat16)(input_ids=windows[:2]).logits
+        assert torch.equal(ref, loaded(input_ids=windows[:2]).logits)
+
+
+def test_sharded_source_and_sharded_output(tmp_path):
+    """A source saved in several shards with an index is read; a small max_shard_size gives several output
+    shards and an index that the plugin's loader and every safetensors reader accept."""
+    model = tiny_model("qwen2_moe", seed=1)
+    model.save_pretrained(tmp_path / "fp", max_shard_size="60KB")
+    assert (tmp_path / "fp" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "fp").glob("*.safetensors"))) > 2
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(3))
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", device="cpu")
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "one", batch_size=2, progress=False)
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "many", batch_size=2, progress=False,
+                    max_shard_size="40KB")  # fmt: skip
+    shards = sorted((tmp_path / "many").glob("*.safetensors"))
+    data = [s.stat().st_size - 8 - int.from_bytes(s.read_bytes()[:8], "little") for s in shards]
+    assert len(shards) > 2 and max(data) <= 40_000  # the cap counts tensor bytes, as transformers' does
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    one, many = _checkpoint(tmp_path / "one"), _checkpoint(tmp_path / "many")
+    assert sorted(one) == sorted(many) and all(torch.equal(one[k], many[k]) for k in one)
+    mem = tiny_model("qwen2_moe", seed=1)
+    quantize_model(mem, windows, cfg, batch_size=2, progress=False)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "many")(input_ids=windows).logits, mem(input_ids=windows).logits)
+
+
+def test_shard_writer_files_read_back_exactly(tmp_path):
+    """The streaming shard writer against safetensors' own reader: every dtype, odd shapes, empty and scalar
+    tensors, alignment of every tensor to its element size."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=g),
+        "b.bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c.f16": torch.randn(2, 3, 1, generator=g).half(),
+        "d.i32": torch.randint(-(2**31), 2**31 - 1, (9,), generator=g, dtype=torch.int32),
+        "e.u8": torch.randint(0, 255, (5, 3), generator=g, dtype=torch.uint8),
+        "f.i64": torch.arange(3),
+        "g.f64": torch.randn(2, 2, generator=g, dtype=torch.float64),
+        "h.empty": torch.zeros(0, 4),
+        "i.scalar": torch.tensor(1.5),
+        "j.bool": torch.tensor([True, False, True]),
+        "k.f32t": torch.randn(4, 6, generator=g).T,  # not contiguous
+    }
+    writer = ShardWriter(tmp_path, max_bytes=10**9)
+    for k, v in tensors.items():
+        writer.add(k, v)
+    assert writer.close() == ["model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 8 == 0
+    for k, meta in header.items():
+        if k != "__metadata__":
+            assert meta["data_offsets"][0] % tensors[k].element_size() == 0, k
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"))
+    assert load_file(str(tmp_path / "ref.safetensors")).keys() == load_file(str(tmp_path / "model.safetensors")).keys()
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_folder
+
+    src, out, work, kill_after = sys.argv[1], sys.argv[2], sys.argv[3] or None, int(sys.argv[4])
+    windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(5))
+
+    def on_layer_done(i):
+        if i == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: as a crash or an OOM kill
+
+    quantize_folder(src, windows, QuantConfig(bits=3, group_size=16, fp_target_alpha=0.5, device="cpu"), out,
+                    batch_size=2, work_dir=work, progress=False, on_layer_done=on_layer_done, max_shard_size="30KB")
+    """
+)
+
+
+def test_streamed_run_killed_mid_stream_resumes_bit_for_bit(tmp_path):
+    model = tiny_model("deepseek_v3", seed=6)  # 3 layers, the first dense
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "fp")
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, work, kill_after):
+        cmd = [sys.executable, str(script), str(tmp_path / "fp"), str(out), work, str(kill_after)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    straight = run(tmp_path / "straight", "", -1)
+    assert straight.returncode == 0, straight.stderr
+    killed = run(tmp_path / "resumed", str(tmp_path / "work"), 1)
+    assert killed.returncode == -9
+    assert not (tmp_path / "resumed").exists()  # nothing at --out
+    assert (tmp_path / "work" / "layer_0001.safetensors").exists()
+    assert not (tmp_path / "work" / "layer_0002.safetensors").exists()
+    resumed = run(tmp_path / "resumed", str(tmp_path / "work"), -1)
+    assert resumed.returncode == 0, resumed.stderr
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    assert "model.safetensors.index.json" in names
+    for name in names:
+        if name.endswith((".safetensors", ".json")):
+            assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_load_checkpoint_honours_dtype_and_device_map(tmp_path):
+    model = tiny_model("olmoe", seed=4)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    res = quantize_model(model, windows, QuantConfig(bits=4, group_size=16, method="gptq"), progress=False)
+    save_checkpoint(model, res, tmp_path / "q")
+    half = load_checkpoint(tmp_path / "q", dtype=torch.float16, device_map={"": "cpu", "lm_head": "cpu"})
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    with torch.no_grad():
+        got = half(input_ids=windows).logits.float()
+        ref = _serving(model, torch.float16)(input_ids=windows).logits.float()
+    assert torch.equal(got, ref)
+    with pytest.raises(CheckpointError, match="device_map"):
+        load_checkpoint(tmp_path / "q", device_map=["cpu"])
+
+
+def test_device_settings_are_checked():
+    with pytest.raises(ConfigError, match="not a device"):
+        QuantConfig(device="gpu0")
+    with pytest.raises(ConfigError, match="offload"):
+        QuantConfig(offload="disk")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_a_folder_that_does_not_match_its_config_is_refused(tmp_path):
+    model = tiny_model("mixtral", seed=0)
+    model.save_pretrained(tmp_path / "fp")
+    cfg = json.loads((tmp_path / "fp" / "config.json").read_text())
+    cfg["intermediate_size"] = 32  # the experts on disk are 64 wide
+    (tmp_path / "fp" / "config.json").write_text(json.dumps(cfg))
+    windows = torch.randint(0, 96, (2, 16))
+    with pytest.raises(ModelSourceError, match="does not describe these weights"):
+        quantize_folder(tmp_path / "fp", windows, QuantConfig(bits=4, group_size=16, method="gptq"), tmp_path / "q",
+                        progress=False)  # fmt: skip
+    assert not (tmp_path / "q").exists() and [p.name for p in tmp_path.iterdir()] == ["fp"]
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
+        ModelSource(tmp_path)

@@ -119,6 +119,34 @@ def test_scatter_accumulation_equals_per_expert_loop():
         assert acc.tokens[e] == int(m.sum())
 
 
+def test_matrices_without_tokens_stay_zero_and_recover_later():
+    """A matrix that no token (or only zero weights) reached holds an all-zero Hessian, not NaN, and tokens that
+    reach it in a later call give exactly its own Hessian (streaming over calibration batches): an expert
+    missing from the first batch is not lost. (It used to be NaN for good: 0 / float32(1e-300) = 0 / 0.)"""
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(20, 6, generator=g), torch.randn(30, 6, generator=g)
+    i1 = torch.randint(0, 2, (20,), generator=g)  # matrices 0 and 1 only; matrix 2 and 3 get nothing yet
+    i2 = torch.randint(0, 3, (30,), generator=g)  # now matrix 2 too; matrix 3 never
+    w1, w2 = torch.rand(20, generator=g), torch.rand(30, generator=g)
+    w2[i2 == 1] = 0.0  # matrix 1: tokens with zero weight in the second call
+    acc = HessianAccumulator(6, num_matrices=4)
+    acc.add(x1, w1, index=i1)
+    assert torch.equal(acc.H[2:], torch.zeros(2, 6, 6))
+    acc.add(x2, w2, index=i2)
+    assert torch.isfinite(acc.H).all()
+    x, i, w = torch.cat([x1, x2]).double(), torch.cat([i1, i2]), torch.cat([w1, w2]).double()
+    for e in range(3):
+        m = i == e
+        ref = (x[m].T * w[m]) @ x[m] / w[m].sum()
+        torch.testing.assert_close(acc.H[e].double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(acc.H[3], torch.zeros(6, 6))
+    with pytest.raises(HessianError, match="all zero"):  # the clear error, not "NaN or Inf"
+        gptq_quantize(torch.randn(4, 2, 6), acc.H, 4, -1)
+    zero = HessianAccumulator(6)
+    zero.add(x1, torch.zeros(20))
+    assert torch.equal(zero.H, torch.zeros(1, 6, 6))
+
+
 def test_row_specific_weights_equal_separate_accumulators():
     x = torch.randn(80, 8)
     w = torch.rand(80, 3)

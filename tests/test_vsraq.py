@@ -377,4 +377,6 @@ def test_fp_target_leaves_a_matrix_without_data_alone():
     C = torch.zeros(2, 4, 4)
     out = fp_target_weight(W, H, C, 1.0, 0.01)
     assert torch.equal(out[0], W[0])  # no token reached matrix 0: unchanged
-    assert not torch.equal(out[1], W[1])  # C = 0: the FP target pulls matrix 1 toward zero output
+    # C = 0: the FP target pulls matrix 1 toward zero output, W' = W + W (0 - I)(1.01 I)^-1 = W (1 - 1 / 1.01)
+    # (float64 inside, one float32 rounding of the result, and one of the reference: a few ulp).
+    torch.testing.assert_close(out[1], W[1] * (1 - 1 / 1.01), rtol=4 * 2.0**-24, atol=0)

@@ -190,6 +190,7 @@ def test_mixed_precision_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "router-norm change since initialisation" in out  # the fixture ships router_init.safetensors
     meta = json.loads((q / "config.json").read_text())["quantization_config"]["meta"]["vsraq"]
+    assert len(meta["expert_bits"]) == 4  # every MoE layer of the fixture (an empty dict would pass the next line)
     assert all(sorted(w) == [2, 2, 2, 2, 3, 3, 3, 3] for w in meta["expert_bits"].values())
     report = _eval_on_fixture(q, tmp_path / "rep", windows=2)
     assert report["models"][str(q)]["expert_bits"] == meta["expert_bits"]

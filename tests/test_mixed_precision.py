@@ -62,6 +62,7 @@ def test_scores_against_direct_computation():
 def test_mixed_width_checkpoint_reloads_with_the_same_logits(tmp_path):
     import json
 
+    from grid_checks import assert_model_holds_the_grid
     from tiny_models import tiny_model
     from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
     from vsraq_plugin.config import QuantConfig
@@ -79,7 +80,10 @@ def test_mixed_width_checkpoint_reloads_with_the_same_logits(tmp_path):
     qw = res.weights["model.layers.0.mlp.experts.down_proj"]
     assert qw.bits_per_matrix.tolist() == res.summary["expert_bits"][0]
     for e, b in enumerate(qw.bits_per_matrix.tolist()):
-        assert int(qw.codes[e].max()) <= 2**b - 1  # each expert on its own grid
+        # Each expert on its own grid: its codes reach that grid's top code and not beyond (a <= alone cannot fail
+        # when the solver clamps to the wrong, narrower width).
+        assert int(qw.codes[e].max()) == 2**b - 1, (e, b)
+    assert_model_holds_the_grid(model, res)  # codes, per-expert grids, weights and the model agree bit for bit
     out = save_checkpoint(model, res, tmp_path / "q")
     dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
     assert len(dynamic) == 2 * 5 and all(v["bits"] in (2, 3) for v in dynamic.values())  # 5 non-4-bit experts

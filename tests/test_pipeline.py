@@ -177,6 +177,31 @@ def test_starved_experts_fall_back_and_are_reported():
     assert torch.isfinite(qw.weight).all()
 
 
+def test_experts_missing_from_the_first_batch_are_still_solved():
+    """One window per batch: some experts receive no token in the first batch, then tokens in later ones. Their
+    Hessians must still be theirs (an all-zero start, not NaN), so every expert is GPTQ-solved, none falls back
+    to RTN as "no calibration token" (what a NaN start made the pipeline do)."""
+    from grid_checks import model_tensor
+    from vsraq_plugin.quantizer import rtn
+
+    model = tiny_model("mixtral", seed=3)
+    windows = _windows(model, n=8, seq=8)
+    first = []
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, a: first.append(a[1].unique()))
+    with torch.no_grad():
+        model(input_ids=windows[:1])
+    hook.remove()
+    assert len(first[0]) < 8  # the case: an expert of layer 0 sees no token in the first batch
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", min_expert_tokens=0)
+    res = quantize_model(copy.deepcopy(model), windows, cfg, batch_size=1, progress=False)
+    assert res.summary["fallbacks"] == []
+    for name, qw in res.weights.items():
+        if ".experts." in name:  # GPTQ, not RTN of the original weight, for every expert
+            original = model_tensor(model, name)
+            for e in range(qw.codes.shape[0]):
+                assert not torch.equal(qw.codes[e], rtn(original[e], 4, 16).codes), (name, e)
+
+
 def test_bad_inputs_give_clear_errors_and_no_partial_output(tmp_path):
     model = tiny_model("mixtral")
 

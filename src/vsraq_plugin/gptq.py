@@ -109,7 +109,9 @@ class HessianAccumulator:
         new_sum = self.weight_sum + wsum
         keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
         self.H.mul_(keep.float()[:, None, None])
-        self.H.add_(added / new_sum.clamp(min=1e-300).float()[:, None, None])
+        # A matrix that no weight has reached yet adds zeros: divide them by 1. (Dividing by the float64 clamp
+        # 1e-300 cast to float32, i.e. by 0, made its Hessian NaN for good: later tokens could not repair it.)
+        self.H.add_(added / torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()[:, None, None])
         self.weight_sum = new_sum
         self.tokens += count
 

@@ -1,0 +1,200 @@
+"""Pipeline-internal VSRAQ terms against independent references: the FP-target cross term of the experts'
+down projections (DESIGN 3.5c), the gate/up output metric (3.5d) and the starved experts' all-token coverage
+(3.5). Expert hidden states come from the family's own experts forward (down_proj set to the identity), the
+activation derivatives from autograd of that product, the sums from explicit loops in float64.
+
+Tolerances: the functions compute in float32, the references in float64. Each is held to a bound derived from
+the sizes: a float32 dot product of length n is off by <= n u sum |terms| (u = 2^-24), propagated through SiLU
+with its Lipschitz constants (|silu'| <= 1.1, |silu''| <= 0.5); exact hand values are held to a few u.
+"""
+
+import copy
+
+import torch
+
+from tiny_models import tiny_model
+from vsraq_plugin.gptq import HessianAccumulator
+from vsraq_plugin.models import get_adapter
+from vsraq_plugin.pipeline import COVERAGE_WEIGHT, _expert_cross, _gate_up_metric, _with_coverage
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def _experts(seed=0):
+    """A tiny Mixtral's experts (hidden = intermediate = 64: down_proj can be the identity), its adapter, and a
+    perturbed copy standing for the quantized experts."""
+    model = tiny_model("mixtral", seed=seed)
+    experts = model.model.layers[0].mlp.experts
+    quantized = copy.deepcopy(experts)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        quantized.gate_up_proj.add_(0.01 * torch.randn(quantized.gate_up_proj.shape, generator=g))
+    return get_adapter(model), experts, quantized
+
+
+def _pairs(T, E, d, seed, idle=7):
+    """(X, tokens, eids, w): two distinct experts per token, never expert ``idle``; weights in [0.1, 1.1]."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, d, generator=g)
+    scores = torch.randn(T, E, generator=g)
+    scores[:, idle] = -1e9
+    eids = scores.topk(2, dim=-1).indices.reshape(-1)
+    tokens = torch.arange(T).repeat_interleave(2)
+    w = torch.rand(2 * T, generator=g) + 0.1
+    return X, tokens, eids, w
+
+
+def _hidden(experts, x, e):
+    """``act(gate) * up`` of expert ``e`` for tokens ``x``, float64, through the experts module's own forward
+    with down_proj[e] = I and combine weight 1."""
+    ex = copy.deepcopy(experts).double()  # the copy has its own config
+    ex.config._experts_implementation = "eager"  # the module's own loop (grouped_mm has no float64 kernel)
+    d = x.shape[1]
+    with torch.no_grad():
+        assert ex.down_proj.shape[1:] == (d, d)
+        ex.down_proj[e] = torch.eye(d, dtype=torch.float64)
+        idx = torch.full((x.shape[0], 1), e, dtype=torch.long)
+        return ex(x.double(), idx, torch.ones(x.shape[0], 1, dtype=torch.float64))
+
+
+def _magnitudes(experts, x, e):
+    """Elementwise bounds ``|W_g| |x|`` and ``|W_u| |x|`` of the gate / up pre-activations (float64)."""
+    W = experts.gate_up_proj[e].detach().double().abs()
+    inter = W.shape[0] // 2
+    xa = x.double().abs()
+    return xa @ W[:inter].T, xa @ W[inter:].T
+
+
+def test_expert_cross_equals_the_per_pair_loop():
+    """``C_e = sum_p w_p h~_p h_p^T / sum_p w_p`` over the (token, expert) pairs of e: h~ from the quantized experts
+    on the quantized stream, h from the FP experts on the FP stream, same token; an expert without pairs gets 0."""
+    _, fp_experts, q_experts = _experts()
+    E, _, d = fp_experts.gate_up_proj.shape
+    X, tokens, eids, w = _pairs(40, E, d, seed=2)
+    x_fp = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(3))  # the FP stream differs
+    C = _expert_cross(q_experts, fp_experts, (X, tokens, eids, w), x_fp)
+    assert C.shape == (E, d, d)
+    assert torch.equal(C[7], torch.zeros(d, d))  # no pair reached expert 7
+    dot = (d + 2) * U32  # a length-d float32 dot product, plus the input casts
+    for e in range(E - 1):
+        sel = (eids == e).nonzero().flatten()
+        assert sel.numel() > 0
+        t = tokens[sel]
+        h_q, h_fp = _hidden(q_experts, X[t], e), _hidden(fp_experts, x_fp[t], e)
+        ref = torch.zeros(d, d, dtype=torch.float64)
+        mag = torch.zeros(d, d, dtype=torch.float64)
+        for p in range(sel.numel()):  # explicit per-pair loop
+            ref += w[sel[p]].double() * torch.outer(h_q[p], h_fp[p])
+        ref /= w[sel].double().sum()
+        # |h| <= |g| |u| <= G U; in float32, |dh| <= (1.1 dg) U + G du + 4u G U with dg <= dot G, du <= dot U.
+        Gq, Uq = _magnitudes(q_experts, X[t], e)
+        Gf, Uf = _magnitudes(fp_experts, x_fp[t], e)
+        hq_mag, hf_mag = Gq * Uq, Gf * Uf
+        for p in range(sel.numel()):
+            mag += w[sel[p]].double() * torch.outer(hq_mag[p], hf_mag[p])
+        mag /= w[sel].double().sum()
+        rel = 2 * (2.1 * dot + 4 * U32) + (sel.numel() + 4) * U32  # both factors, then the weighted sum
+        err = (C[e].double() - ref).abs()
+        assert (err <= rel * mag).all(), (e, float(err.max()), float((rel * mag).max()))
+
+
+def test_gate_up_metric_equals_the_per_expert_loop_with_autograd():
+    """Per expert: the per-unit RMS over the expert's tokens of d h / d gate (= act'(gate) * up) and d h / d up
+    (= act(gate)), by autograd of the product the experts module computes; then ``M = I + lam * N / ||N||``,
+    ``N = blockdiag(diag(s_g) B diag(s_g), diag(s_u) B diag(s_u))``, ``B = W_down^T A W_down``, float64. The pair
+    weights play no part (an unweighted RMS); an expert without tokens gets M = I."""
+    adapter, experts, _ = _experts(seed=4)
+    E, two_i, d = experts.gate_up_proj.shape
+    inter = two_i // 2
+    X, tokens, eids, w = _pairs(48, E, d, seed=5)
+    F = torch.randn(d, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    A = F @ F.T
+    A /= torch.linalg.eigvalsh(A)[-1]  # normalised, as the boundary matrix is
+    lam = 64.0
+    M = _gate_up_metric(adapter, experts, (X, tokens, eids, w), A, lam)
+    assert M.shape == (E, two_i, two_i)
+    assert torch.equal(M[7], torch.eye(two_i))  # no token: no stress, the plain metric
+    torch.testing.assert_close(_gate_up_metric(adapter, experts, (X, tokens, eids, 5 * w), A, lam), M, rtol=0, atol=0)
+    dot = (d + 2) * U32
+    for e in range(E - 1):
+        x = X[tokens[eids == e]].double()
+        Wgu = experts.gate_up_proj[e].detach().double()
+        pre = x @ Wgu.T
+        gate = pre[:, :inter].clone().requires_grad_(True)
+        up = pre[:, inter:].clone().requires_grad_(True)
+        h = experts.act_fn(gate) * up
+        torch.testing.assert_close(h.detach(), _hidden(experts, x, e), rtol=1e-12, atol=1e-14)  # the module's split
+        d_gate, d_up = torch.autograd.grad(h.sum(), (gate, up))  # h_i depends on gate_i, up_i only: diagonals
+        s_gate, s_up = d_gate.pow(2).mean(0).sqrt(), d_up.pow(2).mean(0).sqrt()
+        Wd = experts.down_proj[e].detach().double()
+        B = Wd.T @ A @ Wd
+        N = torch.block_diag(s_gate[:, None] * B * s_gate, s_up[:, None] * B * s_up)
+        N /= torch.linalg.eigvalsh(N)[-1]
+        ref = torch.eye(two_i, dtype=torch.float64) + lam * N
+
+        # float32 scales: |dg| <= dot G, |du| <= dot U; d act(g) <= 1.1 dg; d(act'(g) u) <= 0.5 dg |u| + 1.1 du,
+        # plus a few roundings of each result; an RMS moves by at most the RMS of the moves.
+        G, Ug = _magnitudes(experts, x, e)
+        g0, u0 = pre[:, :inter].detach(), pre[:, inter:].detach()
+        da_up = 1.1 * dot * G + 4 * U32 * d_up.abs()
+        da_gate = 0.5 * dot * G * u0.abs() + 1.1 * dot * Ug + 8 * U32 * (1 + g0.abs()) * u0.abs()
+        eps = torch.cat([da_gate.pow(2).mean(0).sqrt() / s_gate, da_up.pow(2).mean(0).sqrt() / s_up])
+        # N_ij = s_i B_ij s_j / lambda_max: eps_i + eps_j from the scales, 2 max(eps) from lambda_max (the
+        # unnormalised N moves by at most that factor in the PSD order); then M is rounded to float32.
+        bound = lam * (eps[:, None] + eps[None, :] + 2 * eps.max() + 8 * U32) * N.abs() + U32 * ref.abs()
+        err = (M[e].double() - ref).abs()
+        assert (err <= bound).all(), (e, float(err.max()), float(bound.flatten()[err.argmax()]))
+        assert torch.equal(M[e, :inter, inter:], torch.zeros(inter, inter))  # no gate/up cross terms
+
+
+def test_with_coverage_blends_starved_experts_by_hand():
+    """``H_e = (n_e H_e + c n_all H_all) / (n_e + c n_all)`` with ``c = COVERAGE_WEIGHT`` for the starved experts
+    only (``n_e`` the expert's weight sum: its token count for unit weights), on Hessians computed by hand."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [1.0, 2.0]])
+    index = torch.tensor([0, 0, 2, 2, 2, 2, 2])  # expert 0: 2 tokens, expert 1: none, expert 2: 5
+    acc = HessianAccumulator(2, num_matrices=3)
+    acc.add(x, index=index)
+    all_tokens = HessianAccumulator(2)
+    all_tokens.add(x)
+    H0 = torch.tensor([[1.0, 0.0], [0.0, 4.0]]) / 2  # (1,0)(1,0)^T + (0,2)(0,2)^T, over 2
+    H2 = torch.tensor([[15.0, 6.0], [6.0, 7.0]]) / 5
+    H_all = torch.tensor([[16.0, 6.0], [6.0, 11.0]]) / 7
+    exact = {"rtol": 4 * U32, "atol": 0.0}  # a handful of float32 operations on small exact values
+    torch.testing.assert_close(acc.H[0], H0, **exact)
+    torch.testing.assert_close(acc.H[1], torch.zeros(2, 2), rtol=0, atol=0)
+    torch.testing.assert_close(acc.H[2], H2, **exact)
+    torch.testing.assert_close(all_tokens.H[0], H_all, **exact)
+    before = acc.H.clone()
+    c = COVERAGE_WEIGHT
+    assert 0 < c < 1  # a small weight per all-token sample, relative to a routed token
+
+    # The gate/up stage: one all-token Hessian shared by every starved expert.
+    fallbacks = []
+    H = _with_coverage(acc, all_tokens.H, 7, [0, 1], "layer.experts.gate_up_proj", fallbacks)
+    torch.testing.assert_close(H[0], (2 * H0 + c * 7 * H_all) / (2 + c * 7), **exact)
+    torch.testing.assert_close(H[1], H_all, **exact)  # no routed token: the coverage alone
+    assert torch.equal(H[2], acc.H[2])  # not starved: untouched
+    assert torch.equal(acc.H, before)  # the accumulator is not modified
+    assert fallbacks == [
+        {
+            "target": "layer.experts.gate_up_proj",
+            "index": e,
+            "action": "all-token coverage",
+            "reason": f"{n} routed tokens < min_expert_tokens",
+        }
+        for e, n in ((0, 2), (1, 0))
+    ]
+
+    # The down stage: one coverage Hessian per starved expert (its own hidden states), in the starved order.
+    own = torch.stack([torch.tensor([[2.0, 1.0], [1.0, 3.0]]), torch.tensor([[5.0, 0.0], [0.0, 1.0]])])
+    H = _with_coverage(acc, own, 7, [1, 0], "d", [])
+    torch.testing.assert_close(H[1], own[0], **exact)
+    torch.testing.assert_close(H[0], (2 * H0 + c * 7 * own[1]) / (2 + c * 7), **exact)
+    assert torch.equal(H[2], acc.H[2])
+
+    # Weighted tokens (agq, VSRAQ): n_e is the expert's weight sum, not its token count.
+    weighted = HessianAccumulator(2, num_matrices=3)
+    weighted.add(x, torch.tensor([0.5, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0]), index=index)
+    Hw0 = (0.5 * torch.tensor([[1.0, 0.0], [0.0, 0.0]]) + 0.25 * torch.tensor([[0.0, 0.0], [0.0, 4.0]])) / 0.75
+    H = _with_coverage(weighted, all_tokens.H, 7, [0], "w", [])
+    torch.testing.assert_close(H[0], (0.75 * Hw0 + c * 7 * H_all) / (0.75 + c * 7), **exact)

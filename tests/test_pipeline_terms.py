@@ -13,9 +13,12 @@ import copy
 import torch
 
 from tiny_models import tiny_model
+from vsraq_plugin.capture import expert_cross as _expert_cross
 from vsraq_plugin.gptq import HessianAccumulator
+from vsraq_plugin.methods import gate_up_metric as _gate_up_metric
 from vsraq_plugin.models import get_adapter
-from vsraq_plugin.pipeline import COVERAGE_WEIGHT, _expert_cross, _gate_up_metric, _with_coverage
+from vsraq_plugin.solve import COVERAGE_WEIGHT
+from vsraq_plugin.solve import with_coverage as _with_coverage
 
 U32 = 2.0**-24  # float32 unit roundoff
 

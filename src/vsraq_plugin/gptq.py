@@ -91,7 +91,7 @@ class HessianAccumulator:
             new_sum = self.weight_sum + wsum
             keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
             self.H.mul_(keep.float()[:, None, None])
-            scale = new_sum.clamp(min=1e-300).float()
+            scale = torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()  # no weight: zeros / 1
             start = 0
             for e, c in enumerate(counts.tolist()):
                 if c:

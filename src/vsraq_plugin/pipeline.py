@@ -254,7 +254,9 @@ def _run(
 
     bar = tqdm(total=len(layers), initial=first, desc=f"{cfg.method} W{cfg.bits}g{cfg.group_size}", unit="layer",
                disable=not progress)  # fmt: skip
-    for index in range(first, len(layers)):
+    def step(index: int, x_q: list[torch.Tensor], x_fp: list[torch.Tensor] | None):
+        """onload -> stages -> solve -> write -> offload for one layer; its locals (the layer's results, the FP
+        copy, the plan) are gone when it returns, so nothing of layer l is alive while layer l+1 runs."""
         t0 = time.perf_counter()
         layer = store.onload(index)
         bits = widths.of(layer)  # from the original weights
@@ -264,21 +266,24 @@ def _run(
         fp_layer = copy.deepcopy(layer.layer) if method.fp_targets else None
         ctx = LayerContext(adapter, layer, batch_tokens, result.fp_router_logits, store.router)
         quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_layer, x_fp)
-        del fp_layer
+        del fp_layer, ctx
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
         x_q = runner.run(layer.layer, x_q)
-        x_fp = x_fp_next
         prefix = f"model.layers.{index}."
         done = {n: weight_to(qw, host) for n, qw in result.weights.items() if n.startswith(prefix)}
         for n in done:
             del result.weights[n]
-        router = layer.router.weight.detach() if layer.is_moe else None
+        router = layer.router.weight.detach().clone() if layer.is_moe else None
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
         if state is not None:
-            state.save_layer(index, done, router, result.summary, x_q, x_fp)
+            state.save_layer(index, done, router, result.summary, x_q, x_fp_next)
         finish_layer(layer, done)
         store.offload(index)
+        return x_q, x_fp_next
+
+    for index in range(first, len(layers)):
+        x_q, x_fp = step(index, x_q, x_fp)
         bar.update(1)
         if on_layer_done is not None:
             on_layer_done(index)
@@ -443,6 +448,7 @@ def quantize_layer(
                 W = _fp_target(W, cap.acc[name].H, cap.cross_matrix(name), cfg)
             qw = solve_batch(W, cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks, plan.metric_for(name))
             lin.weight.copy_(qw.weight[0])
+            qw.weight = lin.weight.detach()[None]  # the model now holds these values: no second copy
             result.weights[f"{prefix}.{name}"] = qw
         if expert_stage is None:
             continue
@@ -481,7 +487,9 @@ def quantize_layer(
                 W = torch.where(keep[:, None, None], W.float(), target)
             metric = plan.metric_for("down_proj")
         qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits, metric)
-        (experts.gate_up_proj if expert_stage == "gate_up" else experts.down_proj).copy_(qw.weight)
+        param = experts.gate_up_proj if expert_stage == "gate_up" else experts.down_proj
+        param.copy_(qw.weight)
+        qw.weight = param.detach()  # the model now holds these values: no second copy
         if expert_stage == "gate_up":
             inter = experts.gate_up_proj.shape[1] // 2
             gate, up = split_rows(qw, [inter, inter])

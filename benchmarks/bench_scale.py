@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,7 +81,13 @@ def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout[-2000:]}
+    device = re.search(r"peak device memory: (\d+) MiB", stdout)
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_device_mb": float(device.group(1)) if device else None,
+        "stdout": stdout[-2000:],
+    }
 
 
 def main() -> int:
@@ -133,7 +140,7 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             cmd = [args.gptqmodel_python, str(HERE / "peers" / "gptqmodel_quantize.py"), str(model_dir), str(wfile)]
             cmd += ["--bits", str(args.bits), "--group-size", str(args.group_size), "--out", str(out)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--device", "cuda" if torch.cuda.is_available() else "cpu"]
             r = measure(cmd, env, work)
             rows.append({"tool": "gptqmodel 7.7 gptq", "layers": depth, **r})
             print(f"{depth} layers, gptqmodel: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
@@ -143,12 +150,13 @@ def main() -> int:
         f"Random Qwen3-MoE at Qwen3-30B-A3B widths, {args.experts} experts, W{args.bits}g{args.group_size}, "
         f"{args.n_samples} x {args.seq_len} calibration tokens, {args.threads} thread(s), device {args.device}"
     )
-    print("| tool | layers | bf16 model MiB | wall s | s / layer | peak RSS MiB | RSS / bf16 size |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| tool | layers | bf16 model MiB | wall s | s / layer | peak RSS MiB | RSS / bf16 size | peak GPU MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mb = sizes[r["layers"]] / 2**20
+        gpu = "-" if r.get("peak_device_mb") is None else f"{r['peak_device_mb']:.0f}"
         print(f"| {r['tool']} | {r['layers']} | {mb:.0f} | {r['seconds']:.0f} | {r['seconds'] / r['layers']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x |")  # fmt: skip
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x | {gpu} |")  # fmt: skip
     lo, hi = min(args.layers), max(args.layers)
     ratios = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):

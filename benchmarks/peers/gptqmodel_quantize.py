@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -33,12 +34,14 @@ def main() -> None:
     calib = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
     t0 = time.perf_counter()
     qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, desc_act=False)
-    model = GPTQModel.load(args.model, qcfg, device="cpu")
+    model = GPTQModel.load(args.model, qcfg, device=args.device)
     model.quantize(calib, batch_size=args.batch_size)
     model.save(args.out)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"tool": "gptqmodel", "seconds": seconds, "peak_rss_mb": peak}))
+    if torch.cuda.is_available():
+        print(f"peak device memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fallbacks = result.summary["fallbacks"]
     where = f"on {result.summary.get('device', 'cpu')}"
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size} {where}: {result.summary['seconds']:.1f}s, wrote {out}")
+    seconds = result.summary.get("layer_seconds") or [0.0]
+    print(f"  {len(seconds)} layers, {sum(seconds) / len(seconds):.1f} s per layer on average")
+    if "peak_device_memory_mb" in result.summary:
+        print(f"  peak device memory: {result.summary['peak_device_memory_mb']:.0f} MiB")
     for f in fallbacks:
         print(f"  fallback: {f['target']}[{f['index']}] -> {f['action']} ({f['reason']})")
     if "expert_bits" in result.summary:

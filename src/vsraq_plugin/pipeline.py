@@ -289,6 +289,8 @@ def _run(
             on_layer_done(index)
     bar.close()
     result.summary["seconds"] = time.perf_counter() - t_start
+    if device.type == "cuda":
+        result.summary["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 

@@ -75,7 +75,7 @@ def test_expert_cross_equals_the_per_pair_loop():
     E, _, d = fp_experts.gate_up_proj.shape
     X, tokens, eids, w = _pairs(40, E, d, seed=2)
     x_fp = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(3))  # the FP stream differs
-    C = _expert_cross(q_experts, fp_experts, (X, tokens, eids, w), x_fp)
+    C = _expert_cross(q_experts, fp_experts.gate_up_proj, (X, tokens, eids, w), x_fp)
     assert C.shape == (E, d, d)
     assert torch.equal(C[7], torch.zeros(d, d))  # no pair reached expert 7
     dot = (d + 2) * U32  # a length-d float32 dot product, plus the input casts

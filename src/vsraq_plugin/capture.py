@@ -172,34 +172,6 @@ class StageCapture:
             h.remove()
 
 
-def record_inputs(runner: LayerRunner, layer: nn.Module, hidden, modules: dict[str, nn.Module]) -> dict:
-    """Per calibration batch, the first input ``(tokens, d)`` of each of ``modules`` (inside ``layer``) when
-    ``layer`` runs on ``hidden``; the forward stops once all of them have fired."""
-    if not modules:
-        return {}
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-    pending: set[str] = set()
-
-    def hook(name):
-        def fn(_module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            store[name].append(x.detach().reshape(-1, x.shape[-1]).float())
-            pending.add(name)
-            if pending >= set(modules):
-                pending.clear()
-                raise StopForward
-
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
-    try:
-        runner.capture(layer, hidden)
-    finally:
-        for h in handles:
-            h.remove()
-    return store
-
-
 def routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden_states, top_k_index, top_k_weights)`` of a call to a transformers-5 experts module."""
     names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -252,11 +224,12 @@ def down_hessians(
     return acc, cov
 
 
-def expert_cross(experts: nn.Module, fp_experts: nn.Module, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+def expert_cross(experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor) -> torch.Tensor:
     """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c): quantized stream
-    (current, quantized gate/up) against FP stream (original gate/up on the FP hidden states), same pairs."""
+    (current, quantized gate/up) against FP stream (the original gate/up ``fp_gate_up`` on the FP hidden
+    states), same (token, expert, weight) pairs."""
     X, tokens, eids, w = pairs
-    gu_q, gu_fp = experts.gate_up_proj.detach().float(), fp_experts.gate_up_proj.detach().float()
+    gu_q, gu_fp = experts.gate_up_proj.detach().float(), fp_gate_up.detach().float()
     E, inter = gu_q.shape[0], gu_q.shape[1] // 2
     C = torch.zeros(E, inter, inter, device=X.device)
     for e in range(E):
@@ -264,6 +237,6 @@ def expert_cross(experts: nn.Module, fp_experts: nn.Module, pairs, x_fp: torch.T
         if sel.numel():
             we = w[sel].float()
             h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
-            h_fp = expert_gate(fp_experts, gu_fp, e, x_fp[tokens[sel]])
+            h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
             C[e] = (h_q * we[:, None]).T @ h_fp / we.sum().clamp(min=1e-12)
     return C

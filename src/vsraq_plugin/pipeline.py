@@ -18,7 +18,6 @@ safetensors shards, each finished layer written to the checkpoint and freed).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,10 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationError, calibration_windows
-from .capture import LayerRunner, StageCapture, down_hessians, expert_cross, record_inputs
+from .capture import LayerRunner, StageCapture, StopForward, down_hessians, expert_cross
 from .config import QuantConfig
 from .gptq import HessianAccumulator
-from .methods import LayerContext, LayerPlan, method_for, router_name
+from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
@@ -222,8 +221,11 @@ def _run(
         return result
 
     device = store.device
+    # The FP stream, carried layer by layer, also gives the FP router logits (layer l's from its own FP forward,
+    # the next MoE layer's by a look-ahead up to its router): no separate full-precision pre-pass.
+    fp_stream = method.fp_stream or method.needs_fp_logits
     hidden = int(adapter.config.hidden_size)
-    streams = 2 if method.fp_stream else 1
+    streams = 2 if fp_stream else 1
     stream_bytes = windows.numel() * hidden * 4 * streams * 2
     store_dev = resolve_store(cfg.offload, device, stream_bytes, _working_bytes(layers))
     result.summary["device"], result.summary["stream_store"] = str(device), str(store_dev)
@@ -238,9 +240,7 @@ def _run(
     if work_dir is not None:
         state = ResumeState(work_dir, fingerprint(cfg, windows, store.fingerprint_parts()))
         first = state.completed()
-    if method.needs_fp_logits:  # every MoE layer's FP router logits: layer l needs l+1's margins
-        result.fp_router_logits.update(_fp_prepass(store, runner, x_q, progress))
-    x_fp = list(x_q) if method.fp_stream else None
+    x_fp = list(x_q) if fp_stream else None
     if first:
         result.summary.update(state.summary())
         for i in range(first):  # the finished layers: into the model (in memory) or the checkpoint (streamed)
@@ -254,19 +254,29 @@ def _run(
 
     bar = tqdm(total=len(layers), initial=first, desc=f"{cfg.method} W{cfg.bits}g{cfg.group_size}", unit="layer",
                disable=not progress)  # fmt: skip
+
     def step(index: int, x_q: list[torch.Tensor], x_fp: list[torch.Tensor] | None):
         """onload -> stages -> solve -> write -> offload for one layer; its locals (the layer's results, the FP
         copy, the plan) are gone when it returns, so nothing of layer l is alive while layer l+1 runs."""
         t0 = time.perf_counter()
         layer = store.onload(index)
         bits = widths.of(layer)  # from the original weights
-        # The FP stream past this layer, from its weights before they are quantized: the next layer's FP input
-        # and the refinement's target. The FP targets also need the original layer during the stage captures.
-        x_fp_next = runner.run(layer.layer, x_fp) if method.fp_stream else None
-        fp_layer = copy.deepcopy(layer.layer) if method.fp_targets else None
+        # The FP stream past this layer, from its weights before they are quantized (the next layer's FP input and
+        # the refinement's target), recording on the way this layer's FP router logits and the FP inputs of its
+        # residual writers (FP targets, DESIGN 3.5c); then the next MoE layer's FP logits (its margins).
+        x_fp_next, fp_inputs, fp_gate_up = None, None, None
+        if fp_stream:
+            watch = _residual_writers(adapter, layer) if method.fp_targets else {}
+            x_fp_next, fp_inputs, logits = _fp_forward(runner, layer, x_fp, watch)
+            if method.needs_fp_logits:
+                if logits is not None:
+                    result.fp_router_logits[index] = logits
+                result.fp_router_logits.update(_lookahead_logits(store, runner, index, x_fp_next))
+            if method.fp_targets and layer.is_moe:
+                fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
         ctx = LayerContext(adapter, layer, batch_tokens, result.fp_router_logits, store.router)
-        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_layer, x_fp)
-        del fp_layer, ctx
+        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up)
+        del fp_inputs, fp_gate_up, ctx
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
         x_q = runner.run(layer.layer, x_q)
@@ -307,20 +317,62 @@ def _working_bytes(layers: list[MoELayer]) -> int:
     return worst
 
 
-def _fp_prepass(store, runner: LayerRunner, x: list[torch.Tensor], progress: bool) -> dict[int, torch.Tensor]:
-    """The full-precision stream, layer by layer from the layer-0 inputs, recording the FP router logits of
-    every MoE layer on the calibration tokens (DESIGN 3.2): the targets the routing terms preserve. Each layer
-    is onloaded for its turn; the logits are kept on the host."""
-    out = {}
-    for layer in tqdm(store.layers, desc="FP pass", unit="layer", disable=not progress, leave=False):
-        layer = store.onload(layer.index)
-        moe = [layer] if layer.is_moe else []
-        with record_router_logits(moe) as rec:
-            x = runner.run(layer.layer, x)
-        if moe:
-            out[layer.index] = torch.cat(rec[0]).cpu()
-        store.offload(layer.index)
+def _residual_writers(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Module]:
+    """The modules whose FP inputs the FP targets need (DESIGN 3.5c): the residual writers (``o_proj``, the dense or
+    shared experts' ``down_proj``) and, in a MoE layer, the experts (their down projections' FP inputs)."""
+    linears = {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}
+    out: dict[str, nn.Module] = {n: m for n, m in linears.items() if n.endswith(RESIDUAL_WRITERS)}
+    if layer.is_moe:
+        out["experts"] = layer.experts
     return out
+
+
+def _fp_forward(runner: LayerRunner, layer: MoELayer, hidden: list[torch.Tensor], watch: dict[str, nn.Module]):
+    """The layer (still full precision) on the FP stream: its outputs, the inputs ``(tokens, d)`` of the ``watch``
+    modules per batch, and its router logits ``(T, E)`` on the host (None for a dense layer)."""
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in watch}
+
+    def hook(name):
+        def fn(_module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            inputs[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in watch.items()]
+    try:
+        with record_router_logits([layer] if layer.is_moe else []) as rec:
+            out = runner.run(layer.layer, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = torch.cat(rec[0]).cpu() if layer.is_moe else None
+    return out, inputs, logits
+
+
+def _lookahead_logits(store, runner: LayerRunner, index: int, hidden: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The FP router logits of the next MoE layer after ``index`` on the FP stream ``hidden`` (its input), by a
+    forward stopped at that router (dense layers in between run whole). Each layer is onloaded for this only."""
+    for nxt in range(index + 1, len(store.layers)):
+        layer = store.onload(nxt)
+        try:
+            if not layer.is_moe:
+                hidden = runner.run(layer.layer, hidden)
+                continue
+
+            def stop(*_):
+                raise StopForward
+
+            with record_router_logits([layer]) as rec:
+                handle = layer.router.register_forward_hook(stop)  # after the recording hook: logits, then stop
+                try:
+                    runner.capture(layer.layer, hidden)
+                finally:
+                    handle.remove()
+            return {nxt: torch.cat(rec[0]).cpu()}
+        finally:
+            store.offload(nxt)
+    return {}
 
 
 def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResult, cfg, progress) -> None:
@@ -412,32 +464,27 @@ def quantize_layer(
     plan: LayerPlan,
     result: QuantizationResult,
     expert_bits: torch.Tensor | None = None,
-    fp_layer: nn.Module | None = None,
-    x_fp: list[torch.Tensor] | None = None,
+    fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+    fp_gate_up: torch.Tensor | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
-    ``fp_layer``/``x_fp``: this layer with its original weights and the FP stream's inputs (FP targets, 3.5c)."""
+    ``fp_inputs``: the FP stream's inputs of the layer's residual writers and experts, per batch, and
+    ``fp_gate_up`` the experts' original gate/up weights (FP targets, DESIGN 3.5c)."""
     prefix = f"model.layers.{layer.index}"
     fallbacks = result.summary["fallbacks"]
-    fp_targets = plan.fp_targets and fp_layer is not None
+    fp_inputs = dict(fp_inputs or {}) if plan.fp_targets else {}
     routed: list = []
     starved: list[int] = []
     pairs = None
-    fp_experts_x = None
+    fp_experts_x = fp_inputs.pop("experts", None)
     for linears, expert_stage in _stages(adapter, layer):
-        fp_inputs = None
-        if fp_targets:  # the FP stream's inputs of this stage's residual writers (and of the experts)
-            modules = {n: fp_layer.get_submodule(n) for n in linears if plan.fp_target(n)}
-            if expert_stage == "gate_up":
-                modules["experts"] = _child(fp_layer, layer, layer.experts)
-            fp_inputs = record_inputs(runner, fp_layer, x_fp, modules)
-            fp_experts_x = fp_inputs.pop("experts", fp_experts_x)
+        stage_fp = {n: fp_inputs.pop(n) for n in linears if plan.fp_target(n) and n in fp_inputs}
         cap = StageCapture(
             linears,
             layer.experts if expert_stage == "gate_up" else None,
             plan.weighted_experts,
             plan.attention_weights if expert_stage is None else None,
-            fp_inputs,
+            stage_fp,
         )
         try:
             if cap.active:
@@ -480,9 +527,8 @@ def quantize_layer(
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
-            if fp_targets and pairs is not None and fp_experts_x is not None:
-                fp_ex = _child(fp_layer, layer, layer.experts)
-                C = expert_cross(experts, fp_ex, pairs, torch.cat(fp_experts_x))
+            if fp_experts_x is not None and pairs is not None and fp_gate_up is not None:
+                C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x))
                 target = _fp_target(W.float(), acc.H, C, cfg)
                 keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
                 keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
@@ -505,9 +551,3 @@ def _fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConf
     from .methods import fp_target
 
     return fp_target(W, H, C, cfg)
-
-
-def _child(fp_layer: nn.Module, layer: MoELayer, module: nn.Module) -> nn.Module:
-    """The module of the FP copy of a layer that sits where ``module`` sits in the layer."""
-    name = next(n for n, m in layer.layer.named_modules() if m is module)
-    return fp_layer.get_submodule(name)

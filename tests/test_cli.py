@@ -110,7 +110,7 @@ def test_eval_errors_are_one_clear_line(saved_pair, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _eval_on_fixture(model_dir, out_dir, windows: int) -> dict:
+def _eval_on_fixture(model_dir, out_dir, windows: int, dtype: str = "float32") -> dict:
     """`vsraq eval` of a checkpoint against the shipped fixture on its eval text; the report.json."""
     args = [
         "eval",
@@ -126,6 +126,8 @@ def _eval_on_fixture(model_dir, out_dir, windows: int) -> dict:
         "64",
         "--max-windows",
         str(windows),
+        "--dtype",
+        dtype,
         "--threads",
         "1",
     ]
@@ -152,14 +154,27 @@ def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
         str(q),
         "--threads",
         "1",
+        "--device",
+        "cpu",
+        "--offload",
+        "cpu",
+        "--max-shard-size",
+        "3MB",
     ]
     assert main(args) == 0
-    assert (q / "model.safetensors").is_file() and (q / "tokenizer.json").is_file()
+    out = capsys.readouterr().out
+    assert "on cpu" in out and "4 layers" in out
+    shards = sorted(q.glob("model-*-of-*.safetensors"))  # the fixture's ~5 MB of tensors, streamed in 3 MB shards
+    assert len(shards) >= 2 and (q / "model.safetensors.index.json").is_file() and (q / "tokenizer.json").is_file()
+    config = json.loads((q / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # the fixture is stored in bf16: its unquantized tensors stay bf16
     qcfg = json.loads((q / "quantize_config.json").read_text())
     assert qcfg["bits"] == 4 and qcfg["meta"]["vsraq"]["method"] == "gptq"
     assert main(args) == 2 and "exists and is not empty" in capsys.readouterr().err
     m = _eval_on_fixture(q, tmp_path / "rep", windows=4)["models"][str(q)]
     assert 0 < m["kl"] < 0.1 and 0.8 < m["topk_set_agreement"] < 1.0  # quantized: close, not identical
+    bf16 = _eval_on_fixture(q, tmp_path / "rep16", windows=4, dtype="bfloat16")
+    assert bf16["dtype"] == "bfloat16" and bf16["models"][str(q)]["kl"] != m["kl"]  # computed in bf16
 
 
 def test_mixed_precision_from_the_command_line(tmp_path, capsys):

@@ -108,7 +108,7 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vsraq-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTQMODEL_CPU_WORKERS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTQMODEL_CPU_WORKERS": str(max(2, args.threads))}
     vsraq = [sys.executable, "-m", "vsraq_plugin"]
     rows, sizes = [], {}
     for depth in args.layers:

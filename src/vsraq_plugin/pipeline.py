@@ -36,7 +36,14 @@ from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logi
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
 from .solve import QuantizationResult, solve_batch, solve_experts, split_rows, weight_to, with_coverage
-from .streaming import InMemoryLayers, ModelSource, StreamedLayers, resolve_device, resolve_store
+from .streaming import (
+    InMemoryLayers,
+    ModelSource,
+    StreamedLayers,
+    release_host_memory,
+    resolve_device,
+    resolve_store,
+)
 
 __all__ = [
     "CalibrationError",
@@ -292,8 +299,13 @@ def _run(
         store.offload(index)
         return x_q, x_fp_next
 
+    def step_and_release(index: int, x_q, x_fp):
+        out = step(index, x_q, x_fp)
+        release_host_memory()  # the layer's host memory back to the OS before the next one
+        return out
+
     for index in range(first, len(layers)):
-        x_q, x_fp = step(index, x_q, x_fp)
+        x_q, x_fp = step_and_release(index, x_q, x_fp)
         bar.update(1)
         if on_layer_done is not None:
             on_layer_done(index)

@@ -18,6 +18,8 @@ Checkpoints of the families' original layouts are mapped onto transformers-5 mod
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -61,6 +63,25 @@ def resolve_store(offload: str, device: torch.device, stream_bytes: int, working
         return device
     free, _ = torch.cuda.mem_get_info(device)
     return device if stream_bytes + working_bytes < 0.8 * free else torch.device("cpu")
+
+
+def release_host_memory() -> None:
+    """Free what a finished layer left behind: collect reference cycles (hooks and closures that still point at
+    the layer's tensors) and hand the freed host memory back to the OS (glibc keeps freed chunks in its arenas,
+    so the resident size of a long run would creep up layer after layer; trimming is a no-op elsewhere)."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC = _LIBC if hasattr(_LIBC, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 # ---------------------------------------------------------------------------------------------- source files

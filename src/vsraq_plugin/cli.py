@@ -174,7 +174,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reference = load_model(resolve_model(args.reference))
     models = named((m, load_any(m)) for m in args.model)
     report = build_report(
-        evaluate(reference, models, windows, args.batch_size), args.reference, str(text_path), windows.numel()
+        evaluate(reference, models, windows, args.batch_size, attribution=args.attribution),
+        args.reference,
+        str(text_path),
+        windows.numel(),
     )
     for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
         meta = _quantization_meta(Path(path))
@@ -226,7 +229,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             quantize_model(model, calib, cfg, batch_size=args.batch_size)
             models[f"{method} W{bits}g{args.group_size}"] = model
             print(f"{method} W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
-    report = build_report(evaluate(reference, models, windows, args.batch_size), str(path), str(text), windows.numel())
+    metrics = evaluate(reference, models, windows, args.batch_size, attribution=args.attribution)
+    report = build_report(metrics, str(path), str(text), windows.numel())
     paths = write_report(report, Path(args.out))
     print()
     print(markdown_table(report))
@@ -250,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
             help="torch threads (default: OMP_NUM_THREADS, else torch's default)",
+        )
+
+    def attribution(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--attribution",
+            action="store_true",
+            help="split each MoE layer's routing flips into local (the layer fed the FP stream) and inherited "
+            "(total - local)",
         )
 
     q = sub.add_parser("quantize", help="quantize a model and write a GPTQ v1 checkpoint")
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="UTF-8 evaluation text")
     e.add_argument("--out", required=True, help="folder for report.json, report.md, agreement.png")
     common(e)
+    attribution(e)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize the shipped tiny Mixtral with every method and compare")
@@ -301,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--group-size", type=int, default=64)
     d.add_argument("--out", default="vsraq-demo", help="report folder (default: ./vsraq-demo)")
     common(d)
+    attribution(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -197,10 +197,9 @@ def evaluate(
             "top1_agreement": [x / a.route_tokens for x in a.top1],
         }
         if attribution:
-            local = [x / a.route_tokens for x in a.local]
-            per_layer["local_disagreement"] = local
-            per_layer["inherited_disagreement"] = [
-                (1 - agree) - loc for agree, loc in zip(per_layer["topk_set_agreement"], local, strict=True)
+            per_layer["local_disagreement"] = [x / a.route_tokens for x in a.local]
+            per_layer["inherited_disagreement"] = [  # from the token counts: exactly 0 where all flips are local
+                (a.route_tokens - agree - loc) / a.route_tokens for agree, loc in zip(a.topk_set, a.local, strict=True)
             ]
             per_layer["drift_flips"] = [x / a.route_tokens for x in a.drift_flips]
             per_layer["drift_unflips"] = [x / a.route_tokens for x in a.drift_unflips]

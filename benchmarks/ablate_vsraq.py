@@ -1,4 +1,5 @@
-"""Ablation of the VSRAQ terms on the shipped fixture, against rtn / stock gptq / agq, same data, one run.
+"""Ablation of the VSRAQ terms on a fixture (default: the shipped tiny-mixtral; ``--fixture PATH`` for another
+model folder with ``calib.txt`` and ``eval.txt``), against rtn / stock gptq / agq, same data, one run.
 
 Rows: rtn, gptq (no group-aware act-order: the GPTQ reference), gptq, agq (the QuantConfig defaults, GAR on),
 then VSRAQ with one family of terms at a time: value only (router re-fit), value+structure (re-fit + boundary
@@ -7,11 +8,15 @@ only (own-layer fragility weights), metric only (output metric of o_proj and the
 3.5b), metric + v_proj (3.5d), metric + v_proj + gate/up (3.5d), FP targets of the residual writers only
 (3.5c); then full VSRAQ without the metrics, without the FP targets, with the router quantized, and with the
 defaults. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
+``--rows`` keeps only the named rows; ``--attribution`` adds each MoE layer's local / inherited disagreement
+(DESIGN 3.5e; one extra attention + router pass per layer and model) and a per-layer table.
 
 ``--refine``: instead, block-wise refinement (DESIGN 3.7, ``refine.py``) on top of gptq and of vsraq:
 reconstruction only (AutoRound-like), + value term, + structure term (``--refine-steps`` per block).
 
     OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py [--bits 4 3] [--group-size 64] [--refine]
+    OMP_NUM_THREADS=1 python benchmarks/ablate_vsraq.py --fixture benchmarks/fixtures/tiny-qwen3-moe \
+        --rows gptq "vsraq full" --attribution --eval-windows 0 --out qwen3.json
 """
 
 from __future__ import annotations
@@ -82,11 +87,13 @@ def measure(
     model_path: Path | None = None,
     seq_len: int = 256,
     peers=None,
+    attribution: bool = False,
 ) -> dict:
-    """Quantize the fixture with every row's settings at every width; evaluate all against FP in one pass.
+    """Quantize the fixture (``model_path``, default the shipped one) with every row's settings at every width;
+    evaluate all against FP in one pass (``eval_windows``: at most that many, None for all of eval.txt).
 
     ``peers(calib, bits)``, when given, returns ``{label: (model, seconds)}`` quantized by another tool on the
-    same calibration windows (the gate's gptqmodel row)."""
+    same calibration windows (the gate's gptqmodel row). ``attribution``: local / inherited flips per layer."""
     from transformers import AutoTokenizer
 
     from vsraq_plugin.cli import fixture_path, load_model
@@ -112,7 +119,8 @@ def measure(
         for label, (model, secs) in (peers(calib, bits) if peers else {}).items():
             models[label], seconds[label] = model, secs
             print(f"  quantized {label} in {secs:.1f}s", flush=True)
-    report = build_report(evaluate(fp, models, ev, progress=False), str(path), "eval.txt", ev.numel())
+    metrics = evaluate(fp, models, ev, progress=False, attribution=attribution)
+    report = build_report(metrics, str(path), str(path / "eval.txt"), ev.numel())
     for label, s in seconds.items():
         report["models"][label]["seconds"] = s
     report["calibration"] = {"windows": int(calib.shape[0]), "seq_len": seq_len}
@@ -131,6 +139,26 @@ def table(report: dict) -> str:
             f"{m['perplexity']:.3f} | {m['kl']:.5f} | {m['seconds']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def layer_table(report: dict) -> str:
+    """Per MoE layer: top-k disagreement, and its local / inherited parts when attributed."""
+    models = report["models"]
+    n = max(len(m["per_layer"]["topk_set_agreement"]) for m in models.values())
+    lines = ["| run | " + " | ".join(f"layer {i}" for i in range(n)) + " |", "|---|" + "---:|" * n]
+    for label, m in models.items():
+        pl = m["per_layer"]
+        total = [100 * (1 - a) for a in pl["topk_set_agreement"]]
+        if "local_disagreement" in pl:
+            loc = [100 * x for x in pl["local_disagreement"]]
+            inh = [100 * x for x in pl["inherited_disagreement"]]
+            cells = [f"{t:.2f} = {a:.2f} + {b:.2f}" for t, a, b in zip(total, loc, inh, strict=True)]
+        else:
+            cells = [f"{t:.2f}" for t in total]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    attributed = any("local_disagreement" in m["per_layer"] for m in models.values())
+    note = "top-k disagreement % per MoE layer" + (" = local + inherited" if attributed else "")
+    return note + "\n\n" + "\n".join(lines)
 
 
 def _autoround_peer(python: str, model: Path | None, group_size: int, iters: int):
@@ -165,9 +193,11 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-windows", type=int, default=64, help="0: every window of eval.txt")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--fixture", "--model", dest="fixture", type=Path, help="model folder with calib.txt and eval.txt")
+    ap.add_argument("--rows", nargs="+", help="only these rows (names as printed, e.g. gptq 'vsraq full')")
+    ap.add_argument("--attribution", action="store_true", help="local / inherited flips per MoE layer")
     ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
     ap.add_argument("--refine", action="store_true", help="the refinement rows instead of the VSRAQ terms")
     ap.add_argument("--refine-steps", type=int, default=100)
@@ -180,9 +210,26 @@ def main() -> None:
     peers = None
     if args.autoround_python:
         rows = {"gptq": dict(method="gptq"), "vsraq": dict(method="vsraq")}
-        peers = _autoround_peer(args.autoround_python, args.model, args.group_size, args.refine_steps)
-    report = measure(rows, args.bits, args.group_size, args.n_samples, args.eval_windows, args.model, peers=peers)
+        peers = _autoround_peer(args.autoround_python, args.fixture, args.group_size, args.refine_steps)
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(rows))
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}; choose from {list(rows)}")
+        rows = {name: rows[name] for name in args.rows}
+    windows = args.eval_windows or None
+    report = measure(
+        rows,
+        args.bits,
+        args.group_size,
+        args.n_samples,
+        windows,
+        args.fixture,
+        peers=peers,
+        attribution=args.attribution,
+    )
     print(table(report))
+    print()
+    print(layer_table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -110,7 +110,21 @@ def test_eval_errors_are_one_clear_line(saved_pair, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _eval_on_fixture(model_dir, out_dir, windows: int, dtype: str = "float32") -> dict:
+def test_eval_attribution_splits_flips_into_local_and_inherited(saved_pair, tmp_path, capsys):
+    root = saved_pair
+    args = ["eval", "--reference", str(root / "fp"), "--model", str(root / "q"), "--text", str(root / "text.txt")]
+    args += ["--out", str(tmp_path), "--seq-len", "32", "--max-windows", "4", "--threads", "1", "--attribution"]
+    assert main(args) == 0
+    pl = json.loads((tmp_path / "report.json").read_text())["models"][str(root / "q")]["per_layer"]
+    # Layer 0's router is negated: every token flips there, all locally; layer 1 is unchanged, so whatever
+    # flips there is inherited from layer 0's changed output.
+    assert pl["local_disagreement"][0] == 1.0 and pl["inherited_disagreement"][0] == 0.0
+    assert pl["local_disagreement"][1] == 0.0
+    assert pl["inherited_disagreement"][1] == pytest.approx(1.0 - pl["topk_set_agreement"][1], abs=1e-12)
+    assert "local / inherited" in capsys.readouterr().out
+
+
+def _eval_on_fixture(model_dir, out_dir, windows: int, *extra: str, dtype: str = "float32") -> dict:
     """`vsraq eval` of a checkpoint against the shipped fixture on its eval text; the report.json."""
     args = [
         "eval",
@@ -130,6 +144,7 @@ def _eval_on_fixture(model_dir, out_dir, windows: int, dtype: str = "float32") -
         dtype,
         "--threads",
         "1",
+        *extra,
     ]
     assert main(args) == 0
     return json.loads((out_dir / "report.json").read_text())
@@ -175,6 +190,13 @@ def test_quantize_then_eval_the_shipped_fixture(tmp_path, capsys):
     assert 0 < m["kl"] < 0.1 and 0.8 < m["topk_set_agreement"] < 1.0  # quantized: close, not identical
     bf16 = _eval_on_fixture(q, tmp_path / "rep16", windows=4, dtype="bfloat16")
     assert bf16["dtype"] == "bfloat16" and bf16["models"][str(q)]["kl"] != m["kl"]  # computed in bf16
+    # Attribution through the plugin's loader (quantized modules): first layer all local, parts add up.
+    a = _eval_on_fixture(q, tmp_path / "rep2", 4, "--attribution")["models"][str(q)]["per_layer"]
+    total = [1.0 - x for x in a["topk_set_agreement"]]
+    assert a["local_disagreement"][0] == pytest.approx(total[0], abs=1e-12)
+    assert min(a["local_disagreement"]) >= 0.0
+    for loc, inh, t in zip(a["local_disagreement"], a["inherited_disagreement"], total, strict=True):
+        assert loc + inh == pytest.approx(t, abs=1e-12)
 
 
 def test_mixed_precision_from_the_command_line(tmp_path, capsys):

@@ -119,3 +119,106 @@ def test_token_windows_are_non_overlapping_and_validated():
     assert w.tolist() == [[1, 2, 3], [0, 4, 5]]
     with pytest.raises(ValueError, match="fewer than one window"):
         token_windows(Tok(), "a", seq_len=8)
+
+
+# ---------------------------------------------------------------------------------------------- attribution
+def _three_layer_mixtral(seed: int = 1):
+    """A random tiny Mixtral with three MoE layers (so a perturbed middle layer has one before and after)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tiny_models import COMMON
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(**{**COMMON, "num_hidden_layers": 3}, intermediate_size=64, num_local_experts=8)
+    model = MixtralForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # routers start at zero in some versions: make them route
+            torch.nn.init.normal_(layer.mlp.gate.weight, std=0.2)
+    return model
+
+
+def _perturb_attention(model, layer: int, scale: float = 0.5, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in model.model.layers[layer].self_attn.modules():
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight.add_(scale * lin.weight.std() * torch.randn(lin.weight.shape, generator=gen))
+
+
+def _attributed(reference, model, windows) -> dict:
+    return evaluate(reference, {"q": model}, windows, batch_size=4, progress=False, attribution=True)["q"]["per_layer"]
+
+
+def _total(per_layer: dict) -> list[float]:
+    return [1.0 - a for a in per_layer["topk_set_agreement"]]
+
+
+def test_attribution_of_the_reference_against_itself_is_zero(setup):
+    model, windows = setup
+    pl = _attributed(model, copy.deepcopy(model), windows)
+    for key in ("local_disagreement", "inherited_disagreement", "drift_flips", "drift_unflips"):
+        assert pl[key] == [0.0, 0.0], key
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_flips_are_local_at_the_perturbed_layer_and_inherited_after_it(family):
+    # mixtral: decoder layers 0-2 all MoE, layer 1 perturbed; deepseek_v3: layer 0 dense, MoE layers 1-2,
+    # layer 1 (the first MoE layer, slot 0) perturbed: checks decoder index vs MoE slot.
+    ref = _three_layer_mixtral() if family == "mixtral" else tiny_model("deepseek_v3", seed=1)
+    windows = torch.randint(0, ref.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    q = copy.deepcopy(ref)
+    _perturb_attention(q, layer=1)
+    pl = _attributed(ref, q, windows)
+    total = _total(pl)
+    slot = 1 if family == "mixtral" else 0  # MoE slot of decoder layer 1
+    for i in range(slot):  # upstream of the change: nothing at all
+        assert total[i] == 0.0 and pl["local_disagreement"][i] == 0.0
+    # At the perturbed layer the input is exactly FP in both runs: every flip is local (bitwise, same ops).
+    assert total[slot] > 0.05
+    assert pl["local_disagreement"][slot] == total[slot]
+    assert pl["inherited_disagreement"][slot] == 0.0
+    # Later layers are unchanged: fed the FP stream they route exactly as FP, so all flips are inherited.
+    for i in range(slot + 1, len(total)):
+        assert total[i] > 0.0
+        assert pl["local_disagreement"][i] == 0.0
+        assert pl["inherited_disagreement"][i] == pytest.approx(total[i], abs=1e-12)
+
+
+def test_local_flips_equal_those_of_a_hybrid_model_and_parts_add_up():
+    """Independent reference for 'local': the FP model with only decoder layer l swapped for the candidate's."""
+    ref = _three_layer_mixtral(seed=2)
+    windows = torch.randint(0, ref.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
+    q = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in q.model.layers:  # every layer's attention and router changed, as quantization does
+            _perturb_attention(q, layer.self_attn.layer_idx, scale=0.3, seed=layer.self_attn.layer_idx)
+            layer.mlp.gate.weight.add_(0.05 * torch.randn(layer.mlp.gate.weight.shape, generator=gen))
+    pl = _attributed(ref, q, windows)
+    total = _total(pl)
+    for i in range(3):
+        hybrid = copy.deepcopy(ref)
+        hybrid.model.layers[i] = copy.deepcopy(q.model.layers[i])
+        direct = evaluate(ref, {"h": hybrid}, windows, batch_size=4, progress=False)["h"]["per_layer"]
+        assert pl["local_disagreement"][i] == pytest.approx(1.0 - direct["topk_set_agreement"][i], abs=1e-12)
+        assert pl["local_disagreement"][i] + pl["inherited_disagreement"][i] == pytest.approx(total[i], abs=1e-12)
+        drift = pl["drift_flips"][i] - pl["drift_unflips"][i]
+        assert drift == pytest.approx(pl["inherited_disagreement"][i], abs=1e-12)
+    assert pl["inherited_disagreement"][0] == 0.0  # nothing upstream of layer 0: counted exactly
+    assert max(pl["inherited_disagreement"][1:]) > 0.0  # drift from the changed layers reaches the later routers
+
+
+def test_attribution_in_the_report_table_and_plot(setup, tmp_path):
+    model, windows = setup
+    q = copy.deepcopy(model)
+    _perturb_attention(q, layer=0)
+    metrics = evaluate(model, {"q": q}, windows, batch_size=4, progress=False, attribution=True)
+    report = build_report(metrics, "fp", "t.txt", windows.numel())
+    write_report(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())["models"]["q"]["per_layer"]
+    assert len(data["local_disagreement"]) == len(data["inherited_disagreement"]) == 2
+    md = (tmp_path / "report.md").read_text()
+    loc, inh = data["local_disagreement"][0], data["inherited_disagreement"][0]
+    assert f"| q | {100 * loc:.2f} / {100 * inh:.2f} %" in md
+    plain = build_report(evaluate(model, {"q": q}, windows, progress=False), "fp", "t.txt", windows.numel())
+    assert "local_disagreement" not in plain["models"]["q"]["per_layer"] and "inherited" not in markdown_table(plain)

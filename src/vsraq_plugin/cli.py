@@ -190,7 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reference = load_model(resolve_model(args.reference), args.dtype, device)
     models = named((m, load_any(m, args.dtype, device)) for m in args.model)
     report = build_report(
-        evaluate(reference, models, windows, args.batch_size), args.reference, str(text_path), windows.numel()
+        evaluate(reference, models, windows, args.batch_size, attribution=args.attribution),
+        args.reference,
+        str(text_path),
+        windows.numel(),
     )
     report["dtype"] = args.dtype
     for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
@@ -243,7 +246,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             quantize_model(model, calib, cfg, batch_size=args.batch_size)
             models[f"{method} W{bits}g{args.group_size}"] = model
             print(f"{method} W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
-    report = build_report(evaluate(reference, models, windows, args.batch_size), str(path), str(text), windows.numel())
+    metrics = evaluate(reference, models, windows, args.batch_size, attribution=args.attribution)
+    report = build_report(metrics, str(path), str(text), windows.numel())
     paths = write_report(report, Path(args.out))
     print()
     print(markdown_table(report))
@@ -267,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
             help="torch threads (default: OMP_NUM_THREADS, else torch's default)",
+        )
+
+    def attribution(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--attribution",
+            action="store_true",
+            help="split each MoE layer's routing flips into local (the layer fed the FP stream) and inherited "
+            "(total - local)",
         )
 
     q = sub.add_parser("quantize", help="quantize a model and write a GPTQ v1 checkpoint")
@@ -318,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     e.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     common(e)
+    attribution(e)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize the shipped tiny Mixtral with every method and compare")
@@ -332,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="vsraq-demo", help="report folder (default: ./vsraq-demo)")
     d.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA when present), cpu, cuda[:N]")
     common(d)
+    attribution(d)
     d.set_defaults(func=cmd_demo)
     return p
 

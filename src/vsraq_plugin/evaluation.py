@@ -3,6 +3,17 @@
 The same token windows go through the reference and every candidate model, in lockstep, one batch at a
 time (so no model's full output distribution is ever held). Each model routes on its *own* hidden states:
 its routers' logits are recorded by forward hooks and turned into decisions with the family's exact rule.
+
+Attribution (``attribution=True``, DESIGN 3.5e). At MoE layer l, with D_l the fraction of tokens whose
+top-k set differs from the reference's (``1 - topk_set_agreement``):
+
+- ``local_disagreement`` L_l: the fraction of tokens whose top-k set differs when the candidate's decoder
+  layer l (its attention, norms and router: everything up to the router) is fed the reference's input of
+  layer l, i.e. everything before layer l is full precision;
+- ``inherited_disagreement`` I_l = D_l - L_l exactly: what the drift left by the layers before l adds. It
+  is a difference of two rates and may be negative (drift can undo a local flip). Its two parts are also
+  reported: ``drift_flips`` (tokens that disagree in the candidate's own run but not locally) minus
+  ``drift_unflips`` (tokens that disagree locally but not in the candidate's own run) equals I_l.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import get_adapter, record_router_logits
+from .models import MoELayer, get_adapter, record_router_logits
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
 from .text import cut_windows, split_documents, token_stream
 
@@ -47,18 +58,67 @@ class _Accumulator:
     topk_set: list[float] = field(default_factory=list)
     overlap: list[float] = field(default_factory=list)
     top1: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    drift_flips: list[float] = field(default_factory=list)
+    drift_unflips: list[float] = field(default_factory=list)
     route_tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.topk_set = [0.0] * self.num_layers
-        self.overlap = [0.0] * self.num_layers
-        self.top1 = [0.0] * self.num_layers
+        for name in ("topk_set", "overlap", "top1", "local", "drift_flips", "drift_unflips"):
+            setattr(self, name, [0.0] * self.num_layers)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -lp.gather(-1, ids[:, 1:, None]).sum()
     return float(nll), ids[:, 1:].numel()
+
+
+class _Stop(Exception):
+    """Ends a forward early once the router of interest has fired."""
+
+
+class _LayerInputs:
+    """Forward pre-hooks on decoder layers: each layer's input hidden states and its keyword arguments
+    (position embeddings, masks) of the last forward, without the cache."""
+
+    def __init__(self, layers: list[MoELayer]) -> None:
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.kwargs: dict[int, dict] = {}
+        self.handles = [m.layer.register_forward_pre_hook(self._hook(m.index), with_kwargs=True) for m in layers]
+
+    def _hook(self, index: int):
+        def hook(_module, args, kwargs):
+            self.hidden[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+            drop = ("hidden_states", "past_key_values", "cache", "use_cache")
+            self.kwargs[index] = {k: v for k, v in kwargs.items() if k not in drop}
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _local_logits(layer: MoELayer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Router logits of a decoder layer run on ``hidden`` (stopped as soon as its router has fired)."""
+    out: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        out.append(logits.detach().float().reshape(-1, logits.shape[-1]))
+        raise _Stop
+
+    handle = layer.router.register_forward_hook(hook)
+    try:
+        layer.layer(hidden, **kwargs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not out:
+        raise RuntimeError(f"layer {layer.index}: its router did not run; cannot attribute its routing flips.")
+    return out[0]
 
 
 @torch.no_grad()
@@ -68,13 +128,18 @@ def evaluate(
     windows: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
+    attribution: bool = False,
 ) -> dict:
-    """Metrics of every model against the reference on ``windows`` (the ``models`` part of report.json)."""
+    """Metrics of every model against the reference on ``windows`` (the ``models`` part of report.json).
+
+    ``attribution``: also split each MoE layer's disagreement into local and inherited (module docstring)."""
     adapter = get_adapter(reference)
-    num_layers = len(adapter.moe_layers(reference))
+    ref_layers = adapter.moe_layers(reference)
+    num_layers = len(ref_layers)
     E = adapter.num_experts() if num_layers else 0
     acc = {name: _Accumulator(num_layers) for name in models}
     ref_acc = _Accumulator(num_layers)
+    model_layers = {name: adapter.moe_layers(model) for name, model in models.items()}
     for m in (reference, *models.values()):
         m.eval()
 
@@ -82,32 +147,47 @@ def evaluate(
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[start : start + batch_size].to(device)
-        with record_router_logits(adapter.moe_layers(reference)) as ref_store:
-            ref_logits = reference(input_ids=ids).logits.float()
-        ref_routes = [
-            adapter.route(store[0], layer.router)
-            for store, layer in zip(ref_store, adapter.moe_layers(reference), strict=True)
-        ]
+        ref_inputs = _LayerInputs(ref_layers) if attribution else None
+        try:
+            with record_router_logits(ref_layers) as ref_store:
+                ref_logits = reference(input_ids=ids, use_cache=False).logits.float()
+        finally:
+            if ref_inputs is not None:
+                ref_inputs.close()
+        ref_routes = [adapter.route(store[0], layer.router) for store, layer in zip(ref_store, ref_layers, strict=True)]
         ref_lp = F.log_softmax(ref_logits, dim=-1)
         nll, count = _nll(ref_logits, ids)
         ref_acc.nll += nll
         ref_acc.nll_tokens += count
         for name, model in models.items():
-            a = acc[name]
-            with record_router_logits(adapter.moe_layers(model)) as store:
-                logits = model(input_ids=ids).logits.float()
+            a, layers = acc[name], model_layers[name]
+            own_inputs = _LayerInputs(layers) if attribution else None  # the candidate's own layer kwargs
+            try:
+                with record_router_logits(layers) as store:
+                    logits = model(input_ids=ids, use_cache=False).logits.float()
+            finally:
+                if own_inputs is not None:
+                    own_inputs.close()
             nll, count = _nll(logits, ids)
             a.nll += nll
             a.nll_tokens += count
             lp = F.log_softmax(logits, dim=-1)
             a.kl += float((ref_lp.exp() * (ref_lp - lp)).sum())
             a.kl_tokens += ids.numel()
-            for i, (s, layer) in enumerate(zip(store, adapter.moe_layers(model), strict=True)):
+            for i, (s, layer) in enumerate(zip(store, layers, strict=True)):
                 q = adapter.route(s[0], layer.router)
                 r = ref_routes[i]
-                a.topk_set[i] += float(topk_set_agreement(r.indices, q.indices, E).sum())
+                same = topk_set_agreement(r.indices, q.indices, E)
+                a.topk_set[i] += float(same.sum())
                 a.overlap[i] += float(topk_overlap(r.indices, q.indices, E).sum())
                 a.top1[i] += float(top1_agreement(r.selection, q.selection).sum())
+                if attribution:
+                    h = ref_inputs.hidden[layer.index].to(own_inputs.hidden[layer.index].dtype)
+                    local = adapter.route(_local_logits(layer, h, own_inputs.kwargs[layer.index]), layer.router)
+                    local_same = topk_set_agreement(r.indices, local.indices, E)
+                    a.local[i] += float((1 - local_same).sum())
+                    a.drift_flips[i] += float(((1 - same) * local_same).sum())
+                    a.drift_unflips[i] += float(((1 - local_same) * same).sum())
             a.route_tokens += ids.numel()
 
     out: dict = {"__reference__": {"perplexity": math.exp(ref_acc.nll / ref_acc.nll_tokens)}}
@@ -117,6 +197,13 @@ def evaluate(
             "topk_overlap": [x / a.route_tokens for x in a.overlap],
             "top1_agreement": [x / a.route_tokens for x in a.top1],
         }
+        if attribution:
+            per_layer["local_disagreement"] = [x / a.route_tokens for x in a.local]
+            per_layer["inherited_disagreement"] = [  # from the token counts: exactly 0 where all flips are local
+                (a.route_tokens - agree - loc) / a.route_tokens for agree, loc in zip(a.topk_set, a.local, strict=True)
+            ]
+            per_layer["drift_flips"] = [x / a.route_tokens for x in a.drift_flips]
+            per_layer["drift_unflips"] = [x / a.route_tokens for x in a.drift_unflips]
 
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
@@ -159,11 +246,29 @@ def markdown_table(report: dict) -> str:
             f"| {name} | {m['perplexity']:.3f} | {m['kl']:.5f} | {pct(m['topk_set_agreement'])} | "
             f"{pct(m['topk_overlap'])} | {pct(m['top1_agreement'])} |"
         )
+    attributed = {n: m["per_layer"] for n, m in report["models"].items() if "local_disagreement" in m["per_layer"]}
+    if attributed:
+        n_layers = max(len(pl["local_disagreement"]) for pl in attributed.values())
+        lines += [
+            "",
+            "Top-k disagreement per MoE layer, local / inherited (local: the layer fed the FP stream; "
+            "inherited = total - local):",
+            "",
+            "| model | " + " | ".join(f"layer {i}" for i in range(n_layers)) + " |",
+            "|---|" + "---:|" * n_layers,
+        ]
+        for name, pl in attributed.items():
+            cells = [
+                f"{100 * loc:.2f} / {100 * inh:.2f} %"
+                for loc, inh in zip(pl["local_disagreement"], pl["inherited_disagreement"], strict=True)
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_agreement(report: dict, path: Path) -> bool:
-    """PNG of per-layer top-k set agreement, one line per model. False when matplotlib is missing."""
+    """PNG of per-layer top-k set agreement, one line per model; with attribution, a second panel of the
+    local (solid) and inherited (dashed) disagreement per layer. False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -172,16 +277,34 @@ def plot_agreement(report: dict, path: Path) -> bool:
         import matplotlib.ticker
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    attributed = any("local_disagreement" in m["per_layer"] for m in report["models"].values())
+    fig, axes = plt.subplots(1, 2 if attributed else 1, figsize=(12.0 if attributed else 6.4, 4.0), dpi=120)
+    axes = list(axes) if attributed else [axes]
+    ax = axes[0]
+    colors = {}
     for name, m in report["models"].items():
         ys = [100 * y for y in m["per_layer"]["topk_set_agreement"]]
-        ax.plot(range(len(ys)), ys, marker="o", label=name)
-    ax.set_xlabel("MoE layer")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        (line,) = ax.plot(range(len(ys)), ys, marker="o", label=name)
+        colors[name] = line.get_color()
     ax.set_ylabel("top-k set agreement with FP (%)")
     ax.set_title("Routing agreement per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if attributed:
+        ax2 = axes[1]
+        for name, m in report["models"].items():
+            pl = m["per_layer"]
+            if "local_disagreement" not in pl:
+                continue
+            xs = range(len(pl["local_disagreement"]))
+            ax2.plot(xs, [100 * y for y in pl["local_disagreement"]], marker="o", color=colors[name], label=name)
+            ax2.plot(xs, [100 * y for y in pl["inherited_disagreement"]], marker="s", ls="--", color=colors[name])
+        ax2.axhline(0.0, color="0.6", lw=0.8)
+        ax2.set_ylabel("top-k disagreement (%)")
+        ax2.set_title("Local (solid) and inherited (dashed) flips")
+    for a in axes:
+        a.set_xlabel("MoE layer")
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

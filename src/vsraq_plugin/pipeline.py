@@ -38,6 +38,7 @@ from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
 from .solve import QuantizationResult, solve_batch, solve_experts, split_rows, weight_to, with_coverage
 from .streaming import InMemoryLayers, ModelSource, StreamedLayers, resolve_device, resolve_store
+from .validation import check_quantize_folder, check_quantize_model
 
 __all__ = [
     "CalibrationError",
@@ -124,6 +125,7 @@ def quantize_model(
     ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
     imposes an allocation instead (baselines: random or frequency-based allocations).
     """
+    check_quantize_model(model, windows, config, batch_size)
     source_dtype = next(model.parameters()).dtype
     store = InMemoryLayers(model, resolve_device(config.device))
     _check_settings(store.adapter, store.layers, config, windows)
@@ -162,6 +164,7 @@ def quantize_folder(
     """
     from .checkpoint import StreamingCheckpoint
 
+    check_quantize_folder(path, windows, config, out, batch_size, work_dir)
     source = ModelSource(path)
     store = StreamedLayers(source, resolve_device(config.device))
     _check_settings(store.adapter, store.layers, config, windows)

@@ -465,8 +465,8 @@ class _OutputFolder:
             raise CheckpointError(f"cannot write to {self.out.parent}: {exc.strerror}; pick a writable --out.") from exc
         self.lock = FolderLock(self.out).acquire()
         try:
-            self._check_empty()  # again, under the lock: a run that finished meanwhile may have written it
             self._recover()
+            self._check_empty()  # again, under the lock: a run that finished meanwhile may have written it
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         except OSError as exc:
             self.lock.release()

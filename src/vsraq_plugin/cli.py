@@ -262,7 +262,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if calib is None:
             raise CLIError(f"method {cfg.method} needs calibration data: pass --calib FILE|DATASET_DIR.")
         windows = calibration_windows(tok, load_calibration(calib), seq_len, n_samples, exact=exact)
-        note = "" if exact or len(windows) == n_samples else f" (all the data hold; --n-samples asks for {n_samples})"
+        note = "" if exact or len(windows) == n_samples else f" (all the data hold; the default is up to {n_samples})"
         print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}{note}")
     router_init = load_router_init(path) if cfg.bits_budget is not None else None
     with FolderLock(work, "--resume-dir") if work is not None else contextlib.nullcontext():

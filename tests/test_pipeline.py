@@ -249,3 +249,78 @@ def test_bad_inputs_give_clear_errors_and_no_partial_output(tmp_path):
         load_checkpoint(pickled)
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_checkpoint(tmp_path)
+
+
+def test_experts_without_calibration_tokens_get_rtn_of_their_own_weights():
+    """With min_expert_tokens=0 no coverage is mixed in: an expert no calibration token reaches has an all-zero
+    Hessian, so it falls back to RTN, reported; exactly those experts do (counted independently, by running the
+    quantized model: GPTQ leaves the routers alone, so its routing is what each stage saw), and their codes are
+    exactly RTN of their original weights (the reference)."""
+    from grid_checks import model_tensor
+    from vsraq_plugin.quantizer import rtn
+
+    model = tiny_model("mixtral", seed=3)
+    original = copy.deepcopy(model)
+    windows = _windows(model, n=1, seq=3)
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", min_expert_tokens=0)
+    res = quantize_model(model, windows, cfg, progress=False)
+    fb = res.summary["fallbacks"]
+    assert fb and all(f["action"] == "rtn" and f["reason"] == "no calibration token" for f in fb)
+    starved = {(f["target"], f["index"]) for f in fb}
+
+    routed: dict[int, set[int]] = {}
+    hooks = [
+        layer.mlp.experts.register_forward_pre_hook(lambda m, a, i=i: routed.setdefault(i, set()).update(
+            a[1].flatten().tolist()))
+        for i, layer in enumerate(model.model.layers)
+    ]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in hooks:
+        h.remove()
+    expect = {
+        (f"model.layers.{i}.mlp.experts.{proj}", e)
+        for i in routed
+        for proj in ("gate_up_proj", "down_proj")
+        for e in range(8)
+        if e not in routed[i]
+    }
+    assert starved == expect and len(expect) < 2 * 2 * 8  # some experts starved, some not
+    for name, qw in res.weights.items():
+        if ".experts." not in name:
+            continue
+        assert torch.isfinite(qw.weight).all(), name
+        fused = name.rsplit(".", 1)[0] + (".gate_up_proj" if not name.endswith("down_proj") else ".down_proj")
+        for e in range(qw.codes.shape[0]):
+            if (fused, e) in starved:
+                by_hand = rtn(model_tensor(original, name)[e], 4, 16)
+                assert torch.equal(qw.codes[e], by_hand.codes) and torch.equal(qw.weight[e], by_hand.weight), (name, e)
+
+
+def test_zero_layers_and_outlier_columns_survive_the_checkpoint(tmp_path):
+    """A layer whose weights are all zero stays exactly zero, and a column 1e4 times the rest is quantized on its
+    own coarse group grid, through the solve, the checkpoint and the loader; no tensor of the checkpoint is NaN."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("mixtral", seed=4)
+    with torch.no_grad():
+        for p in model.model.layers[0].parameters():
+            if p.dim() >= 2 and p is not model.model.layers[0].mlp.gate.weight:
+                p.zero_()
+        model.model.layers[1].self_attn.q_proj.weight[:, 7] *= 1e4
+    big = model.model.layers[1].self_attn.q_proj.weight[:, 7].clone()
+    res = quantize_model(model, _windows(model, n=4, seq=16), QuantConfig(bits=4, group_size=16, method="gptq"),
+                         progress=False)  # fmt: skip
+    out = save_checkpoint(model, res, tmp_path / "q")
+    assert all(
+        torch.isfinite(t).all() for t in load_file(str(out / "model.safetensors")).values() if t.is_floating_point()
+    )
+    loaded = load_checkpoint(out)
+    layer0 = loaded.model.layers[0]
+    assert torch.equal(layer0.self_attn.q_proj.dequantized_weight(), torch.zeros(64, 64))
+    assert torch.equal(layer0.mlp.experts.gate_up_proj, torch.zeros_like(layer0.mlp.experts.gate_up_proj))
+    q = loaded.model.layers[1].self_attn.q_proj
+    assert torch.equal(q.dequantized_weight(), res.weights["model.layers.1.self_attn.q_proj"].weight[0])
+    step = q.scales.float()[0]  # group 0 holds column 7
+    assert ((q.dequantized_weight()[:, 7] - big).abs() <= 1.5 * step).all()  # GPTQ moves it by < a step
+    assert (q.scales.float()[1:] < 1).all()  # the other groups keep a fine grid

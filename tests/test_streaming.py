@@ -198,10 +198,12 @@ def test_streamed_run_killed_mid_stream_resumes_bit_for_bit(tmp_path):
     killed = run(tmp_path / "resumed", str(tmp_path / "work"), 1)
     assert killed.returncode == -9
     assert not (tmp_path / "resumed").exists()  # nothing at --out
+    assert len(list(tmp_path.glob(".resumed.tmp-*"))) == 1  # what kill -9 leaves: the folder under construction
     assert (tmp_path / "work" / "layer_0001.safetensors").exists()
     assert not (tmp_path / "work" / "layer_0002.safetensors").exists()
     resumed = run(tmp_path / "resumed", str(tmp_path / "work"), -1)
     assert resumed.returncode == 0, resumed.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # removed by the next run
     names = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir())
     assert "model.safetensors.index.json" in names

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ConfigError, QuantConfig
 from .pipeline import QuantizationResult, calibration_windows, quantize_folder, quantize_model
+from .validation import InputError, check_model_dir, check_output_dir, check_paths, positive_int
 
 # GPTQConfig / GPTQQuantizer fields that map one to one onto QuantConfig.
 GPTQ_FIELDS = ("bits", "group_size", "sym", "desc_act", "damp_percent", "true_sequential", "static_groups")
@@ -54,19 +55,25 @@ def quantize(
     weights; its layers visit ``config.device`` one at a time) and, with ``out``, saved there: returns the
     model and the result (codes, grids, summary). Checkpoints are written atomically.
     """
-    config = config or QuantConfig()
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig; got {type(config).__name__} (use QuantConfig(**settings)).")
+    positive_int(seq_len, "seq_len", "tokens per calibration window, e.g. 256")
+    positive_int(n_samples, "n_samples", "the number of calibration windows, e.g. 128")
+    positive_int(batch_size, "batch_size", "windows per forward pass, e.g. 8")
+    if out is not None:
+        check_output_dir(out, overwrite, "out")
     if isinstance(model, (str, Path)):
-        from .cli import CLIError, load_tokenizer
+        from .cli import load_tokenizer
 
         if out is None:
-            raise ValueError(
+            raise InputError(
                 f"quantizing the model folder {model} streams it layer by layer and writes the checkpoint as it goes: "
                 "pass out=... (or load the model yourself and pass the nn.Module)."
             )
-        try:
-            tokenizer = tokenizer or load_tokenizer(model)
-        except CLIError as exc:
-            raise ValueError(str(exc)) from exc
+        check_model_dir(model)
+        check_paths(Path(model), Path(out), None if work_dir is None else Path(work_dir))
+        tokenizer = tokenizer or load_tokenizer(model)
         windows = None if config.method == "rtn" else calibration_windows(tokenizer, calib, seq_len, n_samples)
         result = quantize_folder(
             model, windows, config, out, tokenizer=tokenizer, batch_size=batch_size, progress=progress,

@@ -8,15 +8,21 @@ from pathlib import Path
 import torch
 
 from .text import cut_windows, split_documents, token_stream
+from .validation import InputError, positive_int, read_text
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError):
     """The calibration data cannot drive a quantization run; the message says how to fix it."""
 
 
-def calibration_windows(tokenizer, calib, seq_len: int = 256, n_samples: int = 128) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, calib, seq_len: int = 256, n_samples: int = 128, *, exact: bool = False
+) -> torch.Tensor:
     """Token windows ``(n, seq_len)`` from a text file path, a list of texts, a ``datasets.Dataset`` with a
-    ``text`` column, or token tensors (``(n, seq_len)`` or a list of 1-D tensors)."""
+    ``text`` column, or token tensors (``(n, seq_len)`` or a list of 1-D tensors): at most ``n_samples`` of them,
+    exactly ``n_samples`` with ``exact`` (fewer is then an error that says how many the data hold)."""
+    positive_int(seq_len, "seq_len", "tokens per calibration window, e.g. 256", error=CalibrationError)
+    positive_int(n_samples, "n_samples", "the number of calibration windows, e.g. 128", error=CalibrationError)
     if isinstance(calib, torch.Tensor) or (
         isinstance(calib, (list, tuple)) and calib and all(isinstance(t, torch.Tensor) for t in calib)
     ):
@@ -33,15 +39,20 @@ def calibration_windows(tokenizer, calib, seq_len: int = 256, n_samples: int = 1
             f"the calibration data hold {ids.numel()} tokens, fewer than one window of {seq_len}; pass more or "
             "longer texts, or a smaller seq_len."
         )
+    if exact and windows.shape[0] < n_samples:
+        have = windows.shape[0]
+        raise CalibrationError(
+            f"the calibration data hold {ids.numel()} tokens: {have} window(s) of {seq_len}, fewer than the "
+            f"{n_samples} asked; pass more text, ask for at most {have} windows (--n-samples / n_samples) or use "
+            "shorter windows."
+        )
     return windows
 
 
 def _calibration_texts(calib) -> list[str]:
     if isinstance(calib, (str, os.PathLike)):
         path = Path(calib)
-        if not path.is_file():
-            raise CalibrationError(f"calibration file {path} does not exist.")
-        calib = split_documents(path.read_text(encoding="utf-8"))
+        calib = split_documents(read_text(path, "calibration file", CalibrationError))
     elif hasattr(calib, "column_names"):  # datasets.Dataset
         if "text" not in calib.column_names:
             raise CalibrationError(f"the dataset has columns {calib.column_names}; it needs a 'text' column.")

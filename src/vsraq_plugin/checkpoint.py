@@ -8,12 +8,17 @@ family's original names; routers, norms, embeddings and ``lm_head`` unquantized)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from .nn import QuantExperts, QuantLinear
 from .packing import pack_linear
 from .quantizer import QuantizedWeight
 from .solve import QuantizationResult
+from .validation import InputError, check_gptq_tensors, check_model_dir, nonfinite_count, one_line
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,7 +42,7 @@ QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # the GPTQ v1 tensors
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint cannot be written or read; the message says why and what to do."""
 
 
@@ -234,6 +240,11 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
+def _open_for_write(path: Path):
+    """Every file the checkpoint writers create goes through here (tests put a disk that fills up behind it)."""
+    return open(path, "wb")
+
+
 class ShardWriter:
     """safetensors shards written as tensors arrive, each at most ``max_bytes``, never holding more than one
     tensor: a shard's data is spooled to disk (one spool per alignment), and its file (8-byte header size, JSON
@@ -255,11 +266,18 @@ class ShardWriter:
         self.size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor; a tensor holding NaN or Inf is refused (no checkpoint ever carries one)."""
         if name in self.names:
             raise CheckpointError(f"tensor {name!r} written twice; internal error.")
         t = tensor.detach().contiguous().cpu()
         if t.dtype not in _ST_DTYPES:
             raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors.")
+        bad = nonfinite_count(t)
+        if bad:
+            raise CheckpointError(
+                f"refusing to write {name}: it holds {bad} NaN/Inf value(s) (a numerical overflow in the "
+                "quantization, or damaged weights); no checkpoint was written. Rerun with --debug and report it."
+            )
         nbytes = t.numel() * t.element_size()
         if self.entries and self.size + nbytes > self.max_bytes:
             self._close()
@@ -267,7 +285,7 @@ class ShardWriter:
         align = min(t.element_size(), 8)
         spool = self.spools.get(align)
         if spool is None:
-            spool = self.spools[align] = open(self.folder / f".spool-{len(self.shards)}-{align}", "wb")  # noqa: SIM115
+            spool = self.spools[align] = _open_for_write(self.folder / f".spool-{len(self.shards)}-{align}")
         if nbytes:
             spool.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         self.entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), align, nbytes))
@@ -285,7 +303,7 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        with open(path, "wb") as out:
+        with _open_for_write(path) as out:
             out.write(len(raw).to_bytes(8, "little"))
             out.write(raw)
             for align in sorted(self.spools, reverse=True):
@@ -311,42 +329,189 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(tensors, name))
         if n > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            _write_text(self.folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
         return names
 
     def abort(self) -> None:
         for spool in self.spools.values():
-            spool.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush too; the folder is removed anyway
+                spool.close()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _open_for_write(path) as f:
+        f.write(text.encode())
+
+
+@contextmanager
+def _write_errors(out: Path) -> Iterator[None]:
+    """An ``OSError`` while the checkpoint is built (a full disk, a lost mount) as one ``CheckpointError`` that says
+    the previous content of ``out`` is untouched (the folder under construction is removed by the caller)."""
+    try:
+        yield
+    except OSError as exc:
+        why = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "the write failed"
+        raise CheckpointError(
+            f"writing the checkpoint for {out} failed: {why} ({exc.strerror or one_line(exc)}); nothing was "
+            f"written and {out} was left as it was: free space on {out.parent} (or pick another out) and rerun."
+        ) from exc
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP held back (delivered right after) while a few renames or a cleanup run: they are
+    not left half done by an impatient second Ctrl-C."""
+    sigs = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+class FolderLock:
+    """An exclusive claim on a folder that a run writes (``--out``, ``--resume-dir``): ``.{name}.lock`` beside it,
+    held with ``flock`` for the run. The kernel drops the lock when the process dies (even by ``kill -9``), so a
+    stale file never blocks a later run; a second run while the first holds it is refused with its pid."""
+
+    def __init__(self, target: str | Path, what: str = "out") -> None:
+        self.target = Path(target)
+        self.path = self.target.with_name(f".{self.target.name}.lock")
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection against concurrent runs
+            return self
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot create {self.path} ({exc.strerror}); pick a writable {self.what}."
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CheckpointError(
+                    f"another vsraq run (pid {holder}) is writing {self.target}; wait for it to finish or choose "
+                    f"another {self.what}."
+                ) from None
+            try:  # the holder before us may have unlinked the file after we opened it: lock the current one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while holding it: a waiting run then re-opens a fresh file
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class _OutputFolder:
     """A checkpoint folder built under a temporary name beside ``out`` and renamed into place when complete: a
-    failure (or a kill) never leaves a half-written checkpoint at ``out``."""
+    failure (or a kill) never leaves a half-written checkpoint at ``out``, and an existing ``out`` (``overwrite``)
+    is replaced whole, atomically where the OS can swap two folders. ``out`` is locked (``FolderLock``) from here to
+    the rename: a second run writing the same ``out`` meanwhile is refused. Temporary folders that a killed run
+    left beside ``out`` are removed when the next run takes the lock."""
 
     def __init__(self, out: str | Path, overwrite: bool) -> None:
         self.out = Path(out)
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise CheckpointError(f"{self.out} exists and is not empty; choose another --out or pass overwrite=True.")
+        self.overwrite = overwrite
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError(f"{self.out} is a file; pass a folder path as out (the folder is created).")
+        self._check_empty()
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         except OSError as exc:
             raise CheckpointError(f"cannot write to {self.out.parent}: {exc.strerror}; pick a writable --out.") from exc
+        self.lock = FolderLock(self.out).acquire()
+        try:
+            self._recover()
+            self._check_empty()  # again, under the lock: a run that finished meanwhile may have written it
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except OSError as exc:
+            self.lock.release()
+            raise CheckpointError(f"cannot write to {self.out.parent}: {exc.strerror}; pick a writable --out.") from exc
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_empty(self) -> None:
+        if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
+            raise CheckpointError(f"{self.out} exists and is not empty; choose another --out or pass overwrite=True.")
+
+    def _recover(self) -> None:
+        """Under the lock: what a killed run left beside ``out`` (its temporary folder; a backup of ``out`` when it
+        died between the two renames of a replacement, which is restored)."""
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        backup = self.out.with_name(f".{self.out.name}.old")
+        if backup.exists():
+            if self.out.exists():
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(backup, self.out)
 
     def commit(self) -> Path:
-        os.chmod(self.tmp, 0o755)
-        if self.out.exists():
-            backup = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(self.out, backup)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        with _signals_deferred():
+            os.chmod(self.tmp, 0o755)
+            if self.out.exists():
+                if _exchange(self.tmp, self.out):  # one atomic swap: ``out`` is always a whole checkpoint
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                else:
+                    backup = self.out.with_name(f".{self.out.name}.old")
+                    shutil.rmtree(backup, ignore_errors=True)
+                    os.replace(self.out, backup)
+                    os.replace(self.tmp, self.out)
+                    shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.out)
+            self.lock.release()
         return self.out
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        with _signals_deferred():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.lock.release()
 
 
 def _write_configs(folder: Path, config_dict: dict, qcfg: dict, dtype: torch.dtype | None, tokenizer) -> None:
@@ -355,8 +520,8 @@ def _write_configs(folder: Path, config_dict: dict, qcfg: dict, dtype: torch.dty
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")  # what the unquantized tensors are stored in
     cfg["quantization_config"] = qcfg
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    _write_text(folder / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_text(folder / "quantize_config.json", json.dumps(qcfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -376,19 +541,21 @@ def save_checkpoint(
     gptqmodel 7 reads). Unquantized tensors are stored in the model's dtype before quantization."""
     if key_layout not in KEY_LAYOUTS:
         raise CheckpointError(f"key_layout={key_layout!r} is unknown; use one of {KEY_LAYOUTS}.")
+    max_bytes = parse_size(max_shard_size)
     folder = _OutputFolder(out_dir, overwrite)
     try:
-        writer = ShardWriter(folder.tmp, parse_size(max_shard_size))
-        try:
-            for name, tensor in checkpoint_tensors(model, result, key_layout).items():
-                writer.add(name, tensor)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        qcfg = quantization_config(result.config, result.summary, get_adapter(model), key_layout)
-        _write_configs(folder.tmp, model.config.to_dict(), qcfg, result.source_dtype, tokenizer)
-        return folder.commit()
+        with _write_errors(folder.out):
+            writer = ShardWriter(folder.tmp, max_bytes)
+            try:
+                for name, tensor in checkpoint_tensors(model, result, key_layout).items():
+                    writer.add(name, tensor)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            qcfg = quantization_config(result.config, result.summary, get_adapter(model), key_layout)
+            _write_configs(folder.tmp, model.config.to_dict(), qcfg, result.source_dtype, tokenizer)
+            return folder.commit()
     except BaseException:
         folder.abort()
         raise
@@ -406,7 +573,7 @@ class StreamingCheckpoint:
         self.adapter = store.adapter
         max_bytes = parse_size(max_shard_size)
         self.folder = _OutputFolder(out, overwrite)
-        self.writer = ShardWriter(self.folder.tmp, max_bytes)
+        self.writer = ShardWriter(self.folder.tmp, max_bytes)  # opens no file yet: cannot fail
 
     def _dtype_of(self, native: str) -> torch.dtype:
         from .streaming import native_to_source
@@ -418,10 +585,15 @@ class StreamingCheckpoint:
         return source.dtype
 
     def write_layer(self, layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
-        for name, tensor in layer_tensors(self.adapter, layer, weights, self.layout, self._dtype_of).items():
-            self.writer.add(name, tensor)
+        with _write_errors(self.folder.out):
+            for name, tensor in layer_tensors(self.adapter, layer, weights, self.layout, self._dtype_of).items():
+                self.writer.add(name, tensor)
 
     def finish(self, result: QuantizationResult, tokenizer=None) -> Path:
+        with _write_errors(self.folder.out):
+            return self._finish(result, tokenizer)
+
+    def _finish(self, result: QuantizationResult, tokenizer=None) -> Path:
         source = self.store.source
         model = self.store.model
         tied = getattr(model.config, "tie_word_embeddings", False)
@@ -550,8 +722,11 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     if slot.kind == "linear":
         ql = QuantLinear(slot.in_features, slot.out_features, bits, group_size, bias=slot.bias, dtype=dtype)
+        parts = {buf: source.take(*(f"{k}.{buf}" for k in slot.keys)) for buf in QUANT_SUFFIXES}
+        check_gptq_tensors(source.origin, slot.keys[0], parts, slot.in_features, slot.out_features, bits, group_size,
+                           CheckpointError)  # fmt: skip
         for buf in QUANT_SUFFIXES:
-            getattr(ql, buf).copy_(source.take(*(f"{k}.{buf}" for k in slot.keys)))
+            getattr(ql, buf).copy_(parts[buf])
         if slot.bias:
             ql.bias.copy_(source.take(*(f"{k}.bias" for k in slot.keys)))
         return ql
@@ -571,8 +746,10 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
                 f"model.layers.{i}.mlp.experts.{e}.{proj}",
                 f"model.layers.{i}.{adapter.moe_block_key}.experts.{e}.{proj}",
             )
-            tensors = (source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES)
-            qe.load_expert(proj, e, *tensors)
+            parts = {b: source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES}
+            fin, fout = qe._shapes[proj]
+            check_gptq_tensors(source.origin, keys[0], parts, fin, fout, widths[e], group_size, CheckpointError)
+            qe.load_expert(proj, e, *(parts[b] for b in QUANT_SUFFIXES))
     return qe
 
 
@@ -586,6 +763,17 @@ def check_gptq_config(qcfg, origin: str) -> dict:
     fmt = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
     if fmt != "gptq":
         raise CheckpointError(f"checkpoint_format={fmt!r} is not supported; vsraq reads GPTQ v1 ('gptq').")
+    bits, group_size = qcfg.get("bits"), qcfg.get("group_size", -1)
+    if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+        raise CheckpointError(
+            f"{origin}: quantization_config.bits={bits!r} is not a GPTQ width (2, 3, 4 or 8); config.json is damaged: "
+            "restore the config.json written with the weights."
+        )
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise CheckpointError(
+            f"{origin}: quantization_config.group_size={group_size!r} is not -1 or a positive size; config.json is "
+            "damaged: restore the config.json written with the weights."
+        )
     return qcfg
 
 
@@ -654,13 +842,20 @@ def placement_of(device_map) -> callable:
     prefixes to devices as transformers takes it (the longest matching prefix wins; ``""`` is the default)."""
     from .streaming import resolve_device
 
+    def device(value):
+        try:
+            return resolve_device(value if not isinstance(value, int) else f"cuda:{value}")
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"device_map={device_map!r}: {value!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'."
+            ) from exc
+
     if device_map is None or isinstance(device_map, (str, torch.device, int)):
-        dev = resolve_device("auto" if device_map is None else device_map if not isinstance(device_map, int)
-                             else f"cuda:{device_map}")  # fmt: skip
+        dev = device("auto" if device_map is None else device_map)
         return lambda name: dev
     if not isinstance(device_map, dict):
         raise CheckpointError(f"device_map={device_map!r} must be a device, 'auto' or a dict of module -> device.")
-    table = {k: resolve_device(v if not isinstance(v, int) else f"cuda:{v}") for k, v in device_map.items()}
+    table = {k: device(v) for k, v in device_map.items()}
     default = table.get("", torch.device("cpu"))
 
     def place(name: str) -> torch.device:
@@ -673,6 +868,19 @@ def placement_of(device_map) -> callable:
     return place
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def _load_dtype(dtype):
+    """A torch floating dtype, its name (``"bfloat16"``) or ``"auto"``; anything else is a ``CheckpointError``."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise CheckpointError(f"dtype={dtype!r} is not a floating dtype; use torch.float32, torch.bfloat16, "
+                          "torch.float16 or 'auto'.")  # fmt: skip
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, device_map="cpu") -> nn.Module:
     """Load a GPTQ v1 MoE checkpoint (ours, or any per-expert GPTQ checkpoint of a supported family) onto
     the transformers 5 model, with ``QuantLinear``/``QuantExperts`` in place of the quantized modules.
@@ -683,15 +891,22 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; it is not a saved model folder.")
+    check_model_dir(path, "checkpoint folder", CheckpointError)
+    dtype = _load_dtype(dtype)
+    place = placement_of(device_map)
     tensors = _open_weights(path)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}/config.json cannot be read as a transformers config ({one_line(exc)[:300]}); restore it."
+        ) from exc
     qcfg = check_gptq_config(getattr(config, "quantization_config", None), str(path))
     del config.quantization_config
     if dtype == "auto":
         dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
-    place = placement_of(device_map)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = get_adapter(model)
@@ -710,6 +925,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, 
             for key in (_native_to_checkpoint(adapter, name), name):
                 if key in tensors and key not in consumed:
                     value = tensors[key]
+                    bad = nonfinite_count(value)
+                    if bad:
+                        raise CheckpointError(
+                            f"{path}: {key} holds {bad} NaN/Inf value(s); the checkpoint is damaged: re-create it."
+                        )
                     value = value.to(dtype) if value.is_floating_point() else value
                     rest[name] = value.to(place(name))
                     consumed.add(key)

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
+
+from .validation import (
+    InputError,
+    check_finite_model,
+    check_model_dir,
+    check_output_dir,
+    check_paths,
+    has_tokenizer_files,
+    one_line,
+    positive_int,
+    read_text,
+)
 
 FIXTURE = "tiny-mixtral"
 
@@ -18,69 +35,132 @@ def fixture_path() -> Path:
     return Path(str(resources.files("vsraq_plugin") / "data" / FIXTURE))
 
 
-class CLIError(Exception):
+class CLIError(InputError):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) turned into an exception, so ``finally`` blocks and cleanups run (Python's default for
+    SIGTERM kills the process without them); the command line exits with 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """A transformers causal LM in ``dtype`` on ``device``, with a clear error for a path that is not a model."""
+    """A transformers causal LM in ``dtype`` on ``device``, with a clear error for a path that is not a model, or
+    whose weights are unreadable or not finite."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .streaming import ModelSource
+
     path = Path(path)
-    if not (path / "config.json").is_file():
+    check_model_folder(path, "model folder")
+    ModelSource(path)  # config, and every safetensors header (a truncated or damaged file is named here)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CLIError(
+            f"{path} cannot be loaded as a causal LM ({type(exc).__name__}: {one_line(exc)[:300]}); check that its "
+            "config.json and weights belong together."
+        ) from exc
+    check_finite_model(model, str(path), CLIError)
+    return model.to(device).eval()
+
+
+def check_model_folder(path: Path, what: str) -> dict:
+    """A model folder's parsed config.json; pickled-only weights are named before anything else is checked."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
         raise CLIError(f"{path} is not a model directory (no config.json); pass a folder saved by save_pretrained.")
-    if list(path.glob("*.bin")) and not list(path.glob("*.safetensors")):
+    if path.is_dir() and list(path.glob("*.bin")) and not list(path.glob("*.safetensors")):
         raise CLIError(
             f"{path} holds only pickled *.bin weights; vsraq loads safetensors only. Re-save the model "
             "with save_pretrained(safe_serialization=True)."
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    return model.to(device).eval()
+    return check_model_dir(path, what, CLIError)
 
 
 def load_any(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """A GPTQ checkpoint through the plugin's loader, any other model through transformers."""
-    import json
-
     path = Path(path)
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        qcfg = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-        if qcfg.get("quant_method") == "gptq":
-            import torch
+    data = check_model_dir(path, "--model", CLIError) if path.is_dir() and (path / "config.json").is_file() else {}
+    qcfg = data.get("quantization_config") or {}
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
+        import torch
 
-            from .checkpoint import CheckpointError, load_checkpoint
+        from .checkpoint import load_checkpoint
 
-            try:
-                return load_checkpoint(path, getattr(torch, dtype), device)
-            except CheckpointError as exc:
-                raise CLIError(str(exc)) from exc
+        return load_checkpoint(path, getattr(torch, dtype), device)
     return load_model(path, dtype, device)
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a model folder; a folder without one, or one that does not load, is one clear line."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if not path.is_dir():
+        raise CLIError(f"model folder {path} does not exist; pass a folder saved by save_pretrained.")
+    if not has_tokenizer_files(path):
+        raise CLIError(
+            f"{path} holds no tokenizer (no tokenizer.json or tokenizer_config.json); save the model's tokenizer "
+            "into it with AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER)."
+        )
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"no tokenizer found in {path}: {exc}. The reference model's folder must hold one.") from exc
+    except Exception as exc:  # tokenizers fail with anything from OSError to a bare Exception
+        raise CLIError(
+            f"the tokenizer in {path} cannot be loaded ({type(exc).__name__}: {one_line(exc)[:200]}); re-save it "
+            "with tokenizer.save_pretrained, or install the package it names."
+        ) from exc
 
 
 def _set_threads(threads: int | None) -> None:
     import torch
 
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(positive_int(threads, "--threads", "torch threads"))
 
 
 def resolve_model(name: str) -> Path:
     """A model folder, or the name of the shipped fixture (``tiny-mixtral``)."""
     return fixture_path() if name == FIXTURE else Path(name)
+
+
+def _json_texts(path: Path) -> list[str]:
+    """The ``text`` fields of a JSON-lines file (or a JSON list of objects), with the line of the first bad one."""
+    text = read_text(path, "--calib", CLIError)
+    try:
+        data = json.loads(text)
+        rows = list(enumerate(data if isinstance(data, list) else [data], 1))
+    except json.JSONDecodeError:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise CLIError(
+                    f"--calib {path}: line {i} is not JSON ({exc.msg}); each line must be an object such as "
+                    '{"text": "..."}.'
+                ) from exc
+    texts = []
+    for i, row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise CLIError(
+                f"--calib {path}: record {i} has no 'text' string (got {got}); each record must be an object "
+                'such as {"text": "..."}.'
+            )
+        texts.append(row["text"])
+    return texts
 
 
 def load_calibration(calib: str):
@@ -91,14 +171,15 @@ def load_calibration(calib: str):
 
         try:
             return load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise CLIError(f"--calib {path} is a folder but not a dataset saved with save_to_disk ({exc}).") from exc
+        except Exception as exc:  # datasets raises FileNotFoundError, ValueError, or its own errors
+            raise CLIError(
+                f"--calib {path} is a folder but not a dataset saved with save_to_disk ({one_line(exc)[:200]})."
+            ) from exc
     if not path.is_file():
         raise CLIError(f"--calib {path} does not exist; pass a text file, a JSON-lines file or a dataset folder.")
     if path.suffix in (".json", ".jsonl"):
-        from datasets import load_dataset
-
-        return load_dataset("json", data_files=str(path), split="train")
+        return _json_texts(path)
+    read_text(path, "--calib", CLIError)  # decodable, named as the flag
     return str(path)
 
 
@@ -112,20 +193,42 @@ def load_router_init(path: Path) -> dict[int, torch.Tensor] | None:  # noqa: F82
     if not f.is_file():
         return None
     out = {}
-    for key, tensor in load_file(str(f)).items():
+    try:
+        tensors = load_file(str(f))
+    except Exception as exc:  # SafetensorError, OSError
+        raise CLIError(f"{f} cannot be read ({one_line(exc)}); delete or re-create it.") from exc
+    for key, tensor in tensors.items():
         m = re.match(r"model\.layers\.(\d+)\.", key)
         if m:
             out[int(m.group(1))] = tensor
     return out
 
 
+def _windows_args(args: argparse.Namespace, default_samples: int) -> tuple[int, int, bool]:
+    """``--seq-len``, ``--n-samples`` (the default, as many as the data hold up to it, or exactly what was asked)."""
+    seq_len = positive_int(args.seq_len, "--seq-len", "tokens per window, e.g. 256", error=CLIError)
+    positive_int(args.batch_size, "--batch-size", "windows per forward pass, e.g. 8", error=CLIError)
+    if args.n_samples is None:
+        return seq_len, default_samples, False
+    return seq_len, positive_int(args.n_samples, "--n-samples", "calibration windows, e.g. 128", error=CLIError), True
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import FolderLock, parse_size
     from .config import QuantConfig
+    from .models import get_adapter
     from .pipeline import calibration_windows, quantize_folder
+    from .streaming import ModelSource, check_unquantized
 
     _set_threads(args.threads)
+    seq_len, n_samples, exact = _windows_args(args, 128)
     path = resolve_model(args.model)
-    levels = [int(b) for b in args.bit_levels.split(",")] if args.bit_levels else None
+    levels = None
+    if args.bit_levels:
+        try:
+            levels = [int(b) for b in args.bit_levels.split(",")]
+        except ValueError:
+            raise CLIError(f"--bit-levels {args.bit_levels!r} must be widths joined by commas, e.g. 2,3,4.") from None
     cfg = QuantConfig(
         bits_budget=args.bits_budget,
         bit_levels=levels,
@@ -141,25 +244,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
     )
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite.")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{path} is not a model directory (no config.json); pass a folder saved by save_pretrained.")
+    parse_size(args.max_shard_size)
+    # Everything a run is given, checked before the long work: output, model folder, weights' headers, tokenizer,
+    # calibration data. Nothing is written until all of it passed.
+    out = check_output_dir(args.out, args.overwrite, "--out", CLIError)
+    check_model_dir(path, error=CLIError)
+    work = Path(args.resume_dir) if args.resume_dir else None
+    check_paths(path, out, work, ("--out", "--resume-dir"), CLIError)
+    FolderLock(out, "--out").acquire().release()  # another run writing --out: refused now, not after the work
+    source = ModelSource(path)
+    check_unquantized(source)
+    get_adapter(source.config)
     tok = load_tokenizer(path)
     windows = None
     if cfg.method != "rtn":
         calib = args.calib or (str(path / "calib.txt") if (path / "calib.txt").is_file() else None)
         if calib is None:
             raise CLIError(f"method {cfg.method} needs calibration data: pass --calib FILE|DATASET_DIR.")
-        windows = calibration_windows(tok, load_calibration(calib), args.seq_len, args.n_samples)
-        print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}")
+        windows = calibration_windows(tok, load_calibration(calib), seq_len, n_samples, exact=exact)
+        note = "" if exact or len(windows) == n_samples else f" (all the data hold; the default is up to {n_samples})"
+        print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}{note}")
     router_init = load_router_init(path) if cfg.bits_budget is not None else None
-    result = quantize_folder(
-        path, windows, cfg, out, tokenizer=tok, batch_size=args.batch_size, work_dir=args.resume_dir,
-        router_init=router_init, key_layout=args.key_layout, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
-    )  # fmt: skip
+    with FolderLock(work, "--resume-dir") if work is not None else contextlib.nullcontext():
+        result = quantize_folder(
+            path, windows, cfg, out, tokenizer=tok, batch_size=args.batch_size, work_dir=work,
+            router_init=router_init, key_layout=args.key_layout, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )  # fmt: skip
     fallbacks = result.summary["fallbacks"]
     where = f"on {result.summary.get('device', 'cpu')}"
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size} {where}: {result.summary['seconds']:.1f}s, wrote {out}")
@@ -176,19 +287,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_vocab(models: dict, windows) -> None:
+    """Every model embeds every token id of the windows (else they were tokenised for another vocabulary)."""
+    top = int(windows.max())
+    for name, model in models.items():
+        n = model.get_input_embeddings().weight.shape[0]
+        if top >= n:
+            raise CLIError(
+                f"{name} has a vocabulary of {n} tokens but the reference's tokenizer gives ids up to {top}; "
+                "evaluate models that share the reference's tokenizer."
+            )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import build_report, evaluate, markdown_table, named, token_windows, write_report
     from .streaming import resolve_device
 
     _set_threads(args.threads)
+    seq_len = positive_int(args.seq_len, "--seq-len", "a window needs a next token to predict", 2, CLIError)
+    positive_int(args.max_windows, "--max-windows", "windows of the text to evaluate", error=CLIError)
+    positive_int(args.batch_size, "--batch-size", "windows per forward pass, e.g. 8", error=CLIError)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; pass a folder for the report (it is created).")
     text_path = Path(args.text)
-    if not text_path.is_file():
-        raise CLIError(f"--text {text_path} does not exist; pass a UTF-8 text file.")
-    tok = load_tokenizer(resolve_model(args.reference))
-    windows = token_windows(tok, text_path.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
+    text = read_text(text_path, "--text", CLIError)
+    if not text.strip():
+        raise CLIError(f"--text {text_path} is empty (or only whitespace); pass a real evaluation text.")
+    ref_path = resolve_model(args.reference)
+    check_model_folder(ref_path, "--reference")
+    for m in args.model:
+        check_model_folder(Path(m), "--model")
+    tok = load_tokenizer(ref_path)
+    windows = token_windows(tok, text, seq_len, args.max_windows)
     device = str(resolve_device(args.device))
-    reference = load_model(resolve_model(args.reference), args.dtype, device)
+    reference = load_model(ref_path, args.dtype, device)
     models = named((m, load_any(m, args.dtype, device)) for m in args.model)
+    _check_vocab({f"--reference {args.reference}": reference, **{f"--model {k}": v for k, v in models.items()}},
+                 windows)  # fmt: skip
     report = build_report(
         evaluate(reference, models, windows, args.batch_size, attribution=args.attribution),
         args.reference,
@@ -200,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         meta = _quantization_meta(Path(path))
         if "expert_bits" in meta:
             report["models"][name]["expert_bits"] = meta["expert_bits"]
-    paths = write_report(report, Path(args.out))
+    paths = write_report(report, out)
     print(markdown_table(report))
     for name, m in report["models"].items():
         for layer, widths in (m.get("expert_bits") or {}).items():
@@ -210,8 +346,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _quantization_meta(path: Path) -> dict:
-    import json
-
     cfg = path / "config.json"
     if not cfg.is_file():
         return {}
@@ -225,18 +359,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import calibration_windows, quantize_model
 
     _set_threads(args.threads)
+    seq_len, n_samples, exact = _windows_args(args, 64)
+    positive_int(seq_len, "--seq-len", "a window needs a next token to predict", 2, CLIError)
+    positive_int(args.max_windows, "--max-windows", "windows of the text to evaluate", error=CLIError)
     path = resolve_model(args.model)
     if not (path / "config.json").is_file():
         raise CLIError(f"the demo model is missing at {path}; reinstall vsraq-plugin or pass --model.")
-    tok = load_tokenizer(path)
+    check_model_dir(path, "--model", CLIError)
+    for bits in args.bits:  # every setting, before the first of the runs
+        for method in args.methods:
+            QuantConfig(bits=bits, group_size=args.group_size, method=method, device=args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; pass a folder for the report (it is created).")
     text = Path(args.text) if args.text else path / "eval.txt"
-    windows = token_windows(tok, text.read_text(encoding="utf-8"), args.seq_len, args.max_windows)
+    body = read_text(text, "--text", CLIError)
+    if not body.strip():
+        raise CLIError(f"--text {text} is empty (or only whitespace); pass a real evaluation text.")
+    tok = load_tokenizer(path)
+    windows = token_windows(tok, body, seq_len, args.max_windows)
+    calib = calibration_windows(tok, path / "calib.txt", seq_len, n_samples, exact=exact)
     reference = load_model(path)
     print(
         f"model {path.name}: {sum(p.numel() for p in reference.parameters()):,} parameters; "
         f"eval text {text.name}: {windows.numel():,} tokens"
     )
-    calib = calibration_windows(tok, path / "calib.txt", args.seq_len, args.n_samples)
     models = {}
     for bits in args.bits:
         for method in args.methods:
@@ -248,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"{method} W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
     metrics = evaluate(reference, models, windows, args.batch_size, attribution=args.attribution)
     report = build_report(metrics, str(path), str(text), windows.numel())
-    paths = write_report(report, Path(args.out))
+    paths = write_report(report, out)
     print()
     print(markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -260,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="vsraq", description="Routing-aware GPTQ (VSRAQ) for MoE language models.")
     p.add_argument("--version", action="version", version=f"vsraq-plugin {__version__}")
+    debug_help = "on an error, print the Python traceback too (default: one line; also VSRAQ_DEBUG=1)"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -292,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits-budget", type=float, help="average width of the routed experts, e.g. 3.0 (DESIGN 6)")
     q.add_argument("--bit-levels", help="expert widths to choose from, e.g. 2,3,4 (with --bits-budget)")
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
-    q.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    q.add_argument(
+        "--n-samples", type=int, default=None,
+        help="calibration windows; given, the data must hold that many (default: up to 128, as many as they hold)",
+    )  # fmt: skip
     q.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--resume-dir", help="keep per-layer state here; a re-run resumes after the last finished layer")
@@ -317,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard, e.g. 5GB, 500MB")
     q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
+    q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="compare quantized models with their full-precision reference")
@@ -331,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     common(e)
     attribution(e)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize the shipped tiny Mixtral with every method and compare")
@@ -338,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--methods", nargs="+", default=["rtn", "gptq", "agq", "vsraq"], choices=["rtn", "gptq", "agq", "vsraq"]
     )
-    d.add_argument("--n-samples", type=int, default=64, help="calibration windows")
+    d.add_argument("--n-samples", type=int, default=None, help="calibration windows (default: up to 64)")
     d.add_argument("--text", help="evaluation text (default: the fixture's eval.txt)")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     d.add_argument("--group-size", type=int, default=64)
@@ -346,32 +500,101 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA when present), cpu, cuda[:N]")
     common(d)
     attribution(d)
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     d.set_defaults(func=cmd_demo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .gptq import HessianError
-    from .models import UnsupportedModelError
-    from .pipeline import CalibrationError
-    from .streaming import ModelSourceError
+def _install_signal_handlers():
+    """SIGTERM and SIGHUP raise ``Terminated`` (a ``BaseException``), so the run unwinds like on Ctrl-C: the
+    checkpoint under construction is removed, the resume state kept. A second such signal during the cleanup is
+    ignored (``kill -9`` still ends it). Signals already ignored (``nohup``) stay ignored. Returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
 
+    def handler(signum, frame):
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        s = getattr(signal, name, None)
+        if s is not None and signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def _interrupted(args: argparse.Namespace, name: str) -> str:
+    if args.command != "quantize":
+        return f"interrupted by {name}; no report was written."
+    resume = (
+        f"rerun the same command to resume after the last finished layer (state in {args.resume_dir})"
+        if args.resume_dir
+        else "pass --resume-dir DIR to let a rerun resume after the last finished layer"
+    )
+    return f"interrupted by {name}; nothing was written to {args.out}; {resume}."
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars a failure left open, so the error gets a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .gptq import HessianError
+
+    # NotImplementedError: settings the pipeline refuses on purpose (e.g. refinement with rtn), with the fix.
+    return (InputError, HessianError, NotImplementedError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. User-facing failures print one line ``vsraq CMD: error: ...`` and exit with status 2;
+    Ctrl-C exits 130, SIGTERM 143 (SIGHUP 129), with nothing half-written at ``--out``; an unexpected failure
+    prints one line and exits 1. ``--debug`` (or ``VSRAQ_DEBUG=1``) prints the traceback as well."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("VSRAQ_DEBUG", "") not in ("", "0")
+    restore = _install_signal_handlers()
+
+    def fail(message: str, code: int) -> int:
+        _close_progress_bars()
+        if debug:
+            traceback.print_exc()
+        print(f"vsraq {args.command}: {message}", file=sys.stderr)
+        return code
+
     try:
         return args.func(args)
-    except (
-        CLIError,
-        ConfigError,
-        CalibrationError,
-        CheckpointError,
-        UnsupportedModelError,
-        HessianError,
-        ModelSourceError,
-    ) as exc:
-        print(f"vsraq {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return fail(_interrupted(args, "SIGINT"), 130)
+    except Terminated as exc:
+        return fail(_interrupted(args, signal.Signals(exc.signum).name), 128 + exc.signum)
+    except _user_errors() as exc:
+        return fail(f"error: {one_line(exc)}", 2)
+    except MemoryError:
+        return fail("error: out of memory; lower --batch-size (or --n-samples / --seq-len), or use --offload cpu.", 2)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        why = exc.strerror or one_line(exc)
+        return fail(f"error: {why}{where}; check the path, its permissions and the free disk space.", 2)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
+            return fail("error: the device ran out of memory; lower --batch-size, or use --offload cpu.", 2)
+        hint = "" if debug else "; rerun with --debug for the traceback and report it"
+        return fail(f"internal error ({type(exc).__name__}: {one_line(exc)[:300]}){hint}.", 1)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .validation import InputError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "agq", "vsraq")
 ROUTER_MODES = ("refit", "quantize", "keep")
@@ -25,7 +27,7 @@ def _valid_device(device: str) -> bool:
     return True
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A setting is out of range; the message names the field and what to use instead."""
 
 

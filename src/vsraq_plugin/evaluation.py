@@ -32,16 +32,20 @@ from tqdm.auto import tqdm
 from .models import MoELayer, get_adapter, record_router_logits
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
 from .text import cut_windows, split_documents, token_stream
+from .validation import InputError, positive_int
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``(n, seq_len)`` of the tokenised text (documents joined by EOS)."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be >= 2 (a window needs a next token to predict).")
+    positive_int(seq_len, "seq_len", "a window needs a next token to predict", minimum=2)
+    if max_windows is not None:
+        positive_int(max_windows, "max_windows", "windows of the text to evaluate")
     ids = token_stream(tokenizer, split_documents(text))
+    if ids.numel() == 0:
+        raise InputError("the evaluation text holds no tokens (it is empty or only whitespace); pass a real text.")
     windows = cut_windows(ids, seq_len, max_windows)
     if windows.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; pass a longer text or a "
             "smaller --seq-len."
         )

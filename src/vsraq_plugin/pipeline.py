@@ -44,6 +44,7 @@ from .streaming import (
     resolve_device,
     resolve_store,
 )
+from .validation import check_quantize_folder, check_quantize_model
 
 __all__ = [
     "CalibrationError",
@@ -130,6 +131,7 @@ def quantize_model(
     ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
     imposes an allocation instead (baselines: random or frequency-based allocations).
     """
+    check_quantize_model(model, windows, config, batch_size)
     source_dtype = next(model.parameters()).dtype
     store = InMemoryLayers(model, resolve_device(config.device))
     _check_settings(store.adapter, store.layers, config, windows)
@@ -168,6 +170,7 @@ def quantize_folder(
     """
     from .checkpoint import StreamingCheckpoint
 
+    check_quantize_folder(path, windows, config, out, batch_size, work_dir)
     source = ModelSource(path)
     store = StreamedLayers(source, resolve_device(config.device))
     _check_settings(store.adapter, store.layers, config, windows)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import InputError
+
 # Smallest positive fp16 (a subnormal); a smaller scale would be stored as 0.
 _FP16_TINY = 2.0**-24
 
@@ -45,7 +47,7 @@ def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
     xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
     scale = ((xmax - xmin) / maxq).clamp(min=_FP16_TINY).half().float()
     if not torch.isfinite(scale).all():
-        raise ValueError(
+        raise InputError(
             "a weight group's range overflows the fp16 scale of the GPTQ format (|w| > ~1e6); "
             "check the model's weights for corruption."
         )

@@ -32,12 +32,13 @@ from torch import nn
 from .config import ConfigError
 from .methods import RouterView
 from .models import MoEAdapter, MoELayer, get_adapter
+from .validation import InputError, check_model_dir, nonfinite_count, one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """A model folder cannot be read; the message says why and what to do."""
 
 
@@ -101,14 +102,14 @@ class ModelSource:
         from transformers import AutoConfig
 
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise ModelSourceError(
-                f"{self.path} is not a model directory (no config.json); pass a folder saved by save_pretrained."
-            )
+        check_model_dir(self.path, error=ModelSourceError)
         try:
             self.config = AutoConfig.from_pretrained(self.path)
-        except (OSError, ValueError) as exc:
-            raise ModelSourceError(f"{self.path}/config.json cannot be read as a transformers config: {exc}") from exc
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelSourceError(
+                f"{self.path}/config.json cannot be read as a transformers config ({one_line(exc)[:300]}); restore it "
+                "from the original model."
+            ) from exc
         files = self._weight_files()
         self.where: dict[str, Path] = {}
         self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -117,11 +118,17 @@ class ModelSource:
                 with safe_open(str(f), framework="pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 (no __iter__)
                         sl = handle.get_slice(key)
+                        if sl.get_dtype() not in _DTYPES:
+                            raise ModelSourceError(
+                                f"{f.name}: {key} is stored as {sl.get_dtype()}, which vsraq cannot read; convert "
+                                "the model to bfloat16 or float16 first (e.g. DeepSeek's fp8_cast_bf16.py)."
+                            )
                         self.where[key] = f
                         self.meta[key] = (_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
             except (SafetensorError, OSError) as exc:
                 raise ModelSourceError(
-                    f"{f} is not a readable safetensors file ({exc}); the model folder is damaged: re-download it."
+                    f"{f} is not a readable safetensors file ({one_line(exc)}); the model folder is damaged: "
+                    "re-download it."
                 ) from exc
 
     def _weight_files(self) -> list[Path]:
@@ -167,7 +174,8 @@ class ModelSource:
     @contextmanager
     def opened(self) -> Iterator:
         """``get(key)``: one stored tensor at a time, each shard opened once for the block and closed after it (its
-        mapping, and the resident pages it brought in, do not outlive the block)."""
+        mapping, and the resident pages it brought in, do not outlive the block). A tensor holding NaN or Inf is
+        refused as it is read (every weight a run uses passes here once)."""
         handles: dict[Path, object] = {}
 
         def get(key: str) -> torch.Tensor:
@@ -175,11 +183,18 @@ class ModelSource:
             try:
                 if f not in handles:
                     handles[f] = safe_open(str(f), framework="pt").__enter__()
-                return handles[f].get_tensor(key)
+                tensor = handles[f].get_tensor(key)
             except (SafetensorError, OSError) as exc:
                 raise ModelSourceError(
-                    f"{f} cannot be read ({exc}); the model folder is damaged: re-download it."
+                    f"{f} cannot be read ({one_line(exc)}); the model folder is damaged: re-download it."
                 ) from exc
+            bad = nonfinite_count(tensor)
+            if bad:
+                raise ModelSourceError(
+                    f"{f.name}: {key} holds {bad} NaN/Inf value(s); the weights are damaged: re-download or "
+                    "re-export the model."
+                )
+            return tensor
 
         try:
             yield get
@@ -357,6 +372,14 @@ class InMemoryLayers:
         return parts
 
 
+def check_unquantized(source: ModelSource) -> None:
+    """Quantizing starts from full precision: a folder whose config has a ``quantization_config`` is refused."""
+    if getattr(source.config, "quantization_config", None) is not None:
+        raise ModelSourceError(
+            f"{source.path} is already quantized (its config has a quantization_config); pass the full-precision model."
+        )
+
+
 class StreamedLayers:
     """A model folder quantized layer by layer (see the module docstring)."""
 
@@ -367,11 +390,7 @@ class StreamedLayers:
 
         self.source, self.device = source, device
         config = source.config
-        if getattr(config, "quantization_config", None) is not None:
-            raise ModelSourceError(
-                f"{source.path} is already quantized (its config has a quantization_config); pass the "
-                "full-precision model."
-            )
+        check_unquantized(source)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.model.eval()

@@ -17,6 +17,8 @@ def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     """All documents' tokens, each document followed by the EOS token, as one 1-D tensor."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    if not docs:  # a tokenizer given an empty batch fails deep inside; no documents are no tokens
+        return torch.tensor(ids, dtype=torch.long)
     for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(doc_ids)
         if eos is not None:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, sequential_stages
+from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, UnsupportedModelError, sequential_stages
 from .deepseek_v3 import DeepseekV3Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
@@ -22,10 +22,6 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
 
 # Config fields whose presence (> 0) marks a model as a mixture of experts.
 _MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
-
-
-class UnsupportedModelError(ValueError):
-    """The model is a MoE of a family no adapter knows."""
 
 
 def _is_moe(config) -> bool:

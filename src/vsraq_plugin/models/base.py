@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..routing import RouterRule, Routing, route
+from ..validation import InputError
 
 # Expert projections, in true-sequential order (gate/up read the layer input, down reads their product).
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -30,6 +31,10 @@ def sequential_stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear
     for name, lin in linears.items():
         stages.setdefault(_STAGE_OF.get(name.rsplit(".", 1)[-1], 0), {})[name] = lin
     return [stages[k] for k in sorted(stages)]
+
+
+class UnsupportedModelError(InputError):
+    """The model is of a family (or structure) vsraq-plugin has no adapter for."""
 
 
 @dataclass
@@ -67,9 +72,9 @@ class MoEAdapter:
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
-            raise TypeError(
-                f"{type(model).__name__} has no `model.layers`; vsraq-plugin supports decoder-only causal LMs "
-                "as implemented in transformers 5."
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no `model.layers`; vsraq-plugin supports decoder-only causal LMs laid "
+                "out as transformers 5's Llama/Mixtral/Qwen families are: add an adapter in vsraq_plugin/models/."
             )
         return layers
 

@@ -102,18 +102,23 @@ class StageCapture:
         weighted: bool = False,
         token_weights: list[torch.Tensor] | None = None,
         fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+        exact: bool = False,
     ):
         devices = [lin.weight.device for lin in linears.values()]
         if experts is not None:
             devices.append(experts.gate_up_proj.device)
         device = devices[0] if devices else None
-        self.acc = {name: HessianAccumulator(lin.in_features, device=device) for name, lin in linears.items()}
-        # FP targets: sum_t w_t x~_t x_t^T against the FP stream's inputs of the same tokens (DESIGN 3.5c).
+        self.exact = exact
+        self.acc = {n: HessianAccumulator(lin.in_features, device=device, exact=exact) for n, lin in linears.items()}
+        # FP targets: sum_t w_t x~_t x_t^T against the FP stream's inputs of the same tokens (DESIGN 3.5c); in
+        # exact mode (distributed runs) a float64 sum of the per-batch float32 terms.
         self.fp_inputs = {n: v for n, v in (fp_inputs or {}).items() if n in linears}
+        dt = torch.float64 if exact else torch.float32
         self.cross = {
-            n: torch.zeros(linears[n].in_features, linears[n].in_features, device=device) for n in self.fp_inputs
+            n: torch.zeros(linears[n].in_features, linears[n].in_features, device=device, dtype=dt)
+            for n in self.fp_inputs
         }
-        self.cross_w = dict.fromkeys(self.fp_inputs, 0.0)
+        self.cross_w = {n: torch.zeros((), dtype=torch.float64, device=device) for n in self.fp_inputs}
         self.batch = dict.fromkeys(linears, 0)
         self.token_weights = token_weights  # per calibration batch, or None (unweighted)
         self.calls = dict.fromkeys(linears, 0)
@@ -124,8 +129,8 @@ class StageCapture:
         self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if experts is not None:
             E, _, d = experts.gate_up_proj.shape
-            self.expert_acc = HessianAccumulator(d, E, device=device)
-            self.all_tokens = HessianAccumulator(d, device=device)
+            self.expert_acc = HessianAccumulator(d, E, device=device, exact=exact)
+            self.all_tokens = HessianAccumulator(d, device=device, exact=exact)
             self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
     def _done(self, name: str) -> None:
@@ -144,7 +149,8 @@ class StageCapture:
             if name in self.fp_inputs:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 wt = torch.ones(x.shape[0], device=x.device) if w is None else w.reshape(-1).float()
-                self.cross[name] += (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
+                term = (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
+                self.cross[name] += term.double() if self.exact else term
                 self.cross_w[name] += float(wt.sum())
             self.batch[name] += 1
             self._done(name)
@@ -161,7 +167,20 @@ class StageCapture:
         self._done("experts")
 
     def cross_matrix(self, name: str) -> torch.Tensor:
-        return (self.cross[name] / max(self.cross_w[name], 1e-12))[None]
+        return (self.cross[name] / max(float(self.cross_w[name]), 1e-12)).float()[None]
+
+    def reduce(self, dist) -> None:
+        """Sum every statistic of this stage over the ranks of a distributed run (exact mode)."""
+        if dist is None or not dist.active:
+            return
+        for acc in self.acc.values():
+            acc.reduce(dist)
+        if self.experts is not None:
+            self.expert_acc.reduce(dist)
+            self.all_tokens.reduce(dist)
+        for n in self.cross:
+            dist.all_reduce_sum_(self.cross[n])
+            dist.all_reduce_sum_(self.cross_w[n])
 
     @property
     def active(self) -> bool:
@@ -199,6 +218,7 @@ def down_hessians(
     weighted: bool,
     coverage: list[int],
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    exact: bool = False,
 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
     """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
     weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
@@ -206,12 +226,13 @@ def down_hessians(
     inputs are computed and folded into its Hessian in turn (never all (token, expert) pairs at once)."""
     E, two_i, _ = experts.gate_up_proj.shape
     device = experts.gate_up_proj.device
-    acc = HessianAccumulator(two_i // 2, E, device=device)
-    cov = HessianAccumulator(two_i // 2, len(coverage), device=device) if coverage else None
+    acc = HessianAccumulator(two_i // 2, E, device=device, exact=exact)
+    cov = HessianAccumulator(two_i // 2, len(coverage), device=device, exact=exact) if coverage else None
     gate_up = experts.gate_up_proj.detach().float()
-    for x, idx, w in routed:
-        if pairs is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
-            tokens, eids, pw = pairs
+    chunks = pairs if isinstance(pairs, list) else [pairs] * len(routed)  # one triple per routed batch, or shared
+    for (x, idx, w), pair in zip(routed, chunks, strict=True):
+        if pair is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
+            tokens, eids, pw = pair
         else:
             tokens, eids = expert_pairs(x, idx)
             pw = w.reshape(-1) if weighted else None
@@ -224,19 +245,39 @@ def down_hessians(
     return acc, cov
 
 
-def expert_cross(experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+def expert_cross(
+    experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor, bounds=None, dist=None
+) -> torch.Tensor:
     """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c): quantized stream
     (current, quantized gate/up) against FP stream (the original gate/up ``fp_gate_up`` on the FP hidden
-    states), same (token, expert, weight) pairs."""
+    states), same (token, expert, weight) pairs. With ``bounds`` (the token range of every calibration batch),
+    the sums are float64 sums of per-batch float32 terms, reduced over the ranks of ``dist`` (exact sums)."""
     X, tokens, eids, w = pairs
     gu_q, gu_fp = experts.gate_up_proj.detach().float(), fp_gate_up.detach().float()
     E, inter = gu_q.shape[0], gu_q.shape[1] // 2
-    C = torch.zeros(E, inter, inter, device=X.device)
-    for e in range(E):
-        sel = (eids == e).nonzero().flatten()
-        if sel.numel():
-            we = w[sel].float()
-            h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
-            h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
-            C[e] = (h_q * we[:, None]).T @ h_fp / we.sum().clamp(min=1e-12)
-    return C
+    if bounds is None:
+        C = torch.zeros(E, inter, inter, device=X.device)
+        for e in range(E):
+            sel = (eids == e).nonzero().flatten()
+            if sel.numel():
+                we = w[sel].float()
+                h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
+                h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
+                C[e] = (h_q * we[:, None]).T @ h_fp / we.sum().clamp(min=1e-12)
+        return C
+    S = torch.zeros(E, inter, inter, dtype=torch.float64, device=X.device)
+    wsum = torch.zeros(E, dtype=torch.float64, device=X.device)
+    for t0, t1 in bounds:
+        in_batch = (tokens >= t0) & (tokens < t1)
+        for e in range(E):
+            sel = (in_batch & (eids == e)).nonzero().flatten()
+            if sel.numel():
+                we = w[sel].float()
+                h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
+                h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
+                S[e] += (h_q * we[:, None]).T @ h_fp
+                wsum[e] += float(we.sum())
+    if dist is not None:
+        dist.all_reduce_sum_(S)
+        dist.all_reduce_sum_(wsum)
+    return (S / wsum.clamp(min=1e-12)[:, None, None]).float()

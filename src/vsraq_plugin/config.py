@@ -93,6 +93,10 @@ class QuantConfig:
     device: str = "auto"
     # Where the calibration streams live between layers: "auto" (on the device when they fit), "device", "cpu".
     offload: str = "auto"
+    # Sums over calibration tokens (Hessians, cross-Grams) as float64 sums of per-batch float32 terms: the result
+    # does not depend on how batches are split over ranks (distributed runs equal one process, bit for bit).
+    # False: float32 running sums (half the accumulator memory; results differ in the last bits).
+    exact_sums: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -27,14 +27,55 @@ class HessianAccumulator:
     only (experts: one Gram matrix per expert over its own tokens, no padding); a 2-D ``weight`` of shape
     ``(tokens, num_matrices)`` gives each matrix its own token weights (row-specific Hessians, DESIGN 3.1).
     Normalising by the weight sum makes integer weights identical to duplicated tokens.
+
+    ``exact=True`` (distributed runs, ``distributed.py``): each call's term is computed in float32 exactly as in
+    the default mode, but added into an unnormalised float64 sum, normalised when ``H`` is first read. Such sums
+    can be reduced over ranks (``reduce``) with a result that does not depend on how the calls were split.
     """
 
-    def __init__(self, in_features: int, num_matrices: int = 1, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        num_matrices: int = 1,
+        device: torch.device | str | None = None,
+        exact: bool = False,
+    ):
         self.in_features = in_features
         self.num_matrices = num_matrices
-        self.H = torch.zeros(num_matrices, in_features, in_features, device=device)
+        self.exact = exact
+        shape = (num_matrices, in_features, in_features)
+        # Exact mode: one float64 sum per matrix (a list, so that each is freed as soon as it is normalised).
+        self._S = (
+            [torch.zeros(shape[1:], dtype=torch.float64, device=device) for _ in range(num_matrices)] if exact else None
+        )
+        self._H = None if exact else torch.zeros(shape, device=device)
         self.weight_sum = torch.zeros(num_matrices, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(num_matrices, dtype=torch.int64, device=device)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The normalised Hessians ``(num_matrices, d, d)`` (float32). In exact mode the float64 sums are
+        normalised (and freed) on first read: no token can be added afterwards."""
+        if self._H is None:
+            ws = torch.where(self.weight_sum > 0, self.weight_sum, torch.ones_like(self.weight_sum))
+            H = torch.empty(self.num_matrices, self.in_features, self.in_features, device=self.weight_sum.device)
+            for e in range(self.num_matrices):
+                H[e] = self._S[e].div_(ws[e])
+                self._S[e] = None
+            self._H, self._S = H, None
+        return self._H
+
+    def reduce(self, dist) -> HessianAccumulator:
+        """Sum the exact-mode partial sums of every rank (``distributed.Dist``); a no-op for one process."""
+        if dist is None or not dist.active:
+            return self
+        if not self.exact or self._S is None:
+            raise RuntimeError("only an exact-mode accumulator that has not been read can be reduced.")
+        for S in self._S:
+            dist.all_reduce_sum_(S)
+        dist.all_reduce_sum_(self.weight_sum)
+        dist.all_reduce_sum_(self.tokens)
+        return self
 
     @torch.no_grad()
     def add(
@@ -66,6 +107,9 @@ class HessianAccumulator:
         if (rows is not None or transform is not None) and index is None:
             raise ValueError("rows and transform go with an index (one matrix id per sample).")
 
+        if self._S is None and self.exact:
+            raise RuntimeError("this accumulator's Hessians were already read; it takes no more tokens.")
+
         if weight.shape[1] == self.num_matrices and self.num_matrices > 1:  # row-specific weights
             if index is not None:
                 raise ValueError("pass either a per-matrix weight matrix or an index, not both.")
@@ -89,8 +133,9 @@ class HessianAccumulator:
             # One Gram matrix per non-empty group, no padding, folded into H at once: no (E, d, d) temporary
             # beside H (at real widths that is E x 16 MiB) and no (samples, d) copy of all groups.
             new_sum = self.weight_sum + wsum
-            keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
-            self.H.mul_(keep.float()[:, None, None])
+            if not self.exact:
+                keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
+                self._H.mul_(keep.float()[:, None, None])
             scale = torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()  # no weight: zeros / 1
             start = 0
             for e, c in enumerate(counts.tolist()):
@@ -100,18 +145,27 @@ class HessianAccumulator:
                     if transform is not None:
                         seg = transform(e, seg).float()
                     seg = seg * w[sel].sqrt()[:, None]
-                    self.H[e].add_((seg.T @ seg).div_(scale[e]))
+                    if self.exact:
+                        self._S[e].add_(seg.T @ seg)
+                    else:
+                        self._H[e].add_((seg.T @ seg).div_(scale[e]))
                     start += c
             self.weight_sum = new_sum
             self.tokens += count
             return
 
         new_sum = self.weight_sum + wsum
+        if self.exact:
+            for e in range(self.num_matrices):
+                self._S[e].add_(added[e])
+            self.weight_sum = new_sum
+            self.tokens += count
+            return
         keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
-        self.H.mul_(keep.float()[:, None, None])
+        self._H.mul_(keep.float()[:, None, None])
         # A matrix that no weight has reached yet adds zeros: divide them by 1. (Dividing by the float64 clamp
         # 1e-300 cast to float32, i.e. by 0, made its Hessian NaN for good: later tokens could not repair it.)
-        self.H.add_(added / torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()[:, None, None])
+        self._H.add_(added / torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()[:, None, None])
         self.weight_sum = new_sum
         self.tokens += count
 

@@ -18,6 +18,7 @@ safetensors shards, each finished layer written to the checkpoint and freed).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,12 +31,13 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationError, calibration_windows
 from .capture import LayerRunner, StageCapture, StopForward, down_hessians, expert_cross
 from .config import QuantConfig
+from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
 from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
-from .solve import QuantizationResult, solve_batch, solve_experts, split_rows, weight_to, with_coverage
+from .solve import QuantizationResult, solve_batch, solve_shared, split_rows, weight_to, with_coverage
 from .streaming import (
     InMemoryLayers,
     ModelSource,
@@ -120,6 +122,7 @@ def quantize_model(
     on_layer_done: Callable[[int], None] | None = None,
     router_init: dict[int, torch.Tensor] | None = None,
     expert_bits: dict[int, torch.Tensor] | None = None,
+    dist: Dist | None = None,
 ) -> QuantizationResult:
     """Quantize an in-memory ``model`` in place with ``config.method`` on calibration ``windows`` ``(n, seq_len)``.
 
@@ -129,16 +132,21 @@ def quantize_model(
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
     With ``config.bits_budget``, each MoE layer's experts get widths from ``mixed_precision`` (scored with
     ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
-    imposes an allocation instead (baselines: random or frequency-based allocations).
+    imposes an allocation instead (baselines: random or frequency-based allocations). Inside a process group
+    (``torchrun``; or ``dist``) the work is shared by the ranks (``distributed.py``), every rank ends with the
+    same quantized model.
     """
     check_quantize_model(model, windows, config, batch_size)
     source_dtype = next(model.parameters()).dtype
-    store = InMemoryLayers(model, resolve_device(config.device))
+    device = _rank_device(config.device)
+    dist = dist or Dist.from_env(device)
+    store = InMemoryLayers(model, device)
     _check_settings(store.adapter, store.layers, config, windows)
     if source_dtype != torch.float32:
         model.float()  # the in-memory model must hold the grid values exactly (bf16 cannot)
     model.eval()
-    result = _run(store, windows, config, batch_size, work_dir, progress, on_layer_done, router_init, expert_bits)
+    result = _run(store, windows, config, batch_size, work_dir, progress, on_layer_done, router_init, expert_bits,
+                  dist=dist)  # fmt: skip
     result.source_dtype = source_dtype
     return result
 
@@ -160,30 +168,53 @@ def quantize_folder(
     key_layout: str = "original",
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    dist: Dist | None = None,
 ) -> QuantizationResult:
     """Quantize the model in folder ``path`` layer by layer and write its GPTQ v1 checkpoint to ``out``.
 
     The model is never materialised whole: each decoder layer is read from the safetensors shards, quantized on
     ``config.device`` in float32, written (packed tensors appended to size-capped shards, unquantized tensors in
     the source dtype) and freed. The folder is built under a temporary name beside ``out`` and renamed when
-    complete. Resume (``work_dir``) works as with ``quantize_model``, bit for bit.
+    complete. Resume (``work_dir``) works as with ``quantize_model``, bit for bit. Inside a process group
+    (``torchrun``) the ranks share the work (``distributed.py``) and rank 0 writes.
     """
     from .checkpoint import StreamingCheckpoint
 
     check_quantize_folder(path, windows, config, out, batch_size, work_dir)
     source = ModelSource(path)
-    store = StreamedLayers(source, resolve_device(config.device))
+    device = _rank_device(config.device)
+    dist = dist or Dist.from_env(device)
+    store = StreamedLayers(source, device)
     _check_settings(store.adapter, store.layers, config, windows)
-    writer = StreamingCheckpoint(out, store, config, key_layout, overwrite, max_shard_size)
+    writer = StreamingCheckpoint(out, store, config, key_layout, overwrite, max_shard_size) if dist.writer else None
     try:
+        sink = writer.write_layer if writer is not None else _discard
         result = _run(store, windows, config, batch_size, work_dir, progress, on_layer_done, router_init,
-                      expert_bits, sink=writer.write_layer)  # fmt: skip
+                      expert_bits, sink=sink, dist=dist)  # fmt: skip
         result.source_dtype = source.dtype
-        writer.finish(result, tokenizer)
+        if writer is not None:
+            writer.finish(result, tokenizer)
+        dist.barrier()  # no rank reports success before the checkpoint is in place
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     return result
+
+
+def _discard(layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
+    """The sink of the ranks that do not write (rank 0 writes the checkpoint)."""
+
+
+def _rank_device(device: str) -> torch.device:
+    """The solve device; under torchrun with CUDA, the GPU of this rank's LOCAL_RANK."""
+    import os
+
+    if Dist.launched() and device in ("auto", "cuda") and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return resolve_device(device)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -198,8 +229,10 @@ def _run(
     router_init,
     expert_bits,
     sink: LayerSink | None = None,
+    dist: Dist | None = None,
 ) -> QuantizationResult:
     t_start = time.perf_counter()
+    dist = dist or SINGLE
     adapter, layers = store.adapter, store.layers
     method = method_for(cfg)
     result = QuantizationResult(
@@ -239,6 +272,22 @@ def _run(
     stream_bytes = windows.numel() * hidden * 4 * streams * 2
     store_dev = resolve_store(cfg.offload, device, stream_bytes, _working_bytes(layers))
     result.summary["device"], result.summary["stream_store"] = str(device), str(store_dev)
+    all_windows = windows
+    if dist.active:  # this rank's contiguous block of calibration batches (distributed.py)
+        if dist.world > 1 and (method.needs_fp_logits or method.fp_stream):
+            raise NotImplementedError(
+                f"method={cfg.method!r} with its FP stream is not distributed yet; run it in one process, or use "
+                "method='gptq' or 'agq' under torchrun."
+            )
+        n_batches = -(-windows.shape[0] // batch_size)
+        mine = dist.batch_range(n_batches)
+        if not len(mine):
+            raise CalibrationError(
+                f"{dist.world} ranks but only {n_batches} calibration batches of {batch_size} windows: every rank "
+                "needs one. Use fewer ranks, more --n-samples or a smaller --batch-size."
+            )
+        windows = windows[mine.start * batch_size : mine.stop * batch_size]
+        result.summary["world_size"] = dist.world
     store.prepare_inputs()
     runner = LayerRunner(store.model, adapter, windows, batch_size, device, store_dev)
     store.finish_inputs()
@@ -248,7 +297,10 @@ def _run(
     state = None
     first = 0
     if work_dir is not None:
-        state = ResumeState(work_dir, fingerprint(cfg, windows, store.fingerprint_parts()))
+        parts = (
+            [*store.fingerprint_parts(), f"world={dist.world}".encode()] if dist.active else store.fingerprint_parts()
+        )
+        state = ResumeState(work_dir, fingerprint(cfg, all_windows, parts), dist)
         first = state.completed()
     x_fp = list(x_q) if fp_stream else None
     if first:
@@ -285,7 +337,7 @@ def _run(
             if method.fp_targets and layer.is_moe:
                 fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
         ctx = LayerContext(adapter, layer, batch_tokens, result.fp_router_logits, store.router)
-        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up)
+        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist)
         del fp_inputs, fp_gate_up, ctx
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
@@ -481,11 +533,17 @@ def quantize_layer(
     expert_bits: torch.Tensor | None = None,
     fp_inputs: dict[str, list[torch.Tensor]] | None = None,
     fp_gate_up: torch.Tensor | None = None,
+    dist: Dist | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
     ``fp_inputs``: the FP stream's inputs of the layer's residual writers and experts, per batch, and
-    ``fp_gate_up`` the experts' original gate/up weights (FP targets, DESIGN 3.5c)."""
+    ``fp_gate_up`` the experts' original gate/up weights (FP targets, DESIGN 3.5c). ``dist``: the ranks of a
+    distributed run: statistics are exact sums reduced over them, solves are shared (``distributed.py``)."""
     prefix = f"model.layers.{layer.index}"
+    distributed = dist is not None and dist.active
+    exact = cfg.exact_sums or distributed
+    offsets = [0, *torch.tensor([h.shape[0] * h.shape[1] for h in x_q]).cumsum(0).tolist()]
+    bounds = list(itertools.pairwise(offsets))  # each calibration batch's token range
     fallbacks = result.summary["fallbacks"]
     fp_inputs = dict(fp_inputs or {}) if plan.fp_targets else {}
     routed: list = []
@@ -500,17 +558,26 @@ def quantize_layer(
             plan.weighted_experts,
             plan.attention_weights if expert_stage is None else None,
             stage_fp,
+            exact,
         )
         try:
             if cap.active:
                 runner.capture(layer.layer, x_q)
         finally:
             cap.close()
-        for name, lin in linears.items():
+        cap.reduce(dist)
+        # A distributed run gives each linear of the stage to one rank (longest first); one process solves all.
+        owners = dist.owners([float(lin.out_features * lin.in_features**2 + lin.in_features**3)
+                              for lin in linears.values()]) if distributed else [0] * len(linears)  # fmt: skip
+        for (name, lin), owner in zip(linears.items(), owners, strict=True):
             W = lin.weight[None].float()
             if name in cap.cross:
                 W = _fp_target(W, cap.acc[name].H, cap.cross_matrix(name), cfg)
-            qw = solve_batch(W, cap.acc[name].H, cfg, f"{prefix}.{name}", fallbacks, plan.metric_for(name))
+            target, metric = f"{prefix}.{name}", plan.metric_for(name)
+            if distributed:
+                qw = solve_shared(dist, W, cap.acc[name].H, cfg, target, fallbacks, None, metric, owner_of=[owner])
+            else:
+                qw = solve_batch(W, cap.acc[name].H, cfg, target, fallbacks, metric)
             lin.weight.copy_(qw.weight[0])
             qw.weight = lin.weight.detach()[None]  # the model now holds these values: no second copy
             result.weights[f"{prefix}.{name}"] = qw
@@ -525,8 +592,14 @@ def quantize_layer(
                 X = torch.cat([x for x, _, _ in routed])
                 tokens, eids, w = plan.expert_pairs
                 pairs = (X, tokens, eids, w)
-                acc = HessianAccumulator(X.shape[1], acc.num_matrices, device=X.device)
-                acc.add(X, w, index=eids, rows=tokens)
+                acc = HessianAccumulator(X.shape[1], acc.num_matrices, device=X.device, exact=exact)
+                if exact:  # one term per calibration batch, as every other sum
+                    for t0, t1 in bounds:
+                        sel = (tokens >= t0) & (tokens < t1)
+                        acc.add(X, w[sel], index=eids[sel], rows=tokens[sel])
+                    acc.reduce(dist)
+                else:
+                    acc.add(X, w, index=eids, rows=tokens)
             starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             name = f"{prefix}.mlp.experts.gate_up_proj"
             H = with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)
@@ -535,21 +608,35 @@ def quantize_layer(
         else:
             if pairs is not None:
                 X, tokens, eids, w = pairs
-                acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
+                if exact:  # the pairs of each calibration batch on that batch's tokens
+                    parts, chunks = [], []
+                    for t0, t1 in bounds:
+                        sel = (tokens >= t0) & (tokens < t1)
+                        parts.append((X[t0:t1], None, None))
+                        chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
+                    acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True)
+                    acc.reduce(dist)
+                    if cov is not None:
+                        cov.reduce(dist)
+                else:
+                    acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
             else:
-                acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved)
+                acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved, exact=exact)
+                acc.reduce(dist)
+                if cov is not None:
+                    cov.reduce(dist)
             name = f"{prefix}.mlp.experts.down_proj"
             cov_tokens = int(cov.tokens.max()) if cov is not None else 0
             H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
             W = experts.down_proj
             if fp_experts_x is not None and pairs is not None and fp_gate_up is not None:
-                C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x))
+                C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), bounds if exact else None, dist)
                 target = _fp_target(W.float(), acc.H, C, cfg)
                 keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
                 keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
                 W = torch.where(keep[:, None, None], W.float(), target)
             metric = plan.metric_for("down_proj")
-        qw = solve_experts(W.float(), H, cfg, name, fallbacks, expert_bits, metric)
+        qw = solve_shared(dist, W.float(), H, cfg, name, fallbacks, expert_bits, metric)
         param = experts.gate_up_proj if expert_stage == "gate_up" else experts.down_proj
         param.copy_(qw.weight)
         qw.weight = param.detach()  # the model now holds these values: no second copy

@@ -60,10 +60,16 @@ def fingerprint(config: QuantConfig, windows: torch.Tensor | None, parts: list[b
 class ResumeState:
     """The work dir of one run (see the module docstring)."""
 
-    def __init__(self, work_dir: str | Path, fingerprint: str):
+    def __init__(self, work_dir: str | Path, fingerprint: str, dist=None):
         self.dir = Path(work_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
+        self.dist = dist  # distributed runs: rank 0 writes the layers and the progress, every rank its streams
+
+    def _streams(self, index: int) -> Path:
+        d = self.dist
+        suffix = "" if d is None or not d.active or d.world == 1 else f".r{d.rank}"
+        return self.dir / f"streams_{index:04d}{suffix}.safetensors"
 
     def completed(self) -> int:
         """Layers finished by an earlier run with the same fingerprint (0 for a fresh work dir)."""
@@ -90,7 +96,7 @@ class ResumeState:
         return {name: _from_tensors(tensors, name, cfg) for name in names}, tensors.get(ROUTER_KEY)
 
     def load_streams(self, done: int, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        streams = load_file(str(self.dir / f"streams_{done - 1:04d}.safetensors"))
+        streams = load_file(str(self._streams(done - 1)))
         n = len([k for k in streams if k.startswith("q.")])
         x_q = [streams[f"q.{i}"].to(device) for i in range(n)]
         x_fp = [streams[f"f.{i}"].to(device) for i in range(n)] if "f.0" in streams else None
@@ -106,6 +112,7 @@ class ResumeState:
         x_fp: list[torch.Tensor] | None,
     ) -> None:
         """Record layer ``index`` as finished: its results, then the streams, then the progress (last)."""
+        writer = self.dist is None or self.dist.writer
         tensors = {}
         if router is not None:  # VSRAQ re-fits the 16-bit router: it is part of the layer's result
             tensors[ROUTER_KEY] = router
@@ -114,15 +121,23 @@ class ResumeState:
                 tensors[f"{name}.{f}"] = getattr(qw, f)
             if qw.bits_per_matrix is not None:
                 tensors[f"{name}.bits"] = qw.bits_per_matrix
-        atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
+        if writer:
+            atomic_save(tensors, self.dir / f"layer_{index:04d}.safetensors")
         streams = {f"q.{i}": t for i, t in enumerate(x_q)}
         streams.update({f"f.{i}": t for i, t in enumerate(x_fp or [])})
-        atomic_save(streams, self.dir / f"streams_{index:04d}.safetensors")
-        atomic_write_text(
-            self.dir / "progress.json",
-            json.dumps({"fingerprint": self.fingerprint, "completed_layers": index + 1, "summary": summary}, indent=1),
-        )
-        old = self.dir / f"streams_{index - 1:04d}.safetensors"
+        atomic_save(streams, self._streams(index))
+        if self.dist is not None:
+            self.dist.barrier()  # every rank's streams are on disk before the progress says the layer is done
+        if writer:
+            atomic_write_text(
+                self.dir / "progress.json",
+                json.dumps(
+                    {"fingerprint": self.fingerprint, "completed_layers": index + 1, "summary": summary}, indent=1
+                ),
+            )
+        if self.dist is not None:
+            self.dist.barrier()
+        old = self._streams(index - 1)
         if old.exists():
             old.unlink()
 

@@ -215,3 +215,60 @@ def weight_to(qw: QuantizedWeight, device: torch.device | str) -> QuantizedWeigh
         move(qw.codes), move(qw.scales), move(qw.zeros), move(qw.g_idx), move(qw.weight), qw.bits, qw.group_size,
         qw.bits_per_matrix, move(qw.prequant),
     )  # fmt: skip
+
+
+def solve_shared(
+    dist,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: QuantConfig,
+    name: str,
+    fallbacks: list[dict],
+    expert_bits: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
+    owner_of=None,
+) -> QuantizedWeight:
+    """``solve_experts`` over the ranks of a distributed run (``distributed.Dist``): each matrix of the batch is
+    solved by one owner rank (longest first onto the least loaded; ``owner_of`` overrides it), which broadcasts
+    its codes and grids; every rank rebuilds the dequantized weights from them with the solver's own arithmetic,
+    so all ranks hold the same result bit for bit. One process (or no group): ``solve_experts`` itself."""
+    if dist is None or not dist.active or dist.world == 1:
+        return solve_experts(W, H, cfg, name, fallbacks, expert_bits, metric)
+    if cfg.refine_steps > 0:
+        raise NotImplementedError("block-wise refinement is not distributed yet; run it in one process.")
+    B, R, C = W.shape
+    owner = owner_of if owner_of is not None else dist.owners([float(R * C * C + C**3)] * B)
+    mine = [i for i in range(B) if owner[i] == dist.rank]
+    local: QuantizedWeight | None = None
+    sub: list[dict] = []
+    if mine:
+        ids = torch.tensor(mine, device=W.device)
+        bits = None if expert_bits is None else expert_bits[torch.tensor(mine)]
+        local = solve_experts(W[ids], H[ids], cfg, name, sub, bits, rows_of(metric, ids))
+    groups = 1 if cfg.group_size == -1 else C // cfg.group_size
+    codes = torch.empty(B, R, C, dtype=torch.uint8, device=W.device)
+    scales = torch.empty(B, R, groups, device=W.device)
+    zeros = torch.empty(B, R, groups, dtype=torch.int32, device=W.device)
+    g_idx = torch.empty(B, C, dtype=torch.int32, device=W.device)
+    for r in range(dist.world):
+        ids = [i for i in range(B) if owner[i] == r]
+        if not ids:
+            continue
+        parts = [codes[ids], scales[ids], zeros[ids], g_idx[ids]]
+        if r == dist.rank:
+            parts = [local.codes.contiguous(), local.scales.contiguous(), local.zeros.contiguous(),
+                     local.g_idx.contiguous()]  # fmt: skip
+        for t in parts:
+            dist.broadcast_(t, src=r)
+        sel = torch.tensor(ids, device=W.device)
+        codes[sel], scales[sel], zeros[sel], g_idx[sel] = parts
+    for r, entries in enumerate(dist.all_gather_object([{**f, "index": mine[f["index"]]} for f in sub])):
+        del r
+        fallbacks.extend(entries)
+    fallbacks.sort(key=lambda f: (f["target"], f["index"], f["action"]))
+    widths = None
+    if expert_bits is not None and len(set(expert_bits.tolist())) > 1:
+        widths = expert_bits.clone()
+    bits = cfg.bits if expert_bits is None else int(expert_bits.max())
+    weight = dequantize_grid(codes, scales, zeros, g_idx)
+    return QuantizedWeight(codes, scales, zeros, g_idx, weight, bits, cfg.group_size, widths)

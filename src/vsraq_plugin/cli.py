@@ -251,7 +251,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_model_dir(path, error=CLIError)
     work = Path(args.resume_dir) if args.resume_dir else None
     check_paths(path, out, work, ("--out", "--resume-dir"), CLIError)
-    FolderLock(out, "--out").acquire().release()  # another run writing --out: refused now, not after the work
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes and reports
+    if rank0:
+        FolderLock(out, "--out").acquire().release()  # another run writing --out: refused now, not after the work
     source = ModelSource(path)
     check_unquantized(source)
     get_adapter(source.config)
@@ -263,15 +265,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise CLIError(f"method {cfg.method} needs calibration data: pass --calib FILE|DATASET_DIR.")
         windows = calibration_windows(tok, load_calibration(calib), seq_len, n_samples, exact=exact)
         note = "" if exact or len(windows) == n_samples else f" (all the data hold; the default is up to {n_samples})"
-        print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}{note}")
+        if rank0:
+            print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}{note}")
     router_init = load_router_init(path) if cfg.bits_budget is not None else None
-    with FolderLock(work, "--resume-dir") if work is not None else contextlib.nullcontext():
+    with FolderLock(work, "--resume-dir") if work is not None and rank0 else contextlib.nullcontext():
         result = quantize_folder(
             path, windows, cfg, out, tokenizer=tok, batch_size=args.batch_size, work_dir=work,
             router_init=router_init, key_layout=args.key_layout, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
+            max_shard_size=args.max_shard_size, progress=rank0, dist_timeout=args.dist_timeout,
         )  # fmt: skip
+    if not rank0:
+        return 0
     fallbacks = result.summary["fallbacks"]
+    if "world_size" in result.summary:
+        print(f"distributed over {result.summary['world_size']} ranks")
     where = f"on {result.summary.get('device', 'cpu')}"
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size} {where}: {result.summary['seconds']:.1f}s, wrote {out}")
     seconds = result.summary.get("layer_seconds") or [0.0]
@@ -468,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the calibration activations live between layers (auto: on the device when they fit)",
     )
     q.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard, e.g. 5GB, 500MB")
+    q.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a collective may wait for the other ranks before the run stops with an error",
+    )
     q.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
     q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     q.set_defaults(func=cmd_quantize)

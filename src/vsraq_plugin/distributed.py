@@ -39,9 +39,11 @@ class DistributedError(RuntimeError):
 class Dist:
     """The ranks of a run; ``Dist()`` is the single process. Counts the bytes its collectives move."""
 
-    def __init__(self, rank: int = 0, world: int = 1, group=None, timeout_s: float = 600.0) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, group=None, timeout_s: float = 600.0, device=None) -> None:
         self.rank, self.world, self.group, self.timeout_s = rank, world, group, timeout_s
         self.bytes_moved = 0
+        # NCCL moves CUDA tensors only: host tensors (FP logits kept on the host) travel through this device.
+        self.comm_device = device if device is not None and torch.device(device).type == "cuda" else None
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -66,7 +68,7 @@ class Dist:
                     f"cannot join the process group ({type(exc).__name__}: {exc}); check MASTER_ADDR/MASTER_PORT and "
                     "that every rank was started (torchrun --nproc-per-node N -m vsraq_plugin quantize ...)."
                 ) from exc
-        return cls(dist.get_rank(), dist.get_world_size(), None, timeout_s)
+        return cls(dist.get_rank(), dist.get_world_size(), None, timeout_s, device)
 
     @property
     def active(self) -> bool:
@@ -106,25 +108,36 @@ class Dist:
                 "to resume after the last finished layer."
             ) from exc
 
+    def _staged(self, t: torch.Tensor, op: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Run an in-place collective on ``t``, through the communication device when ``t`` is not on it."""
+        if self.comm_device is None or t.device == torch.device(self.comm_device):
+            op(t)
+            return t
+        buf = t.to(self.comm_device)
+        op(buf)
+        t.copy_(buf)
+        return t
+
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the ranks (float64 sums stay float64)."""
         if not self.active or self.world == 1:
             return t
         self.bytes_moved += t.numel() * t.element_size()
-        self._guard("a sum", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
-        return t
+        return self._staged(t, lambda x: self._guard("a sum", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM)))
 
     def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
         if not self.active or self.world == 1:
             return t
         self.bytes_moved += t.numel() * t.element_size()
-        self._guard("a broadcast", lambda: dist.broadcast(t, src=src))
-        return t
+        return self._staged(t, lambda x: self._guard("a broadcast", lambda: dist.broadcast(x, src=src)))
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0 in rank order (the sizes along dim 0 may differ)."""
         if not self.active or self.world == 1:
             return t
+        home = t.device
+        if self.comm_device is not None:
+            t = t.to(self.comm_device)
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
         self._guard("a size exchange", lambda: dist.all_gather(sizes, n))
@@ -135,7 +148,7 @@ class Dist:
         out = [torch.empty_like(buf) for _ in range(self.world)]
         self.bytes_moved += buf.numel() * buf.element_size() * self.world
         self._guard("a gather", lambda: dist.all_gather(out, buf.contiguous()))
-        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)])
+        return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)]).to(home)
 
     def all_gather_object(self, obj) -> list:
         """Small Python values (fallback reports, summaries) from every rank, in rank order."""

@@ -9,6 +9,7 @@ DESIGN 3.3-3.5d, computed here from the full-precision router logits with the pu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from .config import QuantConfig
 from .models import MoEAdapter, MoELayer
 from .quantizer import QuantizedWeight
 from .solve import QuantizationResult, gptq_solve
+from .vsraq import TokenSplit
 
 # Residual writers: their output goes straight into the residual stream the routers read (DESIGN 3.5b/3.5c).
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
@@ -51,9 +53,12 @@ class LayerContext:
 
     adapter: MoEAdapter
     layer: MoELayer  # on the solve device
-    batch_tokens: list[int]  # tokens per calibration batch
-    fp_logits: dict[int, torch.Tensor]  # FP router logits of every MoE layer (empty unless the method asks)
+    batch_tokens: list[int]  # tokens per calibration batch, every batch of the run
+    fp_logits: dict[int, torch.Tensor]  # FP router logits of the MoE layers, every token (empty unless asked)
     router: Callable[[int], RouterView]  # a MoE layer's router by index (later layers: original weights)
+    batches: range | None = None  # this process's batches (distributed runs); None: all of them
+    exact: bool = False  # exact sums (QuantConfig.exact_sums): per-batch terms, reduced over the processes
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes
 
 
 @dataclass
@@ -68,6 +73,7 @@ class LayerPlan:
     fp_targets: bool = False  # residual writers solved against blended FP targets (DESIGN 3.5c)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # output metric by leaf kind (3.5b, 3.5d)
     boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
+    split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
     def metric_for(self, name: str) -> torch.Tensor | None:
         """The output metric of a linear by its name in the layer (``self_attn.o_proj``, ``mlp...down_proj``)."""
@@ -157,6 +163,8 @@ class VsraqPlan(LayerPlan):
     def gate_up_metric(self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig) -> torch.Tensor | None:
         if self.boundary_next is None or pairs is None:
             return None
+        if self.split is not None and self.split.local != slice(0, pairs[0].shape[0]):
+            raise NotImplementedError("lambda_metric_up is not distributed yet; set it to 0 under torchrun.")
         return gate_up_metric(adapter, experts, pairs, self.boundary_next, cfg.lambda_metric_up)
 
     def align_router(self, adapter, layer, routed, cfg, result) -> None:
@@ -224,7 +232,27 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
+    if ctx.exact:
+        _localise(plan, ctx)
     return plan
+
+
+def _localise(plan: VsraqPlan, ctx: LayerContext) -> None:
+    """Keep this process's share of a plan computed on every calibration token (exact sums): its batches'
+    attention weights, its tokens' expert pairs (token indices made local), and the token split."""
+    sizes = ctx.batch_tokens
+    batches = ctx.batches if ctx.batches is not None else range(len(sizes))
+    t0 = sum(sizes[: batches.start])
+    local = sizes[batches.start : batches.stop]
+    t1 = t0 + sum(local)
+    offsets = [0, *torch.tensor(local).cumsum(0).tolist()]
+    plan.split = TokenSplit(slice(t0, t1), list(itertools.pairwise(offsets)), ctx.reduce or (lambda t: t))
+    if plan.attention_weights is not None:
+        plan.attention_weights = plan.attention_weights[batches.start : batches.stop]
+    if plan.expert_pairs is not None:
+        tokens, eids, w = plan.expert_pairs
+        keep = (tokens >= t0) & (tokens < t1)
+        plan.expert_pairs = (tokens[keep] - t0, eids[keep], w[keep])
 
 
 def align_router(
@@ -256,12 +284,13 @@ def align_router(
             cfg.margin_band,
             cfg.reweight_rounds,
             cfg.router_ridge,
+            plan.split,
         )
         R = fit.weight
         result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
     if quantize:
         selection = adapter.route(plan.fp_logits, router).selection
-        H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band)
+        H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band, plan.split)
         cfg.check_in_features(R.shape[1], f"model.layers.{layer.index}.router")
         qw: QuantizedWeight = gptq_solve(R[None].float(), H[None], cfg)
         R = qw.weight[0]

@@ -123,6 +123,7 @@ def quantize_model(
     router_init: dict[int, torch.Tensor] | None = None,
     expert_bits: dict[int, torch.Tensor] | None = None,
     dist: Dist | None = None,
+    dist_timeout: float = 600.0,
 ) -> QuantizationResult:
     """Quantize an in-memory ``model`` in place with ``config.method`` on calibration ``windows`` ``(n, seq_len)``.
 
@@ -139,7 +140,7 @@ def quantize_model(
     check_quantize_model(model, windows, config, batch_size)
     source_dtype = next(model.parameters()).dtype
     device = _rank_device(config.device)
-    dist = dist or Dist.from_env(device)
+    dist = dist or Dist.from_env(device, dist_timeout)
     store = InMemoryLayers(model, device)
     _check_settings(store.adapter, store.layers, config, windows)
     if source_dtype != torch.float32:
@@ -169,6 +170,7 @@ def quantize_folder(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     dist: Dist | None = None,
+    dist_timeout: float = 600.0,
 ) -> QuantizationResult:
     """Quantize the model in folder ``path`` layer by layer and write its GPTQ v1 checkpoint to ``out``.
 
@@ -183,7 +185,7 @@ def quantize_folder(
     check_quantize_folder(path, windows, config, out, batch_size, work_dir)
     source = ModelSource(path)
     device = _rank_device(config.device)
-    dist = dist or Dist.from_env(device)
+    dist = dist or Dist.from_env(device, dist_timeout)
     store = StreamedLayers(source, device)
     _check_settings(store.adapter, store.layers, config, windows)
     writer = StreamingCheckpoint(out, store, config, key_layout, overwrite, max_shard_size) if dist.writer else None
@@ -273,13 +275,10 @@ def _run(
     store_dev = resolve_store(cfg.offload, device, stream_bytes, _working_bytes(layers))
     result.summary["device"], result.summary["stream_store"] = str(device), str(store_dev)
     all_windows = windows
+    n_batches = -(-windows.shape[0] // batch_size)
+    all_batch_tokens = [min(batch_size, windows.shape[0] - b * batch_size) * windows.shape[1] for b in range(n_batches)]
+    mine = range(n_batches)
     if dist.active:  # this rank's contiguous block of calibration batches (distributed.py)
-        if dist.world > 1 and (method.needs_fp_logits or method.fp_stream):
-            raise NotImplementedError(
-                f"method={cfg.method!r} with its FP stream is not distributed yet; run it in one process, or use "
-                "method='gptq' or 'agq' under torchrun."
-            )
-        n_batches = -(-windows.shape[0] // batch_size)
         mine = dist.batch_range(n_batches)
         if not len(mine):
             raise CalibrationError(
@@ -292,7 +291,6 @@ def _run(
     runner = LayerRunner(store.model, adapter, windows, batch_size, device, store_dev)
     store.finish_inputs()
     x_q = runner.inputs
-    batch_tokens = [h.shape[0] * h.shape[1] for h in x_q]
 
     state = None
     first = 0
@@ -330,13 +328,15 @@ def _run(
         if fp_stream:
             watch = _residual_writers(adapter, layer) if method.fp_targets else {}
             x_fp_next, fp_inputs, logits = _fp_forward(runner, layer, x_fp, watch)
-            if method.needs_fp_logits:
+            if method.needs_fp_logits:  # per-token FP quantities: every rank holds every token's (in order)
                 if logits is not None:
-                    result.fp_router_logits[index] = logits
-                result.fp_router_logits.update(_lookahead_logits(store, runner, index, x_fp_next))
+                    result.fp_router_logits[index] = dist.all_gather_cat(logits)
+                ahead = _lookahead_logits(store, runner, index, x_fp_next)
+                result.fp_router_logits.update({i: dist.all_gather_cat(z) for i, z in ahead.items()})
             if method.fp_targets and layer.is_moe:
                 fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
-        ctx = LayerContext(adapter, layer, batch_tokens, result.fp_router_logits, store.router)
+        ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
+                           cfg.exact_sums or dist.active, dist.all_reduce_sum_)  # fmt: skip
         quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist)
         del fp_inputs, fp_gate_up, ctx
         if cfg.refine_steps > 0:

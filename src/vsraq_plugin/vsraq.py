@@ -8,7 +8,8 @@ for a confident decision).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,9 +44,28 @@ def boundary_participants(selection: torch.Tensor, k: int, band: float, tau: flo
     return is_kth | near
 
 
+# ---------------------------------------------------------------------------------------------- token layout
+@dataclass
+class TokenSplit:
+    """Where this process's calibration tokens sit (exact sums, ``distributed.py``): ``local``, their slice of
+    the global token order (per-token FP quantities are computed globally, then sliced); ``bounds``, every
+    calibration batch's token range in local indices (sums are float64 sums of per-batch float32 terms); and
+    ``reduce``, the in-place sum over the processes (identity for one process)."""
+
+    local: slice
+    bounds: list[tuple[int, int]]
+    reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+
+    def subset(self, positions: torch.Tensor) -> TokenSplit:
+        """The split of a subset of the local tokens (sorted local indices), batch by batch."""
+        starts = [int(torch.searchsorted(positions, t0)) for t0, _ in self.bounds]
+        ends = [int(torch.searchsorted(positions, t1)) for _, t1 in self.bounds]
+        return TokenSplit(slice(0, positions.numel()), list(zip(starts, ends, strict=True)), self.reduce)
+
+
 # ---------------------------------------------------------------------------------------------- router
 def router_normal_equations(
-    X: torch.Tensor, Z: torch.Tensor, W: torch.Tensor
+    X: torch.Tensor, Z: torch.Tensor, W: torch.Tensor, split: TokenSplit | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row weighted normal equations ``A_i = X^T W_i X``, ``b_i = X^T W_i z_i`` and ``sum_t w_ti``.
 
@@ -54,6 +74,8 @@ def router_normal_equations(
     (the boundary participants), so the cost is one full Gram matrix plus small ones, in float32; the
     solve is done in float64.
     """
+    if split is not None:
+        return _sharded_normal_equations(X, Z, W, split)
     Xf, Wf, Zf = X.float(), W.float(), Z.float()
     base = Wf.min(dim=1).values  # (T,)
     extra = Wf - base[:, None]  # (T, E), zero except where a row weighs a token more
@@ -66,6 +88,34 @@ def router_normal_equations(
             A[i] += (Xi * extra[rows, i, None]).T @ Xi
     b = (Wf * Zf).T @ Xf  # (E, d)
     return A.double(), b.double(), Wf.sum(0).double()
+
+
+def _sharded_normal_equations(X, Z, W, split: TokenSplit):
+    """``router_normal_equations`` as float64 sums of per-batch float32 terms, summed over the processes: the
+    same sums whatever the split of the batches (exact sums, ``TokenSplit``)."""
+    E, d = W.shape[1], X.shape[1]
+    A = torch.zeros(E, d, d, dtype=torch.float64, device=X.device)
+    G = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    b = torch.zeros(E, d, dtype=torch.float64, device=X.device)
+    wsum = torch.zeros(E, dtype=torch.float64, device=X.device)
+    for t0, t1 in split.bounds:
+        if t1 <= t0:
+            continue
+        Xf, Wf, Zf = X[t0:t1].float(), W[t0:t1].float(), Z[t0:t1].float()
+        base = Wf.min(dim=1).values
+        extra = Wf - base[:, None]
+        G += (Xf * base[:, None]).T @ Xf
+        for i in range(E):
+            rows = extra[:, i].nonzero().flatten()
+            if rows.numel():
+                Xi = Xf[rows]
+                A[i] += (Xi * extra[rows, i, None]).T @ Xi
+        b += (Wf * Zf).T @ Xf
+        wsum += Wf.sum(0)
+    for t in (G, A, b, wsum):
+        split.reduce(t)
+    A += G
+    return A, b, wsum
 
 
 def solve_router(A: torch.Tensor, b: torch.Tensor, wsum: torch.Tensor, R0: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -107,12 +157,21 @@ def router_row_weights(
 
 
 def router_row_hessians(
-    X: torch.Tensor, selection: torch.Tensor, k: int, lambda_value: float, lambda_structure: float, margin_band: float
+    X: torch.Tensor,
+    selection: torch.Tensor,
+    k: int,
+    lambda_value: float,
+    lambda_structure: float,
+    margin_band: float,
+    split: TokenSplit | None = None,
 ) -> torch.Tensor:
     """Per-row weighted Hessians ``H_i = X^T W_i X / sum_t w_ti`` ``(E, d, d)`` for GPTQ on the router
-    (``router_mode="quantize"``, DESIGN 3.3): the rows of the experts at the boundary weigh the fragile tokens."""
+    (``router_mode="quantize"``, DESIGN 3.3): the rows of the experts at the boundary weigh the fragile tokens.
+    With ``split``, ``selection`` covers every token and ``X`` this process's (exact sums)."""
     rows = router_row_weights(selection, k, lambda_value, lambda_structure, margin_band)
-    A, _, wsum = router_normal_equations(X, torch.zeros_like(rows), rows)
+    if split is not None:
+        rows = rows[split.local]
+    A, _, wsum = router_normal_equations(X, torch.zeros_like(rows), rows, split)
     return (A / wsum.clamp(min=1e-12)[:, None, None]).float()
 
 
@@ -134,26 +193,42 @@ def align_router(
     margin_band: float,
     rounds: int,
     ridge: float = 0.1,
+    split: TokenSplit | None = None,
 ) -> RouterFit:
     """Value + structure alignment of the router on the quantized stream (DESIGN 3.3, 3.4).
 
     Token weights ``1 + lambda_value * phi(m)``; rows weighted ``1 + lambda_structure`` where the expert is a
     boundary participant; then ``rounds`` of reweighting (the quadratic stand-in for a hinge): tokens whose
     top-k set still differs from FP get their weight doubled, and the solve is repeated. A round that does
-    not raise agreement is discarded.
+    not raise agreement is discarded. With ``split`` (exact sums), ``fp_logits`` covers every calibration token
+    and ``X`` this process's; sums and agreement counts are reduced over the processes.
     """
     fp: Routing = route_fn(fp_logits)
     E = fp_logits.shape[-1]
     rows = router_row_weights(fp.selection, k, lambda_value, lambda_structure, margin_band)
+    fp_sets = fp.indices
+    if split is not None:  # this process's tokens of the global FP decisions
+        rows, fp_sets, fp_logits = rows[split.local], fp_sets[split.local], fp_logits[split.local]
 
     def agreement(R: torch.Tensor) -> tuple[float, torch.Tensor]:
         q = route_fn(X.float() @ R.float().T)
-        agree = topk_set_agreement(fp.indices, q.indices, E)
-        return float(agree.mean()), agree
+        agree = topk_set_agreement(fp_sets, q.indices, E)
+        if split is None:
+            return float(agree.mean()), agree
+        counts = split.reduce(torch.tensor([float(agree.sum()), float(agree.numel())], dtype=torch.float64,
+                                           device=agree.device))  # fmt: skip
+        return float(counts[0]) / float(counts[1]), agree
+
+    def still_flipped(agree: torch.Tensor) -> tuple[torch.Tensor, int]:
+        flipped = (agree < 1).nonzero().flatten()
+        if split is None:
+            return flipped, flipped.numel()
+        n = split.reduce(torch.tensor([float(flipped.numel())], dtype=torch.float64, device=agree.device))
+        return flipped, int(n[0])
 
     best_R, (best_a, agree) = R0, agreement(R0)
     history = [best_a]
-    A, b, wsum = router_normal_equations(X, fp_logits, rows)
+    A, b, wsum = router_normal_equations(X, fp_logits, rows, split)
     R = solve_router(A, b, wsum, R0, ridge)
     a, agree_new = agreement(R)
     history.append(a)
@@ -161,11 +236,12 @@ def align_router(
     if a >= best_a:
         best_R, best_a, agree = R, a, agree_new
         for _ in range(rounds):
-            flipped = (agree < 1).nonzero().flatten()
-            if flipped.numel() == 0:
+            flipped, n_flipped = still_flipped(agree)
+            if n_flipped == 0:
                 break
             # Double the weight of the tokens still routed differently: add their terms once more.
-            dA, db, dw = router_normal_equations(X[flipped], fp_logits[flipped], rows[flipped])
+            sub = None if split is None else split.subset(flipped)
+            dA, db, dw = router_normal_equations(X[flipped], fp_logits[flipped], rows[flipped], sub)
             A, b, wsum = A + dA, b + db, wsum + dw
             rows = rows.clone()
             rows[flipped] *= 2.0

@@ -155,7 +155,8 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
         routers.add(f"model.layers.{i}.mlp.gate.weight")
 
         def agreement(W, X=X, fp_sets=fp_sets, layer=layer):
-            return float(topk_set_agreement(fp_sets, adapter.route(X @ W.T, layer.router).indices, E).mean())
+            # count / tokens in float64, as the pipeline reports it (exact sums): equal to the last bit
+            return float(topk_set_agreement(fp_sets, adapter.route(X @ W.T, layer.router).indices, E).double().mean())
 
         # The history: the original router, the first re-fit, then at most `reweight_rounds` reweighting rounds.
         assert 2 <= len(history) <= 2 + cfg.reweight_rounds, history

@@ -278,7 +278,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     fallbacks = result.summary["fallbacks"]
     if "world_size" in result.summary:
-        print(f"distributed over {result.summary['world_size']} ranks")
+        moved = result.summary.get("layer_comm_bytes") or [0]
+        print(f"distributed over {result.summary['world_size']} ranks: {sum(moved) / 2**20:.1f} MiB moved by rank 0 "
+              f"({max(moved) / 2**20:.1f} MiB in the largest layer)")  # fmt: skip
     where = f"on {result.summary.get('device', 'cpu')}"
     print(f"{cfg.method} W{cfg.bits}g{cfg.group_size} {where}: {result.summary['seconds']:.1f}s, wrote {out}")
     seconds = result.summary.get("layer_seconds") or [0.0]
@@ -566,10 +568,12 @@ def _close_progress_bars() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .distributed import DistributedError
     from .gptq import HessianError
 
     # NotImplementedError: settings the pipeline refuses on purpose (e.g. refinement with rtn), with the fix.
-    return (InputError, HessianError, NotImplementedError)
+    # DistributedError: another rank died or hung; its message says how to resume.
+    return (InputError, HessianError, NotImplementedError, DistributedError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ What is split and how the result stays independent of the number of ranks N:
   term is computed in float32 exactly as one process computes it, added into a float64 sum, and the partial
   sums are all-reduced in float64. Float64 sums of float32 terms are exact unless one entry's per-batch terms
   span more than about 2^25 in magnitude, so the reduced sums do not depend on N (and when they do, by one
-  float64 ulp). A single process without a process group keeps float32 running sums (``exact_sums=False``).
+  float64 ulp). A single process does the same (``QuantConfig.exact_sums``, on by default), so a plain run and
+  a torchrun of any size write the same checkpoint; ``exact_sums=False`` keeps float32 running sums (one process).
 - **Per-token quantities** (FP router logits, margins): gathered whole on every rank, in canonical order; the
   plan computes them once, identically everywhere, and each rank takes the slice of its own tokens.
 - **Solves**: a stage's matrices (the experts of a layer, or the linears of a stage) are assigned to owner ranks

@@ -318,7 +318,7 @@ def _run(
     def step(index: int, x_q: list[torch.Tensor], x_fp: list[torch.Tensor] | None):
         """onload -> stages -> solve -> write -> offload for one layer; its locals (the layer's results, the FP
         copy, the plan) are gone when it returns, so nothing of layer l is alive while layer l+1 runs."""
-        t0 = time.perf_counter()
+        t0, moved = time.perf_counter(), dist.bytes_moved
         layer = store.onload(index)
         bits = widths.of(layer)  # from the original weights
         # The FP stream past this layer, from its weights before they are quantized (the next layer's FP input and
@@ -348,6 +348,8 @@ def _run(
             del result.weights[n]
         router = layer.router.weight.detach().clone() if layer.is_moe else None
         result.summary["layer_seconds"].append(time.perf_counter() - t0)
+        if dist.active:  # payload this rank sent or received in collectives for the layer (bench_distributed.py)
+            result.summary.setdefault("layer_comm_bytes", []).append(dist.bytes_moved - moved)
         if state is not None:
             state.save_layer(index, done, router, result.summary, x_q, x_fp_next)
         finish_layer(layer, done)

@@ -86,7 +86,7 @@ class ResumeState:
 
     def summary(self) -> dict:
         data = json.loads((self.dir / "progress.json").read_text())
-        keep = ("fallbacks", "layer_seconds", "router_agreement")
+        keep = ("fallbacks", "layer_seconds", "layer_comm_bytes", "router_agreement")
         return {k: v for k, v in data["summary"].items() if k in keep}
 
     def load_layer(self, index: int, cfg: QuantConfig) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:

@@ -9,6 +9,7 @@ message must hold.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -356,8 +357,16 @@ def _snapshot(folder: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _record(request, message: str) -> None:
+    """``VSRAQ_CASES_LOG=FILE``: append each case's message (the table of cases and messages for the docs)."""
+    log = os.environ.get("VSRAQ_CASES_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{request.node.callspec.id}\t{message}\n")
+
+
 @pytest.mark.parametrize(("build", "fragment"), [pytest.param(b, f, id=i) for i, b, f in CASES])
-def test_bad_input_is_one_clear_line_and_writes_nothing(build, fragment, assets, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_writes_nothing(build, fragment, assets, tmp_path, capsys, request):
     c = Ctx(assets, tmp_path, tmp_path / "out")
     made = build(c)
     if isinstance(made, list):  # the command line
@@ -372,6 +381,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(build, fragment, assets,
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"vsraq {argv[0]}: error: "), err
         assert fragment in last, last
+        _record(request, last)
     else:  # a Python call
         out, before = c.out, None
         with pytest.raises((ValueError, NotImplementedError)) as info:
@@ -379,6 +389,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(build, fragment, assets,
         message = str(info.value)
         assert fragment in message, message
         assert "\n" not in message.strip(), message
+        _record(request, f"{type(info.value).__name__}: {message}")
     assert _snapshot(out) == before  # nothing written, nothing changed
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     assert leftovers == []  # no temporary folder, no lock file

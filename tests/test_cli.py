@@ -260,3 +260,31 @@ def test_demo_runs_every_method(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["models"]) == {"rtn W3g64", "gptq W3g64"}
     assert "| gptq W3g64 |" in capsys.readouterr().out
+
+
+def test_float32_sums_flag_is_the_config_switch(saved_pair, tmp_path):
+    """``--float32-sums`` quantizes with ``exact_sums=False`` (float32 running sums): the same codes as the API
+    with that setting, and not those of the default float64 sums (so the flag is not silently ignored)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from vsraq_plugin.calibration import calibration_windows
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_folder
+
+    root = saved_pair
+    (root / "calib.txt").write_text((fixture_path() / "calib.txt").read_text()[:20000])
+    args = ["--method", "gptq", "--group-size", "32", "--n-samples", "8", "--seq-len", "32", "--batch-size", "1"]
+    args += ["--threads", "1"]  # 8 batches: float32 running sums round differently from float64 ones
+    for flag, out in (([], "exact"), (["--float32-sums"], "f32")):
+        rc = main(["quantize", str(root / "fp"), "--calib", str(root / "calib.txt"), *args, *flag,
+                   "--out", str(tmp_path / out)])  # fmt: skip
+        assert rc == 0
+    tok = AutoTokenizer.from_pretrained(root / "fp")
+    windows = calibration_windows(tok, root / "calib.txt", 32, 8, exact=True)
+    cfg = QuantConfig(method="gptq", group_size=32, exact_sums=False, device="cpu")
+    quantize_folder(root / "fp", windows, cfg, tmp_path / "api", tokenizer=tok, batch_size=1, progress=False)
+    read = {n: load_file(str(tmp_path / n / "model.safetensors")) for n in ("exact", "f32", "api")}
+    qweights = [k for k in read["api"] if k.endswith(".qweight")]
+    assert qweights and all(torch.equal(read["f32"][k], read["api"][k]) for k in qweights)
+    assert any(not torch.equal(read["exact"][k], read["f32"][k]) for k in qweights)

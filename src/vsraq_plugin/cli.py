@@ -243,6 +243,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         refine_lambda_structure=args.refine_lambda_structure,
         device=args.device,
         offload=args.offload,
+        exact_sums=not args.float32_sums,
     )
     parse_size(args.max_shard_size)
     # Everything a run is given, checked before the long work: output, model folder, weights' headers, tokenizer,
@@ -477,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the calibration activations live between layers (auto: on the device when they fit)",
     )
     q.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard, e.g. 5GB, 500MB")
+    q.add_argument(
+        "--float32-sums",
+        action="store_true",
+        help="one process: float32 running Hessian sums (half the memory of the default float64 ones; the codes "
+        "then differ from a torchrun of the same settings)",
+    )
     q.add_argument(
         "--dist-timeout",
         type=float,

@@ -245,3 +245,34 @@ def test_baseline_allocations_meet_the_budget_exactly(allocation):
     for w in res.summary["expert_bits"].values():
         assert sorted(w) == [2, 2, 2, 3, 3, 4, 4, 4]
     assert res.summary["expert_bits_scores"].split(" ")[0] in ("random", "routed")
+
+
+def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_path):
+    """``budget_scope="model"``: the model's mean width is within the budget (not each layer's), the allocation is
+    deterministic, and a run interrupted after layer 0 resumes to the same widths and codes."""
+    import copy
+
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    fp = tiny_model("mixtral", seed=5)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=16, bits_budget=2.75, bit_levels=[2, 3, 4], budget_scope="model")
+    straight = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False)
+    widths = straight.summary["expert_bits"]
+    assert sum(sum(w) for w in widths.values()) <= 2.75 * 16
+    shares = straight.summary["expert_layer_budgets"]
+    assert sum(shares.values()) <= 2.75 * 2 + 1e-9 and all(sum(widths[i]) <= shares[i] * 8 + 1e-9 for i in shares)
+
+    def crash(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path,
+                       on_layer_done=crash)  # fmt: skip
+    resumed = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path)
+    assert resumed.summary["expert_bits"] == widths
+    for name, qw in straight.weights.items():
+        assert torch.equal(qw.codes, resumed.weights[name].codes), name

@@ -303,6 +303,9 @@ def _run(
         state = ResumeState(work_dir, fingerprint(cfg, all_windows, parts), dist)
         first = state.completed()
     x_fp = list(x_q) if fp_stream else None
+    if widths.mode == "measured" and cfg.budget_scope == "model":  # every layer's share first (the cheap pre-pass)
+        widths.budgets, means = _model_budgets(store, runner, cfg, runner.inputs, dist)
+        result.summary["expert_layer_budgets"] = means  # each MoE layer's mean width allowance
     if first:
         result.summary.update(state.summary())
         for i in range(first):  # the finished layers: into the model (in memory) or the checkpoint (streamed)
@@ -372,6 +375,74 @@ def _run(
     if device.type == "cuda":
         result.summary["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[torch.Tensor], dist):
+    """``budget_scope="model"``: each MoE layer's share of the model's budget (in width x parameters).
+
+    Layer-by-layer quantization cannot see a later layer's measured damages before it commits an earlier one, so
+    the shares come from a cheap pre-pass: the full-precision model run once over the calibration tokens, and for
+    every expert and width the round-to-nearest damage ``sum_t g_t (||E_gu x_t||^2 + ||E_down h_t||^2)`` (gate
+    weights ``g``, FP down inputs ``h``). The exact knapsack over all experts of the model on these damages gives
+    each layer its total; each layer then allocates exactly, on its measured damages, under its total. The
+    totals sum to at most the model's budget, so the model's mean width (weighted by parameters) is within it.
+    Deterministic: same data, same shares. Returns the totals and the same as mean widths, by layer index."""
+    from .capture import expert_gate, routing_args
+    from .mixed_precision import allocate_measured, budget_bit_params
+
+    levels = sorted(cfg.bit_levels)
+    damages, params, owners = [], [], []
+    for layer in store.layers:
+        layer = store.onload(layer.index)
+        try:
+            if not layer.is_moe:
+                hidden = runner.run(layer.layer, hidden)
+                continue
+            seen: list = []
+            handle = layer.experts.register_forward_pre_hook(
+                lambda _m, a, k, seen=seen: seen.append(routing_args(a, k)), with_kwargs=True
+            )
+            try:
+                hidden = runner.run(layer.layer, hidden)
+            finally:
+                handle.remove()
+            experts = layer.experts
+            gu, dn = experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
+            E = gu.shape[0]
+            err_gu = {b: gu - rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
+            err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
+            d = torch.zeros(E, len(levels), dtype=torch.float64)
+            for x, idx, w in seen:
+                x = x.reshape(-1, x.shape[-1]).float()
+                for e in range(E):
+                    hit = idx == e
+                    rows = hit.any(-1).nonzero().flatten()
+                    if not rows.numel():
+                        continue
+                    g = (w * hit).sum(-1)[rows].double()
+                    xs = x[rows]
+                    h = expert_gate(experts, gu, e, xs)
+                    for j, b in enumerate(levels):
+                        sq = (xs @ err_gu[b][e].T).pow(2).sum(-1) + (h @ err_dn[b][e].T).pow(2).sum(-1)
+                        d[e, j] += float((g * sq.double()).sum())
+            if dist is not None and dist.active:
+                d = d.to(gu.device)
+                dist.all_reduce_sum_(d)
+                d = d.cpu()
+            damages.append(d)
+            params += [gu[0].numel() + dn[0].numel()] * E
+            owners.append((layer.index, E))
+        finally:
+            store.offload(layer.index)
+    if not damages:
+        return {}, {}
+    widths = allocate_measured(torch.cat(damages), levels, budget_bit_params(cfg.bits_budget, params), params)
+    budgets, means, i = {}, {}, 0
+    for index, E in owners:
+        budgets[index] = sum(int(widths[i + e]) * params[i + e] for e in range(E))
+        means[index] = budgets[index] / sum(params[i : i + E])
+        i += E
+    return budgets, means
 
 
 def _working_bytes(layers: list[MoELayer]) -> int:

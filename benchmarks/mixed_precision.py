@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-baselines", action="store_true", help="only uniform and measured rows")
+    ap.add_argument("--scopes", default="layer,model", help="budget scopes of the measured rows")
     ap.add_argument("--json", type=Path, help="write every row here (JSON lines) as it finishes")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -96,10 +97,13 @@ def main() -> None:
         for budget, levels in parse_budgets(args.budgets):
             cfg = QuantConfig(**base, bits_budget=budget, bit_levels=levels)
             tag = f"{budget} over {{{','.join(map(str, levels))}}}"
-            rows.append((f"measured {tag}", run(method, f"measured {tag}", cfg)))
-            if method == "vsraq":
-                label = f"measured+fragility {tag}"
-                rows.append((label, run(method, label, cfg.replace(allocation_weight="fragility"))))
+            for scope in args.scopes.split(","):
+                name = "measured" if scope == "layer" else "measured (model scope)"
+                rows.append((f"{name} {tag}", run(method, f"{name} {tag}", cfg.replace(budget_scope=scope))))
+                if method == "vsraq":
+                    label = f"{name}+fragility {tag}"
+                    frag = cfg.replace(budget_scope=scope, allocation_weight="fragility")
+                    rows.append((label, run(method, label, frag)))
             if args.no_baselines:
                 continue
             rule = cfg.replace(allocation="router-norm")
@@ -136,6 +140,8 @@ def main() -> None:
         check("2.5/{2,3} KL <= random", "measured 2.5 over {2,3}", f"random (mean of {args.seeds}) 2.5 over {{2,3}}")
         check("2.5/{2,3} KL <= frequency", "measured 2.5 over {2,3}", "frequency 2.5 over {2,3}")
         check("3.5/{3,4} KL >= 30 % below uniform W3", "measured 3.5 over {3,4}", "uniform W3", cut=0.30)
+        for tag in ("3.0 over {2,3,4}", "2.5 over {2,3}", "3.5 over {3,4}"):
+            check(f"model scope {tag} KL <= layer scope", f"measured (model scope) {tag}", f"measured {tag}")
 
 
 if __name__ == "__main__":

@@ -133,9 +133,10 @@ def quantize_model(
     integer codes and grids for the checkpoint (``checkpoint.save_checkpoint``). Layers move to
     ``config.device`` one at a time and back. With ``work_dir``, every finished layer is saved there and a
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
-    With ``config.bits_budget``, each MoE layer's experts get widths from ``mixed_precision`` (scored with
-    ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
-    imposes an allocation instead (baselines: random or frequency-based allocations). Inside a process group
+    With ``config.bits_budget``, each MoE layer's experts get widths by ``config.allocation`` (``mixed_precision``):
+    ``measured`` solves the layer's experts once per candidate width and keeps, per expert, the width of the exact
+    least-damage allocation under the budget; ``router-norm`` scores with ``router_init`` (every router's weight
+    at initialisation by layer index, when given); ``expert_bits`` imposes an allocation instead. Inside a process group
     (``torchrun``; or ``dist``) the work is shared by the ranks (``distributed.py``), every rank ends with the
     same quantized model.
     """

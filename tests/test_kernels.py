@@ -143,7 +143,9 @@ def test_mixed_width_experts_on_the_triton_path(tmp_path):
 
     model = tiny_model("mixtral", seed=4)
     windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4])
+    cfg = QuantConfig(
+        bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4], allocation="router-norm"
+    )  # the rule uses all three widths in every layer
     res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
     loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half()
     experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]

@@ -72,7 +72,9 @@ def test_mixed_width_checkpoint_reloads_with_the_same_logits(tmp_path):
     model = tiny_model("mixtral", seed=11)
     windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     init = {i: torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)}
-    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4])
+    cfg = QuantConfig(
+        bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4], allocation="router-norm"
+    )
     res = quantize_model(model, windows, cfg, batch_size=2, progress=False, router_init=init)
     assert res.summary["expert_bits_scores"].startswith("router-norm change")
     for widths in res.summary["expert_bits"].values():
@@ -92,3 +94,185 @@ def test_mixed_width_checkpoint_reloads_with_the_same_logits(tmp_path):
     assert [m.expert_bits for m in experts] == [res.summary["expert_bits"][i] for i in range(2)]
     with torch.no_grad():
         assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
+
+
+# ---------------------------------------------------------------------------------------------- measured allocation
+@pytest.mark.parametrize("seed", range(25))
+def test_knapsack_is_the_exact_optimum_of_brute_force(seed):
+    import itertools
+
+    from vsraq_plugin.mixed_precision import knapsack
+
+    g = torch.Generator().manual_seed(seed)
+    N, L = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+    damage = torch.rand(N, L, generator=g, dtype=torch.float64) * torch.rand(N, 1, generator=g, dtype=torch.float64)
+    cost = torch.randint(0, 7, (N, L), generator=g)
+    capacity = int(cost.min(1).values.sum()) + int(torch.randint(0, 12, (1,), generator=g))
+    pick = knapsack(damage, cost, capacity)
+    rows = torch.arange(N)
+    assert int(cost[rows, pick].sum()) <= capacity  # the budget holds
+    best = min(
+        sum(float(damage[i, c[i]]) for i in range(N))
+        for c in itertools.product(range(L), repeat=N)
+        if sum(int(cost[i, c[i]]) for i in range(N)) <= capacity
+    )
+    assert float(damage[rows, pick].sum()) == pytest.approx(best, rel=1e-12, abs=1e-15)  # and it is the optimum
+
+
+def test_measured_allocation_against_brute_force_with_unequal_sizes():
+    """Widths weighted by parameter count (experts of different sizes): exact optimum, budget respected."""
+    import itertools
+
+    from vsraq_plugin.config import ConfigError
+    from vsraq_plugin.mixed_precision import allocate_measured, budget_bit_params
+
+    g = torch.Generator().manual_seed(3)
+    levels, params = [2, 3, 4], [96, 64, 64, 32, 128]
+    damage = (torch.rand(5, 1, generator=g) * torch.tensor([16.0, 4.0, 1.0])).double()  # damage falls with width
+    for budget in (2.0, 2.4, 3.0, 3.1, 3.7, 4.0):
+        cap = budget_bit_params(budget, params)
+        widths = allocate_measured(damage, levels, cap, params)
+        assert sum(int(b) * p for b, p in zip(widths, params, strict=True)) <= budget * sum(params) + 1e-9
+        best = min(
+            sum(float(damage[i, levels.index(c[i])]) for i in range(5))
+            for c in itertools.product(levels, repeat=5)
+            if sum(b * p for b, p in zip(c, params, strict=True)) <= cap
+        )
+        got = sum(float(damage[i, levels.index(int(widths[i]))]) for i in range(5))
+        assert got == pytest.approx(best, rel=1e-12), budget
+    assert budget_bit_params(2.5, [1] * 8) == 20  # 2.5 * 8, not 19 by a float's last bit
+    with pytest.raises(ConfigError, match="below the narrowest choice"):
+        allocate_measured(damage, levels, 2 * sum(params) - 1, params)
+
+
+def _tiny_measured(budget: float, levels: list[int], **kw):
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    model = tiny_model("mixtral", seed=11)
+    fp = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=budget, bit_levels=levels, **kw)
+    res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
+    return model, fp, windows, res
+
+
+def test_measured_damage_is_the_solve_loss_times_the_routing_mass():
+    """One expert's recorded damage at its chosen width equals mass x (tr(E H E^T) of gate/up + of down), with E from
+    a dequantize of the stored codes and H rebuilt here from the tokens the quantized model routes to it."""
+    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.solve import dequantize_grid
+
+    levels = [2, 3, 4]
+    model, fp, windows, res = _tiny_measured(2.5, levels)
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
+    with torch.no_grad():
+        for i in range(0, 4, 2):  # the quantized model: attention quantized, router untouched (gptq)
+            model(input_ids=windows[i : i + 2])
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
+    idx = torch.cat([i for _, i, _ in seen])
+    gate_w = torch.cat([w for _, _, w in seen]).double()
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    e = int(counts.argmax())  # well above min_expert_tokens: no coverage blending
+    rows = (idx == e).any(-1)
+    xs, mass = X[rows], float(gate_w[idx == e].sum())
+
+    def deq(name):
+        qw = res.weights[f"model.layers.0.mlp.experts.{name}"]
+        return dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)[e].double()
+
+    q_gu = torch.cat([deq("gate_proj"), deq("up_proj")])
+    e_gu = fp["model.layers.0.mlp.experts.gate_up_proj"][e].double() - q_gu
+    loss_gu = float(((xs @ e_gu.T) ** 2).sum(1).mean())  # tr(E H E^T), H = mean x x^T
+    h = expert_gate(experts, q_gu[None].float(), 0, xs.float()).double()  # down's inputs through quantized gate/up
+    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - deq("down_proj")
+    loss_dn = float(((h @ e_dn.T) ** 2).sum(1).mean())
+    width = res.summary["expert_bits"][0][e]
+    recorded = res.summary["expert_damage"][0][e][levels.index(width)]
+    assert recorded == pytest.approx(mass * (loss_gu + loss_dn), rel=1e-4)
+    damage = torch.tensor(res.summary["expert_damage"][0])
+    assert (damage[:, :-1] > damage[:, 1:]).all()  # more bits, less damage, for every expert of the layer
+
+
+def test_measured_allocation_solves_each_width_once_and_reloads(tmp_path, monkeypatch):
+    """A measured allocation: one batched solve per width and projection (the chosen codes are reused, never
+    solved again), the budget holds, and its checkpoint reloads with the per-expert widths and the same logits."""
+    import json
+
+    import vsraq_plugin.solve as solve_mod
+    from grid_checks import assert_model_holds_the_grid
+    from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
+    from vsraq_plugin.nn import QuantExperts
+
+    calls = []
+    real = solve_mod.gptq_quantize
+
+    def counted(W, H, bits, *args):
+        calls.append((W.shape, bits))
+        return real(W, H, bits, *args)
+
+    monkeypatch.setattr(solve_mod, "gptq_quantize", counted)
+    model, _, windows, res = _tiny_measured(2.75, [2, 3, 4])
+    expert_calls = sorted((s[1], b) for s, b in calls if s[0] == 8)  # the 8 experts of a layer, batched
+    assert expert_calls == sorted([(128, b) for b in (2, 3, 4)] * 2 + [(64, b) for b in (2, 3, 4)] * 2)
+    widths = res.summary["expert_bits"]
+    assert res.summary["expert_bits_scores"].startswith("measured damage")
+    assert all(sum(w) <= 2.75 * 8 for w in widths.values()) and any(len(set(w)) > 1 for w in widths.values())
+    for i in range(2):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            qw = res.weights[f"model.layers.{i}.mlp.experts.{proj}"]
+            got = qw.bits_per_matrix.tolist() if qw.bits_per_matrix is not None else [qw.bits] * 8
+            assert got == widths[i], (i, proj)
+    assert_model_holds_the_grid(model, res)
+    out = save_checkpoint(model, res, tmp_path / "q")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["meta"]["vsraq"]["allocation"] == "measured"
+    assert len(qc["dynamic"]) == sum(b != 4 for w in widths.values() for b in w)
+    loaded = load_checkpoint(out)
+    experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
+    assert [m.expert_bits for m in experts] == [widths[i] for i in range(2)]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
+
+
+@pytest.mark.parametrize("allocation", ["random", "frequency"])
+def test_baseline_allocations_meet_the_budget_exactly(allocation):
+    _, _, _, res = _tiny_measured(3.0, [2, 3, 4], allocation=allocation)
+    for w in res.summary["expert_bits"].values():
+        assert sorted(w) == [2, 2, 2, 3, 3, 4, 4, 4]
+    assert res.summary["expert_bits_scores"].split(" ")[0] in ("random", "routed")
+
+
+def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_path):
+    """``budget_scope="model"``: the model's mean width is within the budget (not each layer's), the allocation is
+    deterministic, and a run interrupted after layer 0 resumes to the same widths and codes."""
+    import copy
+
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    fp = tiny_model("mixtral", seed=5)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=16, bits_budget=2.75, bit_levels=[2, 3, 4], budget_scope="model")
+    straight = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False)
+    widths = straight.summary["expert_bits"]
+    assert sum(sum(w) for w in widths.values()) <= 2.75 * 16
+    shares = straight.summary["expert_layer_budgets"]
+    assert sum(shares.values()) <= 2.75 * 2 + 1e-9 and all(sum(widths[i]) <= shares[i] * 8 + 1e-9 for i in shares)
+
+    def crash(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path,
+                       on_layer_done=crash)  # fmt: skip
+    resumed = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path)
+    assert resumed.summary["expert_bits"] == widths
+    for name, qw in straight.weights.items():
+        assert torch.equal(qw.codes, resumed.weights[name].codes), name

@@ -232,6 +232,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = QuantConfig(
         bits_budget=args.bits_budget,
         bit_levels=levels,
+        allocation=args.allocation,
+        allocation_weight=args.allocation_weight,
+        budget_scope=args.budget_scope,
         bits=args.bits,
         group_size=args.group_size,
         sym=not args.asym,
@@ -268,7 +271,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         note = "" if exact or len(windows) == n_samples else f" (all the data hold; the default is up to {n_samples})"
         if rank0:
             print(f"calibration: {windows.shape[0]} windows x {windows.shape[1]} tokens from {calib}{note}")
-    router_init = load_router_init(path) if cfg.bits_budget is not None else None
+    router_init = load_router_init(path) if cfg.bits_budget is not None and cfg.allocation == "router-norm" else None
     with FolderLock(work, "--resume-dir") if work is not None and rank0 else contextlib.nullcontext():
         result = quantize_folder(
             path, windows, cfg, out, tokenizer=tok, batch_size=args.batch_size, work_dir=work,
@@ -450,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp-percent", type=float, default=0.01)
     q.add_argument("--bits-budget", type=float, help="average width of the routed experts, e.g. 3.0 (DESIGN 6)")
     q.add_argument("--bit-levels", help="expert widths to choose from, e.g. 2,3,4 (with --bits-budget)")
+    q.add_argument(
+        "--allocation", default="measured",
+        help="which experts get the bits: measured (each expert's solve loss at every width x its routing mass, "
+        "exact knapsack; default), router-norm (the seed paper's rule), random, frequency",
+    )  # fmt: skip
+    q.add_argument(
+        "--allocation-weight", default="mass",
+        help="measured: weight of an expert's damage: mass (its gate weights) or fragility (vsraq: times the next "
+        "router's fragility)",
+    )  # fmt: skip
+    q.add_argument(
+        "--budget-scope", default="layer",
+        help="measured: the budget holds per MoE layer (layer) or over all routed experts of the model (model)",
+    )  # fmt: skip
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
     q.add_argument(
         "--n-samples", type=int, default=None,

@@ -13,6 +13,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "agq", "vsraq")
 ROUTER_MODES = ("refit", "quantize", "keep")
 OFFLOAD_MODES = ("auto", "device", "cpu")
+ALLOCATIONS = ("measured", "router-norm", "random", "frequency")
+ALLOCATION_WEIGHTS = ("mass", "fragility")
+BUDGET_SCOPES = ("layer", "model")
 
 
 def _valid_device(device: str) -> bool:
@@ -83,7 +86,18 @@ class QuantConfig:
     # each MoE layer; attention, shared experts and dense layers keep ``bits``.
     bits_budget: float | None = None
     bit_levels: list[int] | None = None
-    promote_factor: float = 2.0  # max-variance promotion threshold, x the layer's median
+    # Which experts get the bits (mixed_precision.py): "measured" (each expert's solve loss at every width times
+    # its routing mass, then the exact knapsack under the budget), "router-norm" (the seed paper's rule),
+    # "random" (seeded by allocation_seed) or "frequency" (most-routed experts widest).
+    allocation: str = "measured"
+    # measured: the damage's weight per expert: "mass" (sum of its gate weights over the calibration tokens) or
+    # "fragility" (vsraq: the gate weights times the next router's fragility, the weights of its Hessian).
+    allocation_weight: str = "mass"
+    # measured: the budget holds per MoE layer ("layer") or over all routed experts of the model ("model": per-layer
+    # budgets from a cheap full-precision pre-pass, then the exact allocation per layer under its share).
+    budget_scope: str = "layer"
+    allocation_seed: int = 0  # random allocation
+    promote_factor: float = 2.0  # max-variance promotion threshold, x the layer's median (router-norm)
 
     # Per-module overrides, GPTQ ``dynamic`` style: {"regex": {"bits": 3}}.
     dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -166,6 +180,26 @@ class QuantConfig:
                 )
             if not min(self.bit_levels) <= self.bits_budget <= max(self.bit_levels):
                 raise ConfigError(f"bits_budget={self.bits_budget} must lie within bit_levels={self.bit_levels}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation={self.allocation!r} is unknown; use one of {ALLOCATIONS}.")
+        if self.allocation_weight not in ALLOCATION_WEIGHTS:
+            raise ConfigError(
+                f"allocation_weight={self.allocation_weight!r} is unknown; use one of {ALLOCATION_WEIGHTS}."
+            )
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ConfigError(f"budget_scope={self.budget_scope!r} is unknown; use one of {BUDGET_SCOPES}.")
+        if self.budget_scope == "model" and self.allocation != "measured":
+            raise ConfigError(
+                f"budget_scope='model' balances measured damages across layers; use it with allocation='measured', "
+                f"not {self.allocation!r}."
+            )
+        if self.allocation_weight == "fragility" and (self.method != "vsraq" or self.lambda_expert <= 0):
+            raise ConfigError(
+                "allocation_weight='fragility' reads the next router's fragility that method='vsraq' computes "
+                "(lambda_expert > 0); use allocation_weight='mass' with other methods."
+            )
+        if not isinstance(self.allocation_seed, int) or isinstance(self.allocation_seed, bool):
+            raise ConfigError(f"allocation_seed={self.allocation_seed!r} must be an int.")
         if not isinstance(self.device, str) or not _valid_device(self.device):
             raise ConfigError(f"device={self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         if self.offload not in OFFLOAD_MODES:

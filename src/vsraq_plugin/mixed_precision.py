@@ -1,6 +1,16 @@
 """Expert-wise mixed precision (DESIGN 6): which experts get more bits, under an exact average budget.
 
-Scores, per expert of one MoE layer:
+Allocations (``QuantConfig.allocation``):
+- ``measured`` (the default): for every expert and candidate width, the damage of quantizing it at that width
+  (the solve's own loss ``tr(E H E^T)``, ``E = W - Q`` on the expert's Hessian, gate/up plus down) times the
+  routing mass it receives; then the exact minimum of the summed damage under the budget (``knapsack``: a
+  multiple-choice knapsack solved by dynamic programming, not greedily). The pipeline measures the damages
+  with one batched solve per width and keeps the chosen width's codes (nothing is solved twice).
+- ``router-norm``: the seed paper's rule below.
+- ``random`` / ``frequency``: baselines (a seeded permutation; the experts that receive the most calibration
+  tokens get the widest level), with the rule's exact level counts.
+
+The paper's rule. Scores, per expert of one MoE layer:
 - router-norm change ``| ||r_e(final)|| - ||r_e(init)|| |``: experts whose router row changed *least* during
   training capture rare but critical features and are the most sensitive, so they rank first for bits.
   Without the router at initialisation the final row norm stands in (smaller = more sensitive) and the
@@ -15,6 +25,7 @@ to equal counts as the budget allows; the most sensitive experts get the widest 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +105,83 @@ def allocate_bits(order: torch.Tensor, levels: list[int], budget: float) -> torc
     widths = [b for b, n in zip(sorted(levels, reverse=True), reversed(counts), strict=True) for _ in range(n)]
     bits[order] = torch.tensor(widths, dtype=torch.long)
     return bits
+
+
+# ---------------------------------------------------------------------------------------------- measured damage
+def expert_damage(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``tr((W - Q) H (W - Q)^T)`` per matrix of a batch ``(B, out, in)`` (``H``: ``(B, in, in)``), in float64: the
+    loss GPTQ minimises, on the (normalised) Hessian it was solved with."""
+    E = (W.double() - Q.double()).to(H.device)
+    return ((E @ H.double()) * E).sum(dim=(-2, -1)).cpu()
+
+
+def knapsack(damage: torch.Tensor, cost: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The exact multiple-choice knapsack: one choice ``j`` per item ``i`` minimising ``sum damage[i, j]`` subject to
+    ``sum cost[i, j] <= capacity`` (integer costs). Returns the choice per item ``(N,)``.
+
+    Dynamic programming over the items with the capacity in integer units (each item's cheapest choice is paid
+    up front, so the table spans only the extra cost): ``O(N * L * capacity)`` time, ``N * capacity`` bytes. Ties
+    go to the lower choice index (the narrower width when choices are sorted by cost): deterministic.
+    """
+    damage = damage.double().cpu()
+    cost = cost.long().cpu()
+    if damage.shape != cost.shape or damage.dim() != 2:
+        raise ValueError(f"damage {tuple(damage.shape)} and cost {tuple(cost.shape)} must both be (items, choices).")
+    if not torch.isfinite(damage).all():
+        raise ValueError("a measured damage is NaN or infinite; the allocation cannot rank it.")
+    N, L = damage.shape
+    base = cost.min(dim=1).values
+    extra = cost - base[:, None]
+    room = int(capacity) - int(base.sum())
+    if room < 0:
+        raise ConfigError(
+            f"the budget ({capacity} units) is below the narrowest choice of every item ({int(base.sum())} units)."
+        )
+    room = min(room, int(extra.max(dim=1).values.sum()))  # more cannot be spent
+    best = torch.zeros(room + 1, dtype=torch.float64)  # best[c]: least damage of the items so far, extra cost <= c
+    choice = torch.zeros(N, room + 1, dtype=torch.uint8 if L < 256 else torch.int16)
+    inf = torch.full((room + 1,), math.inf, dtype=torch.float64)
+    for i in range(N):
+        cand = inf.expand(L, room + 1).clone()
+        for j in range(L):
+            x = int(extra[i, j])
+            if x <= room:
+                cand[j, x:] = best[: room + 1 - x] + damage[i, j]
+        pick = torch.argmin(cand, dim=0)  # first minimum on ties
+        best = cand.gather(0, pick[None]).squeeze(0)
+        choice[i] = pick.to(choice.dtype)
+    out = torch.empty(N, dtype=torch.long)
+    c = room
+    for i in range(N - 1, -1, -1):
+        j = int(choice[i, c])
+        out[i] = j
+        c -= int(extra[i, j])
+    return out
+
+
+def bit_units(params: list[int]) -> int:
+    """The unit of a width-times-parameters budget: the gcd of the items' parameter counts."""
+    g = 0
+    for p in params:
+        g = math.gcd(g, int(p))
+    return max(g, 1)
+
+
+def allocate_measured(
+    damage: torch.Tensor, levels: list[int], max_bit_params: int, params: list[int] | None = None
+) -> torch.Tensor:
+    """Widths per item (experts) minimising the summed ``damage`` ``(N, len(levels))`` (columns: ascending
+    ``levels``) subject to ``sum width_i * params_i <= max_bit_params`` (exact, ``knapsack``)."""
+    levels = sorted(levels)
+    N = damage.shape[0]
+    params = [1] * N if params is None else [int(p) for p in params]
+    g = bit_units(params)
+    cost = torch.tensor([[b * p // g for b in levels] for p in params], dtype=torch.long)
+    pick = knapsack(damage, cost, int(max_bit_params) // g)
+    return torch.tensor(levels, dtype=torch.long)[pick]
+
+
+def budget_bit_params(budget: float, params: list[int]) -> int:
+    """``floor(budget * sum(params))``, robust to the float's last bit (2.5 * 8 is 20, not 19)."""
+    total = budget * sum(int(p) for p in params)
+    return math.floor(total + 1e-9 * max(1.0, abs(total)))

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,10 +35,11 @@ from .config import QuantConfig
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
 from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
+from .mixed_precision import expert_damage
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
-from .solve import QuantizationResult, solve_batch, solve_shared, split_rows, weight_to, with_coverage
+from .solve import QuantizationResult, solve_batch, solve_shared, split_rows, take, weight_to, with_coverage
 from .streaming import (
     InMemoryLayers,
     ModelSource,
@@ -131,9 +133,10 @@ def quantize_model(
     integer codes and grids for the checkpoint (``checkpoint.save_checkpoint``). Layers move to
     ``config.device`` one at a time and back. With ``work_dir``, every finished layer is saved there and a
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
-    With ``config.bits_budget``, each MoE layer's experts get widths from ``mixed_precision`` (scored with
-    ``router_init``, every router's weight at initialisation by layer index, when given); ``expert_bits``
-    imposes an allocation instead (baselines: random or frequency-based allocations). Inside a process group
+    With ``config.bits_budget``, each MoE layer's experts get widths by ``config.allocation`` (``mixed_precision``):
+    ``measured`` solves the layer's experts once per candidate width and keeps, per expert, the width of the exact
+    least-damage allocation under the budget; ``router-norm`` scores with ``router_init`` (every router's weight
+    at initialisation by layer index, when given); ``expert_bits`` imposes an allocation instead. Inside a process group
     (``torchrun``; or ``dist``) the work is shared by the ranks (``distributed.py``), every rank ends with the
     same quantized model.
     """
@@ -301,6 +304,9 @@ def _run(
         state = ResumeState(work_dir, fingerprint(cfg, all_windows, parts), dist)
         first = state.completed()
     x_fp = list(x_q) if fp_stream else None
+    if widths.mode == "measured" and cfg.budget_scope == "model":  # every layer's share first (the cheap pre-pass)
+        widths.budgets, means = _model_budgets(store, runner, cfg, runner.inputs, dist)
+        result.summary["expert_layer_budgets"] = means  # each MoE layer's mean width allowance
     if first:
         result.summary.update(state.summary())
         for i in range(first):  # the finished layers: into the model (in memory) or the checkpoint (streamed)
@@ -337,7 +343,8 @@ def _run(
                 fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
         ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
                            cfg.exact_sums or dist.active, dist.all_reduce_sum_)  # fmt: skip
-        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist)
+        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist,
+                       widths)  # fmt: skip
         del fp_inputs, fp_gate_up, ctx
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
@@ -371,6 +378,74 @@ def _run(
     if device.type == "cuda":
         result.summary["peak_device_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[torch.Tensor], dist):
+    """``budget_scope="model"``: each MoE layer's share of the model's budget (in width x parameters).
+
+    Layer-by-layer quantization cannot see a later layer's measured damages before it commits an earlier one, so
+    the shares come from a cheap pre-pass: the full-precision model run once over the calibration tokens, and for
+    every expert and width the round-to-nearest damage ``sum_t g_t (||E_gu x_t||^2 + ||E_down h_t||^2)`` (gate
+    weights ``g``, FP down inputs ``h``). The exact knapsack over all experts of the model on these damages gives
+    each layer its total; each layer then allocates exactly, on its measured damages, under its total. The
+    totals sum to at most the model's budget, so the model's mean width (weighted by parameters) is within it.
+    Deterministic: same data, same shares. Returns the totals and the same as mean widths, by layer index."""
+    from .capture import expert_gate, routing_args
+    from .mixed_precision import allocate_measured, budget_bit_params
+
+    levels = sorted(cfg.bit_levels)
+    damages, params, owners = [], [], []
+    for layer in store.layers:
+        layer = store.onload(layer.index)
+        try:
+            if not layer.is_moe:
+                hidden = runner.run(layer.layer, hidden)
+                continue
+            seen: list = []
+            handle = layer.experts.register_forward_pre_hook(
+                lambda _m, a, k, seen=seen: seen.append(routing_args(a, k)), with_kwargs=True
+            )
+            try:
+                hidden = runner.run(layer.layer, hidden)
+            finally:
+                handle.remove()
+            experts = layer.experts
+            gu, dn = experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
+            E = gu.shape[0]
+            err_gu = {b: gu - rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
+            err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
+            d = torch.zeros(E, len(levels), dtype=torch.float64)
+            for x, idx, w in seen:
+                x = x.reshape(-1, x.shape[-1]).float()
+                for e in range(E):
+                    hit = idx == e
+                    rows = hit.any(-1).nonzero().flatten()
+                    if not rows.numel():
+                        continue
+                    g = (w * hit).sum(-1)[rows].double()
+                    xs = x[rows]
+                    h = expert_gate(experts, gu, e, xs)
+                    for j, b in enumerate(levels):
+                        sq = (xs @ err_gu[b][e].T).pow(2).sum(-1) + (h @ err_dn[b][e].T).pow(2).sum(-1)
+                        d[e, j] += float((g * sq.double()).sum())
+            if dist is not None and dist.active:
+                d = d.to(gu.device)
+                dist.all_reduce_sum_(d)
+                d = d.cpu()
+            damages.append(d)
+            params += [gu[0].numel() + dn[0].numel()] * E
+            owners.append((layer.index, E))
+        finally:
+            store.offload(layer.index)
+    if not damages:
+        return {}, {}
+    widths = allocate_measured(torch.cat(damages), levels, budget_bit_params(cfg.bits_budget, params), params)
+    budgets, means, i = {}, {}, 0
+    for index, E in owners:
+        budgets[index] = sum(int(widths[i + e]) * params[i + e] for e in range(E))
+        means[index] = budgets[index] / sum(params[i : i + E])
+        i += E
+    return budgets, means
 
 
 def _working_bytes(layers: list[MoELayer]) -> int:
@@ -466,20 +541,72 @@ def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResu
 
 
 class _ExpertWidths:
-    """Per MoE layer, the width of every expert (DESIGN 6), from the layer's original weights, computed when the
-    layer is first onloaded (a streamed model never holds more than one layer)."""
+    """Per MoE layer, the width of every expert (DESIGN 6). Rule-based allocations (``router-norm``, ``random``) come
+    from the layer's original weights when it is first onloaded (a streamed model never holds more than one layer);
+    ``frequency`` and ``measured`` are decided inside the layer (``quantize_layer``), from its calibration tokens
+    and, for ``measured``, from one solve per candidate width."""
+
+    SCORES: ClassVar[dict[str, str]] = {
+        "measured": "measured damage: solve loss tr(E H E^T) (gate/up + down) x routing mass ({weight}), exact "
+        "knapsack under the budget per {scope}",
+        "random": "random (seed {seed})",
+        "frequency": "routed calibration tokens (most-routed experts widest)",
+    }
 
     def __init__(self, adapter, cfg: QuantConfig, router_init, given, result: QuantizationResult) -> None:
         self.adapter, self.cfg, self.router_init, self.given, self.result = adapter, cfg, router_init, given, result
         self.used_init: list[bool] = []
+        self.budgets: dict[int, int] | None = None  # budget_scope="model": bit-params per MoE layer (pre-pass)
         if given is not None:
             result.summary["expert_bits"] = {i: w.tolist() for i, w in given.items()}
             result.summary["expert_bits_scores"] = "given by the caller"
 
+    @property
+    def mode(self) -> str | None:
+        """The allocation decided inside the layer ("measured", "frequency"), or None."""
+        if self.given is not None or not self.cfg.bits_budget or self.cfg.allocation not in ("measured", "frequency"):
+            return None
+        return self.cfg.allocation
+
+    def record(self, index: int, widths: torch.Tensor, damage: torch.Tensor | None = None) -> None:
+        summary = self.result.summary
+        summary.setdefault("expert_bits", {})[index] = widths.tolist()
+        summary["expert_bits"] = dict(sorted(summary["expert_bits"].items()))
+        if damage is not None:
+            summary.setdefault("expert_damage", {})[index] = damage.tolist()
+            summary["expert_damage"] = dict(sorted(summary["expert_damage"].items()))
+        c = self.cfg
+        summary["expert_bits_scores"] = self.SCORES[c.allocation].format(
+            weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed
+        )
+
+    def budget(self, index: int, params: list[int]) -> int:
+        """The layer's budget in width x parameters (``measured``)."""
+        from .mixed_precision import budget_bit_params
+
+        if self.budgets is not None:
+            return self.budgets[index]
+        return budget_bit_params(self.cfg.bits_budget, params)
+
+    def frequency(self, index: int, counts: torch.Tensor) -> torch.Tensor:
+        from .mixed_precision import allocate_bits
+
+        widths = allocate_bits(torch.argsort(counts.cpu(), descending=True, stable=True), self.cfg.bit_levels,
+                               self.cfg.bits_budget)  # fmt: skip
+        self.record(index, widths)
+        return widths
+
+    def measured(self, index: int, damage: torch.Tensor, params: list[int]) -> torch.Tensor:
+        from .mixed_precision import allocate_measured
+
+        widths = allocate_measured(damage, self.cfg.bit_levels, self.budget(index, params), params)
+        self.record(index, widths, damage)
+        return widths
+
     def of(self, layer: MoELayer) -> torch.Tensor | None:
         if self.given is not None:
             return self.given.get(layer.index)
-        if not self.cfg.bits_budget or not layer.is_moe:
+        if not self.cfg.bits_budget or not layer.is_moe or self.mode is not None:
             return None
         from .mixed_precision import (
             ExpertScores,
@@ -489,6 +616,12 @@ class _ExpertWidths:
             sensitivity_order,
         )
 
+        if self.cfg.allocation == "random":
+            E = layer.router.weight.shape[0]
+            g = torch.Generator().manual_seed(self.cfg.allocation_seed * 1_000_003 + layer.index)
+            widths = allocate_bits(torch.randperm(E, generator=g), self.cfg.bit_levels, self.cfg.bits_budget)
+            self.record(layer.index, widths)
+            return widths
         init = (self.router_init or {}).get(layer.index)
         change, used_init = router_norm_change(layer.router.weight.detach().cpu(), init)
         self.used_init.append(used_init)
@@ -536,6 +669,7 @@ def quantize_layer(
     fp_inputs: dict[str, list[torch.Tensor]] | None = None,
     fp_gate_up: torch.Tensor | None = None,
     dist: Dist | None = None,
+    allocator: _ExpertWidths | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
     ``fp_inputs``: the FP stream's inputs of the layer's residual writers and experts, per batch, and
@@ -551,6 +685,7 @@ def quantize_layer(
     routed: list = []
     starved: list[int] = []
     pairs = None
+    measured: _Measured | None = None
     fp_experts_x = fp_inputs.pop("experts", None)
     for linears, expert_stage in _stages(adapter, layer):
         stage_fp = {n: fp_inputs.pop(n) for n in linears if plan.fp_target(n) and n in fp_inputs}
@@ -586,6 +721,8 @@ def quantize_layer(
         if expert_stage is None:
             continue
         experts = layer.experts
+
+        down_name = f"{prefix}.mlp.experts.down_proj"
         if expert_stage == "gate_up":
             routed = cap.routed
             acc = cap.expert_acc
@@ -607,48 +744,147 @@ def quantize_layer(
             H = with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)
             W = experts.gate_up_proj
             metric = plan.gate_up_metric(adapter, experts, pairs, cfg)
-        else:
-            if pairs is not None:
-                X, tokens, eids, w = pairs
-                if exact:  # the pairs of each calibration batch on that batch's tokens
-                    parts, chunks = [], []
-                    for t0, t1 in bounds:
-                        sel = (tokens >= t0) & (tokens < t1)
-                        parts.append((X[t0:t1], None, None))
-                        chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
-                    acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True)
-                    acc.reduce(dist)
-                    if cov is not None:
-                        cov.reduce(dist)
+            mode = allocator.mode if allocator is not None and layer.is_moe else None
+            if mode == "frequency":
+                expert_bits = allocator.frequency(layer.index, _routing_mass(routed, acc.num_matrices, dist, False))
+            elif mode == "measured":  # one batched solve per candidate width; the allocation waits for down's
+                if cfg.allocation_weight == "fragility" and pairs is not None:
+                    mass = acc.weight_sum.double().cpu()  # gate weight x next router's fragility (+ near misses)
                 else:
-                    acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
-            else:
-                acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved, exact=exact)
-                acc.reduce(dist)
-                if cov is not None:
-                    cov.reduce(dist)
-            name = f"{prefix}.mlp.experts.down_proj"
-            cov_tokens = int(cov.tokens.max()) if cov is not None else 0
-            H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, name, fallbacks)
-            W = experts.down_proj
-            if fp_experts_x is not None and pairs is not None and fp_gate_up is not None:
-                C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), bounds if exact else None, dist)
-                target = _fp_target(W.float(), acc.H, C, cfg)
-                keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
-                keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
-                W = torch.where(keep[:, None, None], W.float(), target)
-            metric = plan.metric_for("down_proj")
-        qw = solve_shared(dist, W.float(), H, cfg, name, fallbacks, expert_bits, metric)
-        param = experts.gate_up_proj if expert_stage == "gate_up" else experts.down_proj
-        param.copy_(qw.weight)
-        qw.weight = param.detach()  # the model now holds these values: no second copy
-        if expert_stage == "gate_up":
-            inter = experts.gate_up_proj.shape[1] // 2
-            gate, up = split_rows(qw, [inter, inter])
-            result.weights[f"{prefix}.mlp.experts.gate_proj"] = gate
-            result.weights[f"{prefix}.mlp.experts.up_proj"] = up
+                    mass = _routing_mass(routed, acc.num_matrices, dist, True)
+                measured = _Measured(sorted(cfg.bit_levels), mass)
+                for width in measured.levels:
+                    sub: list[dict] = []
+                    full = torch.full((acc.num_matrices,), width, dtype=torch.long)
+                    qw = solve_shared(dist, W.float(), H, cfg, name, sub, full, metric)
+                    measured.add("gate_up", width, qw, expert_damage(W, qw.weight, H), sub)
+                continue
+        elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
+            for width in measured.levels:
+                experts.gate_up_proj.copy_(measured.results["gate_up"][width].weight)
+                sub = []
+                first = fallbacks if width == measured.levels[0] else []  # coverage notes: once, not per width
+                W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
+                                             fp_gate_up, cfg, down_name, first)  # fmt: skip
+                qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
+                measured.add("down", width, qw, expert_damage(W, qw.weight, H), sub)
+                del W, H
+            params = [experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()] * experts.gate_up_proj.shape[0]
+            widths = allocator.measured(layer.index, measured.damage(), params)
+            fallbacks.extend(measured.fallbacks(widths, prefix))
+            gate_up, down = measured.select("gate_up", widths), measured.select("down", widths)
+            _store_experts(prefix, experts, gate_up, down, result)
+            continue
         else:
-            result.weights[f"{prefix}.mlp.experts.down_proj"] = qw
+            name = down_name
+            W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
+                                         fp_gate_up, cfg, down_name, fallbacks)  # fmt: skip
+        qw = solve_shared(dist, W.float(), H, cfg, name, fallbacks, expert_bits, metric)
+        if expert_stage == "gate_up":
+            _store_experts(prefix, experts, qw, None, result)
+        else:
+            _store_experts(prefix, experts, None, qw, result)
+
+
+def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], exact: bool, bounds, dist,
+                  fp_experts_x, fp_gate_up, cfg: QuantConfig, down_name: str, fallbacks: list[dict]):  # fmt: skip
+    """The down projections' weights (or FP targets), Hessians and metric, with the experts' current (quantized)
+    gate/up: what the solve of the down stage sees."""
+    if pairs is not None:
+        X, tokens, eids, w = pairs
+        if exact:  # the pairs of each calibration batch on that batch's tokens
+            parts, chunks = [], []
+            for t0, t1 in bounds:
+                sel = (tokens >= t0) & (tokens < t1)
+                parts.append((X[t0:t1], None, None))
+                chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
+            acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True)
+            acc.reduce(dist)
+            if cov is not None:
+                cov.reduce(dist)
+        else:
+            acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
+    else:
+        acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved, exact=exact)
+        acc.reduce(dist)
+        if cov is not None:
+            cov.reduce(dist)
+    cov_tokens = int(cov.tokens.max()) if cov is not None else 0
+    H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, down_name, fallbacks)
+    W = experts.down_proj
+    if fp_experts_x is not None and pairs is not None and fp_gate_up is not None:
+        C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), bounds if exact else None, dist)
+        target = _fp_target(W.float(), acc.H, C, cfg)
+        keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
+        keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
+        W = torch.where(keep[:, None, None], W.float(), target)
+    return W.float(), H, plan.metric_for("down_proj")
+
+
+def _store_experts(prefix: str, experts: nn.Module, gate_up: QuantizedWeight | None, down: QuantizedWeight | None,
+                   result: QuantizationResult) -> None:  # fmt: skip
+    """The experts' solved gate/up and/or down into the model (no second copy) and the results by checkpoint name."""
+    if gate_up is not None:
+        experts.gate_up_proj.copy_(gate_up.weight)
+        gate_up.weight = experts.gate_up_proj.detach()  # the model now holds these values: no second copy
+        inter = experts.gate_up_proj.shape[1] // 2
+        gate, up = split_rows(gate_up, [inter, inter])
+        result.weights[f"{prefix}.mlp.experts.gate_proj"] = gate
+        result.weights[f"{prefix}.mlp.experts.up_proj"] = up
+    if down is not None:
+        experts.down_proj.copy_(down.weight)
+        down.weight = experts.down_proj.detach()
+        result.weights[f"{prefix}.mlp.experts.down_proj"] = down
+
+
+def _routing_mass(routed: list, E: int, dist: Dist | None, weighted: bool) -> torch.Tensor:
+    """Per expert, the sum of its gate weights (``weighted``) or its routed-token count over the calibration tokens
+    (the routing of the stage capture), summed over the ranks of a distributed run; float64 on the host."""
+    device = routed[0][1].device if routed else torch.device("cpu")
+    mass = torch.zeros(E, dtype=torch.float64, device=device)
+    for _x, idx, w in routed:
+        val = w.reshape(-1).double() if weighted else torch.ones(idx.numel(), dtype=torch.float64, device=device)
+        mass.index_add_(0, idx.reshape(-1).long().to(device), val.to(device))
+    if dist is not None and dist.active:
+        dist.all_reduce_sum_(mass)
+    return mass.cpu()
+
+
+class _Measured:
+    """The measured allocation of one MoE layer (DESIGN 6): every width's solved experts (kept: the chosen width's
+    codes are used as they are, nothing is solved twice), their solve losses and the solves' fallbacks."""
+
+    def __init__(self, levels: list[int], mass: torch.Tensor) -> None:
+        self.levels, self.mass = levels, mass
+        self.results: dict[str, dict[int, QuantizedWeight]] = {"gate_up": {}, "down": {}}
+        self.losses: dict[str, dict[int, torch.Tensor]] = {"gate_up": {}, "down": {}}
+        self.sub: dict[str, dict[int, list[dict]]] = {"gate_up": {}, "down": {}}
+
+    def add(self, part: str, width: int, qw: QuantizedWeight, loss: torch.Tensor, fallbacks: list[dict]) -> None:
+        self.results[part][width], self.losses[part][width], self.sub[part][width] = qw, loss, fallbacks
+
+    def damage(self) -> torch.Tensor:
+        """``(E, levels)``: routing mass x (gate/up loss + down loss) per expert and width."""
+        loss = torch.stack([self.losses["gate_up"][b] + self.losses["down"][b] for b in self.levels], dim=1)
+        return self.mass[:, None] * loss
+
+    def fallbacks(self, widths: torch.Tensor, prefix: str) -> list[dict]:
+        """The solves' fallbacks of the widths each expert got."""
+        return [f for part in ("gate_up", "down") for b in self.levels for f in self.sub[part][b]
+                if int(widths[f["index"]]) == b]  # fmt: skip
+
+    def select(self, part: str, widths: torch.Tensor) -> QuantizedWeight:
+        """One batch from the chosen width of every expert (``take``: per-matrix widths when they differ)."""
+        parts = []
+        for b in sorted(set(widths.tolist())):
+            ids = (widths == b).nonzero().flatten()
+            qw = self.results[part][b]
+            dev = ids.to(qw.codes.device)
+            pick = lambda t, d=dev: None if t is None else t[d]  # noqa: E731
+            sub = QuantizedWeight(pick(qw.codes), pick(qw.scales), pick(qw.zeros), pick(qw.g_idx), pick(qw.weight), b,
+                                  qw.group_size, None, pick(qw.prequant))  # fmt: skip
+            parts.append((ids, sub))
+        return take(parts, widths.numel())
 
 
 def _fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:

@@ -87,7 +87,12 @@ class ResumeState:
     def summary(self) -> dict:
         data = json.loads((self.dir / "progress.json").read_text())
         keep = ("fallbacks", "layer_seconds", "layer_comm_bytes", "router_agreement")
-        return {k: v for k, v in data["summary"].items() if k in keep}
+        keep += ("expert_bits", "expert_bits_scores", "expert_damage")
+        out = {k: v for k, v in data["summary"].items() if k in keep}
+        for k in ("expert_bits", "expert_damage"):  # JSON made the layer indices strings
+            if isinstance(out.get(k), dict):
+                out[k] = {int(i): v for i, v in out[k].items()}
+        return out
 
     def load_layer(self, index: int, cfg: QuantConfig) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
         """A finished layer's results by name, and its router weight when the run changed it."""

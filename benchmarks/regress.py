@@ -7,6 +7,8 @@ On the shipped fixture at W4g64 and W3g64, fixed calibration windows, every wind
 - with ``--gptqmodel-python`` (CI passes it): the same two checks against gptqmodel 7.7's stock GPTQ, run
   in its own venv on the same calibration windows and loaded by the plugin's loader; and VSRAQ's disagreement
   and KL below gptqmodel's GPTAQ (alpha 0.25) and FOEM (beta 0.2), the stronger stock options.
+On the two 6-layer fixtures of ``benchmarks/fixtures`` (fine-grained Qwen3-MoE, DeepSeek-V3 style), VSRAQ
+against our gptq at both widths, with the ratios in EXTRA_FIXTURES.
 Writes ``regress.json`` (every number and verdict) and exits non-zero when an enforced check fails.
 
 Issue #5 asked for 0.85x disagreement and 1.02x KL; the method has since got to about 0.60-0.63x and 0.64-0.69x
@@ -43,6 +45,9 @@ GPTQMODEL = "gptqmodel 7.7 gptq"
 STOCK_VARIANTS = {"gptaq": "gptqmodel 7.7 gptaq", "foem": "gptqmodel 7.7 foem"}
 
 DISAGREEMENT_RATIO = {4: 0.75, 3: 0.75}  # enforced (issue #5 started at 0.85)
+# The fine-grained and DeepSeek-style fixtures (issue #14): VSRAQ against our gptq only, thresholds from what the
+# method reaches there today (disagreement 0.77-0.79x, KL 0.72-0.82x at W3/W4 g64), with a margin for noise.
+EXTRA_FIXTURES = {"tiny-qwen3-moe": (0.85, 0.90), "tiny-deepseek-v3": (0.85, 0.90)}  # (disagreement, KL) ratios
 KL_RATIO = 0.85  # enforced (issue #5 started at 1.02)
 BITS = (4, 3)
 GROUP_SIZE = 64
@@ -56,6 +61,7 @@ def main() -> int:
     ap.add_argument(
         "--gptqmodel-python", help="python of a venv with gptqmodel 7.7: adds its stock GPTQ as a gated row"
     )
+    ap.add_argument("--fixture-only", action="store_true", help="only the shipped fixture (skip EXTRA_FIXTURES)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -107,6 +113,25 @@ def main() -> int:
             checks.append({"bits": bits, "check": what, "enforced": enforced, "passed": bool(passed), "detail": detail})
             ok &= bool(passed) or not enforced
             print(f"W{bits}: {what}: {verdict} ({detail})")
+    if not args.fixture_only:
+        for name, (dis_limit, kl_limit) in EXTRA_FIXTURES.items():
+            path = HERE / "fixtures" / name
+            pair = {"gptq": dict(method="gptq"), "vsraq": dict(method="vsraq")}
+            sub = measure(pair, list(BITS), GROUP_SIZE, args.n_samples, args.eval_windows, model_path=path)
+            print(f"{name}:")
+            print(table(sub))
+            report[name] = sub
+            for bits in BITS:
+                g, v = (sub["models"][f"{n} W{bits}g{GROUP_SIZE}"] for n in ("gptq", "vsraq"))
+                ratio = (1.0 - v["topk_set_agreement"]) / (1.0 - g["topk_set_agreement"])
+                for what, passed, detail in (
+                    ("disagreement vs gptq", ratio <= dis_limit, f"{ratio:.3f}x <= {dis_limit}x"),
+                    ("KL vs gptq", v["kl"] <= kl_limit * g["kl"], f"{v['kl']:.5f} <= {kl_limit} x {g['kl']:.5f}"),
+                ):
+                    checks.append({"fixture": name, "bits": bits, "check": what, "enforced": True,
+                                   "passed": bool(passed), "detail": detail})  # fmt: skip
+                    ok &= bool(passed)
+                    print(f"{name} W{bits}: {what}: {'PASS' if passed else 'FAIL'} ({detail})")
     report["gate"] = {
         "disagreement_ratio": DISAGREEMENT_RATIO,
         "kl_ratio": KL_RATIO,

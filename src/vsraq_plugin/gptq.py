@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import METRIC_SOLVES
-from .metric_rounding import low_rank_factor, round_column
+from .metric_rounding import default_plan, low_rank_factor, round_column
 from .quantizer import QuantizedWeight, all_finite, compute_qparams, dequantize, group_count, quantize
 
 
@@ -255,7 +255,9 @@ def _solve_columns(
     rounded are then, with ``keep_prequant``, ``round_column``'s fed values (else the compensated weights)."""
     N, d, r = Wt.shape
     maxq = (1 << bits) - 1
-    Gsq = None if G is None or not G.shape[-1] else G.pow(2).sum(-1)
+    Gsq = plan = None
+    if G is not None and G.shape[-1]:
+        Gsq, plan = G.pow(2).sum(-1), default_plan(G)
     gs = d if group_size == -1 else group_size
     ngroups = d // gs
 
@@ -297,9 +299,9 @@ def _solve_columns(
                 q = quantize(w, scale, zero, bits)
                 U[:, col] = w
             elif keep_prequant:
-                q, U[:, col] = round_column(w, scale, zero, maxq, G, Gsq, fed=True)
+                q, U[:, col] = round_column(w, scale, zero, maxq, G, Gsq, fed=True, plan=plan)
             else:
-                q = round_column(w, scale, zero, maxq, G, Gsq)
+                q = round_column(w, scale, zero, maxq, G, Gsq, plan=plan)
                 U[:, col] = w
             codes[:, col] = q
             wq = dequantize(q, scale, zero)

@@ -199,3 +199,27 @@ def test_metric_solve_is_validated():
     with pytest.raises(ConfigError, match="metric_solve"):
         QuantConfig(metric_solve="approx")
     assert QuantConfig().metric_solve == "fast"
+
+
+def test_chunk_budgets_are_device_dependent():
+    """CPU runs keep the cache-sized chunks; on a GPU the column loop takes whole batches and the factorisations
+    a much larger budget (the CUDA path itself is not exercised here: no GPU in CI)."""
+    assert gptq_module._budget(torch.device("cpu"), 1, 2) == 1
+    assert gptq_module._budget(torch.device("cuda"), 1, 2) == 2
+    assert gptq_module._CUDA_CHUNK_BYTES > gptq_module._CHUNK_BYTES
+    assert gptq_module._CUDA_LA_CHUNK_BYTES > gptq_module._LA_CHUNK_BYTES
+
+
+def test_fast_prequant_rounds_to_the_codes():
+    """With ``keep_prequant`` the fast solve returns, per element, a value whose nearest rounding is its code (the
+    row's conditional optimum, or the grid point): refinement starts from the solver's codes."""
+    W, H = _problem(3, 24, 32, 6)
+    U = torch.randn(24, 3, generator=torch.Generator().manual_seed(7))
+    M = (torch.eye(24) + 32 * U @ U.T / torch.linalg.eigvalsh(U @ U.T)[-1]).expand(3, 24, 24)
+    qw = gptq_quantize(W, H, 3, 8, block_size=8, row_metric=M, keep_prequant=True)[0]
+    plain = gptq_quantize(W, H, 3, 8, block_size=8)[0]
+    assert (qw.codes != plain.codes).any()
+    g = qw.g_idx.long()[:, None, :].expand(-1, 24, -1)
+    s, z = torch.gather(qw.scales, 2, g), torch.gather(qw.zeros.float(), 2, g)
+    assert torch.equal(quantize(qw.prequant, s, z, 3), qw.codes.float())
+    assert not torch.equal(qw.prequant, qw.weight)  # not just the grid points

@@ -235,7 +235,7 @@ def round_column(
         z -= dz
     if not fed:
         return code
-    q = w - e
+    q = scale * (code - zero)
     c = torch.addmm(e, z, G[0].T) if shared else e + _rmatvec(z, G)
     u = q + c / (1 + Gsq)
     u = torch.where(torch.clamp(torch.round(u / scale) + zero, 0, maxq) == code, u, q)

@@ -5,9 +5,11 @@ its own Hessian from correlated synthetic activations. Prints wall time of both,
 difference of the dequantized weights (0 when the two are bit-identical).
 
 ``--metric``: instead, the cost of the output-metric solve (DESIGN 3.5b, the residual writers' rounding):
-batched GPTQ against batched GPTQ with a rank-8 row metric, same experts, side by side.
+batched GPTQ against batched GPTQ with a rank-8 (``--rank``) row metric shared by the experts, solved exactly
+(the tiled wavefront) and fast (the low-rank coordinate descent of DESIGN 3.5f), side by side: wall time, the
+ratios to GPTQ, and the metric objective ``tr((W-Q) H (W-Q)^T M)`` of each relative to GPTQ's and fast/exact.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_gptq.py [--experts 64] [--threads 2] [--metric]
+    OMP_NUM_THREADS=2 python benchmarks/bench_gptq.py [--experts 64] [--threads 2] [--metric [--rank 8]]
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs of each")
-    ap.add_argument("--metric", action="store_true", help="time the output-metric solve against plain GPTQ")
+    ap.add_argument("--metric", action="store_true", help="time the output-metric solves against plain GPTQ")
+    ap.add_argument("--rank", type=int, default=8, help="--metric: rank of the boundary matrix A")
+    ap.add_argument("--lam", type=float, default=32.0, help="--metric: lambda of M = I + lambda A / ||A||")
+    ap.add_argument("--shapes", help="--metric: only the shapes whose name contains one of these (comma-separated)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     kw = dict(bits=args.bits, group_size=args.group_size, sym=True)
@@ -72,22 +77,41 @@ def main() -> None:
         print(f"{name:24s} {t_loop:9.2f} {t_batch:10.2f} {t_loop / t_batch:8.2f}x {diff:11.3g}", flush=True)
 
 
+def metric_objective(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, M: torch.Tensor) -> float:
+    """``sum_b tr((W-Q) H (W-Q)^T M)`` in float64: what the metric solve minimises."""
+    E = (W - Q).double()
+    return float(torch.einsum("brd,bde,bsd,rs->", E, H.double(), E, M[0].double()))
+
+
 def metric_cost(args, kw) -> None:
-    print(f"{'shape':24s} {'gptq s':>9s} {'metric s':>9s} {'ratio':>7s}")
+    """Plain GPTQ vs the exact (wavefront) and the fast (low-rank, DESIGN 3.5f) metric solves, same experts and
+    metric: wall time, ratios to GPTQ, and each solve's metric objective relative to GPTQ's and to the exact one."""
+    print(f"rank-{args.rank} metric M = I + {args.lam:g} A / ||A||, shared by the experts")
+    head = f"{'shape':24s} {'gptq s':>7s} {'exact s':>8s} {'fast s':>7s} {'exact/g':>8s} {'fast/g':>7s}"
+    print(head + f" {'obj exact/g':>12s} {'obj fast/g':>11s} {'fast/exact':>11s}")
     for name, (rows, cols) in SHAPES.items():
+        if args.shapes and not any(s in name for s in args.shapes.split(",")):
+            continue
         W, H = make_problem(args.experts, rows, cols, seed=0)
-        U = torch.randn(rows, 8, generator=torch.Generator().manual_seed(1))
+        U = torch.randn(rows, args.rank, generator=torch.Generator().manual_seed(1))
         A = U @ U.T
-        M = (torch.eye(rows) + 32 * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
-        t_plain = t_metric = float("inf")
+        M = (torch.eye(rows) + args.lam * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
+        times = {"gptq": float("inf"), "exact": float("inf"), "fast": float("inf")}
+        out = {}
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            gptq_quantize(W, H, **kw)
-            t_plain = min(t_plain, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            gptq_quantize(W, H, **kw, row_metric=M)
-            t_metric = min(t_metric, time.perf_counter() - t0)
-        print(f"{name:24s} {t_plain:9.2f} {t_metric:9.2f} {t_metric / t_plain:6.1f}x", flush=True)
+            for mode in times:
+                extra = {} if mode == "gptq" else {"row_metric": M, "metric_solve": mode}
+                t0 = time.perf_counter()
+                out[mode] = gptq_quantize(W, H, **kw, **extra)[0].weight
+                times[mode] = min(times[mode], time.perf_counter() - t0)
+        obj = {mode: metric_objective(W, Q, H, M) for mode, Q in out.items()}
+        t, o = times, obj
+        print(
+            f"{name:24s} {t['gptq']:7.2f} {t['exact']:8.2f} {t['fast']:7.2f} {t['exact'] / t['gptq']:7.2f}x "
+            f"{t['fast'] / t['gptq']:6.2f}x {o['exact'] / o['gptq']:12.4f} {o['fast'] / o['gptq']:11.4f} "
+            f"{o['fast'] / o['exact']:11.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Same model (the shipped tiny Mixtral), same calibration tokens (written once to a safetensors file), same
 bits and group size. Every quantization runs in its own process (wall time and peak RSS measured there);
 every checkpoint is then loaded with this plugin's loader and evaluated against the FP model on the
-fixture's eval text: routing agreement, perplexity, KL.
+fixture's eval text: routing agreement, perplexity, KL. ``--methods gptq vsraq:exact vsraq:fast`` compares the
+two metric solves of VSRAQ (DESIGN 3.5f) with stock GPTQ (no gptqmodel needed without ``--gptqmodel-python``).
 
 gptqmodel lives in its own venv (it wants its own torch pin):
 
@@ -43,7 +44,8 @@ def child(args: argparse.Namespace) -> None:
     windows = load_file(args.windows)["windows"]
     t0 = time.perf_counter()
     model = load_model(args.model)
-    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method)
+    method, _, metric_solve = args.method.partition(":")  # e.g. vsraq:exact
+    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, method=method, metric_solve=metric_solve or "fast")
     result = quantize_model(model, windows, cfg, batch_size=8, progress=False)
     save_checkpoint(model, result, args.out)
     print(
@@ -73,7 +75,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--methods", nargs="+", default=["gptq", "agq", "rtn"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["gptq", "agq", "rtn"],
+        help="methods to run; vsraq:exact / vsraq:fast pick the metric solve (QuantConfig.metric_solve)",
+    )
     ap.add_argument(
         "--gptqmodel-python",
         default=os.environ.get("GPTQMODEL_PYTHON"),

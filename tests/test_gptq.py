@@ -347,7 +347,8 @@ def test_identity_metric_equals_gptq(gs, tile, col_starts, row_starts, order, mo
     kw = dict(_ORDERS[order], block_size=8 if gs != -1 else 128)
     ref, err_ref, _ = gptq_quantize(W, H, 3, gs, **kw)
     assert not seen  # the reference is the column solver, not the metric solve
-    got, err, _ = gptq_quantize(W, H, 3, gs, **kw, row_metric=torch.eye(12).expand(3, 12, 12))
+    metric = torch.eye(12).expand(3, 12, 12)
+    got, err, _ = gptq_quantize(W, H, 3, gs, **kw, row_metric=metric, metric_solve="exact")
     assert sorted(seen) == _grid(col_starts, row_starts, 32, 12)
     assert torch.equal(got.codes, ref.codes)
     assert torch.equal(got.weight, ref.weight)
@@ -413,7 +414,7 @@ def test_metric_solve_matches_the_scalar_recursion(tile, col_starts, row_starts,
     W, H = _correlated_batch(2, 6, 16, 7)
     A = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(57))
     M = torch.eye(6, dtype=torch.float64) + A @ A.transpose(1, 2)
-    got, _, _ = gptq_quantize(W, H, 3, 4, row_metric=M.float(), damp_percent=0.01)
+    got, _, _ = gptq_quantize(W, H, 3, 4, row_metric=M.float(), damp_percent=0.01, metric_solve="exact")
     assert sorted(seen) == _grid(col_starts, row_starts, 16, 6)
     for b in range(2):
         codes, scales, tie = _metric_recursion(W[b], H[b], M[b].float(), 3, 4, 0.01)
@@ -424,7 +425,8 @@ def test_metric_solve_matches_the_scalar_recursion(tile, col_starts, row_starts,
         assert torch.equal(got.scales[b], scales), b
 
 
-def test_metric_lowers_the_metric_error():
+@pytest.mark.parametrize("solve", ["exact", "fast"])
+def test_metric_lowers_the_metric_error(solve):
     """Rounding against M lowers tr((W-Q) H (W-Q)^T M) relative to plain GPTQ, on average over seeds."""
     ratios = []
     for seed in range(6):
@@ -438,19 +440,21 @@ def test_metric_lowers_the_metric_error():
             return torch.trace(E @ H[0] @ E.T @ M)
 
         plain, _, _ = gptq_quantize(W, H, 3, 8)
-        aware, _, _ = gptq_quantize(W, H, 3, 8, row_metric=M[None])
+        aware, _, _ = gptq_quantize(W, H, 3, 8, row_metric=M[None], metric_solve=solve)
         ratios.append(float(metric_error(aware.weight) / metric_error(plain.weight)))
     assert sum(ratios) / len(ratios) < 0.85, ratios  # measured about 0.71
 
 
-@pytest.mark.parametrize("metric", [False, True])
+@pytest.mark.parametrize("metric", [None, "exact", "fast"])
 def test_prequant_rounds_to_the_codes(metric):
     """``keep_prequant``: the values the solver rounded give back its codes (where refinement starts)."""
     from vsraq_plugin.quantizer import quantize
 
     W, H = _correlated_batch(2, 8, 32, 3)
-    M = torch.eye(8).expand(2, 8, 8) * 2 if metric else None
-    qw, _, _ = gptq_quantize(W, H, 3, 8, act_group_aware=True, row_metric=M, keep_prequant=True)
+    U = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(4))
+    M = torch.eye(8) + 8 * U @ U.transpose(1, 2) if metric else None  # the rounding differs from nearest
+    kw = {"metric_solve": metric} if metric else {}
+    qw, _, _ = gptq_quantize(W, H, 3, 8, act_group_aware=True, row_metric=M, keep_prequant=True, **kw)
     g = qw.g_idx.long()[:, None, :].expand(-1, 8, -1)
     s, z = torch.gather(qw.scales, 2, g), torch.gather(qw.zeros.float(), 2, g)
     assert torch.equal(quantize(qw.prequant, s, z, 3), qw.codes.float())

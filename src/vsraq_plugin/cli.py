@@ -241,6 +241,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         desc_act=args.desc_act,
         damp_percent=args.damp_percent,
         method=args.method,
+        metric_solve=args.metric_solve,
         refine_steps=args.refine_steps,
         refine_lambda_value=args.refine_lambda_value,
         refine_lambda_structure=args.refine_lambda_structure,
@@ -451,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     q.add_argument("--desc-act", action="store_true", help="act-order (quantize columns by decreasing diag(H))")
     q.add_argument("--damp-percent", type=float, default=0.01)
+    q.add_argument(
+        "--metric-solve",
+        choices=("fast", "exact"),
+        default="fast",
+        help="vsraq: how a residual writer's columns are rounded under the routing metric: fast (low-rank "
+        "coordinate descent, about GPTQ's cost) or exact (nearest plane on a tiled wavefront, 5-20x slower)",
+    )
     q.add_argument("--bits-budget", type=float, help="average width of the routed experts, e.g. 3.0 (DESIGN 6)")
     q.add_argument("--bit-levels", help="expert widths to choose from, e.g. 2,3,4 (with --bits-budget)")
     q.add_argument(

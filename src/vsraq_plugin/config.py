@@ -16,6 +16,7 @@ OFFLOAD_MODES = ("auto", "device", "cpu")
 ALLOCATIONS = ("measured", "router-norm", "random", "frequency")
 ALLOCATION_WEIGHTS = ("mass", "fragility")
 BUDGET_SCOPES = ("layer", "model")
+METRIC_SOLVES = ("fast", "exact")
 
 
 def _valid_device(device: str) -> bool:
@@ -66,6 +67,9 @@ class QuantConfig:
     lambda_metric: float = 32.0  # output metric of the residual writers (DESIGN 3.5b): M = I + lambda * A / ||A||
     lambda_metric_v: float = 256.0  # the same metric carried back to v_proj through o_proj (DESIGN 3.5d)
     lambda_metric_up: float = 0.0  # ... and to the experts' gate/up through their down_proj (DESIGN 3.5d)
+    # How a column is rounded under an output metric: "fast" (low-rank coordinate descent, DESIGN 3.5f, about
+    # GPTQ's cost) or "exact" (nearest plane over the rows on a tiled wavefront, 5-20x GPTQ's solve).
+    metric_solve: str = "fast"
     near_miss_weight: float = 0.1  # weight of near-miss tokens in an expert's Hessian
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
@@ -129,6 +133,8 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is unknown; use one of {METHODS}.")
+        if self.metric_solve not in METRIC_SOLVES:
+            raise ConfigError(f"metric_solve={self.metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")
         if self.router_mode not in ROUTER_MODES:
             raise ConfigError(f"router_mode={self.router_mode!r} is unknown; use one of {ROUTER_MODES}.")
         if not (0.0 < self.damp_percent < 1.0) or not math.isfinite(self.damp_percent):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import METRIC_SOLVES
+from .metric_rounding import default_plan, low_rank_factor, round_column
 from .quantizer import QuantizedWeight, all_finite, compute_qparams, dequantize, group_count, quantize
 
 
@@ -211,6 +213,24 @@ def _damped_inverse_cholesky(
 _CHUNK_BYTES = 2 << 20
 # Bytes of Hessians factorised together (a few MiB: last-level-cache sized).
 _LA_CHUNK_BYTES = 4 << 20
+# The same two budgets on a GPU: no cache to fit, and every launch costs the same whatever its size, so the
+# column loop takes the whole batch at once and the factorisations go in chunks only to bound the memory of
+# their temporaries (a few copies of 1 GiB of Hessians).
+_CUDA_CHUNK_BYTES = 1 << 62
+_CUDA_LA_CHUNK_BYTES = 1 << 30
+# The fast metric solve: the low-rank form ``M = I + G G^T`` with at most this many directions (a router's
+# boundary matrix has rank <= E - 1 <= 255 in the families supported); a metric of higher rank takes the exact solve.
+_METRIC_MAX_RANK = 256
+# The fast metric solve rounds a column in a few dozen small operations whatever the batch: it runs the column
+# loop over at least this many matrices at once (and over the whole factorised batch), trading some cache reuse
+# of the block updates for fewer, larger rounding operations.
+_METRIC_BATCH = 16
+_METRIC_CHUNK_BYTES = 1 << 62
+
+
+def _budget(device: torch.device, cpu_bytes: int, cuda_bytes: int) -> int:
+    """A chunk budget in bytes: sized for CPU caches, or for a GPU (device-dependent)."""
+    return cuda_bytes if device.type == "cuda" else cpu_bytes
 
 
 def _solve_columns(
@@ -222,11 +242,22 @@ def _solve_columns(
     group_size: int,
     static: tuple[torch.Tensor, torch.Tensor] | None,
     block_size: int,
+    G: torch.Tensor | None = None,
+    keep_prequant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's blocked column solve on column-major weights ``Wt`` ``(N, in, rows)`` (modified in place),
     with ``Hinv`` the upper Cholesky factor of each damped, permuted ``H^-1``. Returns codes and dequantized
-    weight ``(N, in, rows)`` in quantization order, scales/zeros ``(N, rows, groups)``, and the values rounded."""
+    weight ``(N, in, rows)`` in quantization order, scales/zeros ``(N, rows, groups)``, and the values rounded.
+
+    ``G`` ``(N, rows, k)``: a low-rank output metric ``M = I + G G^T`` (DESIGN 3.5b/3.5f). The compensation is
+    GPTQ's (it does not depend on ``M``); each column is rounded across its rows by
+    ``metric_rounding.round_column`` instead of to nearest. ``k = 0`` is plain GPTQ, bit for bit. The values
+    rounded are then, with ``keep_prequant``, ``round_column``'s fed values (else the compensated weights)."""
     N, d, r = Wt.shape
+    maxq = (1 << bits) - 1
+    Gsq = plan = None
+    if G is not None and G.shape[-1]:
+        Gsq, plan = G.pow(2).sum(-1), default_plan(G)
     gs = d if group_size == -1 else group_size
     ngroups = d // gs
 
@@ -264,9 +295,15 @@ def _solve_columns(
                     # this block have not yet received this block's in-block updates.
                     scale, zero = grid(Wt[:, col : col + gs])
                     scales[:, :, col // gs], zeros[:, :, col // gs] = scale, zero
-            q = quantize(w, scale, zero, bits)
+            if Gsq is None:
+                q = quantize(w, scale, zero, bits)
+                U[:, col] = w
+            elif keep_prequant:
+                q, U[:, col] = round_column(w, scale, zero, maxq, G, Gsq, fed=True, plan=plan)
+            else:
+                q = round_column(w, scale, zero, maxq, G, Gsq, plan=plan)
+                U[:, col] = w
             codes[:, col] = q
-            U[:, col] = w
             wq = dequantize(q, scale, zero)
             Q[:, col] = wq
             err = (w - wq) / Hinv1[:, i, i, None]
@@ -447,11 +484,17 @@ def gptq_quantize(
     act_group_aware: bool = False,
     row_metric: torch.Tensor | None = None,
     keep_prequant: bool = False,
+    metric_solve: str = "fast",
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """GPTQ-quantize a batch of weights ``W`` ``(B, rows, in)`` with Hessians ``H``.
 
-    ``row_metric`` ``(B, rows, rows)``, symmetric positive definite: the output metric ``M`` of DESIGN 3.5b
-    (minimise ``tr((W-Q) H (W-Q)^T M)``; see ``_solve_wavefront``). Not with per-row Hessians.
+    ``row_metric`` ``(B, rows, rows)``, symmetric, ``M - I`` positive semidefinite: the output metric ``M`` of
+    DESIGN 3.5b (minimise ``tr((W-Q) H (W-Q)^T M)``). Not with per-row Hessians. ``metric_solve`` says how a
+    column is rounded under it: ``"exact"``, Babai's nearest plane over the rows on a tiled wavefront
+    (``_solve_wavefront``, 5-20x GPTQ's solve at real widths); ``"fast"`` (DESIGN 3.5f), GPTQ's column solve
+    with each column rounded by coordinate descent in the low-rank form ``M = I + G G^T``
+    (``metric_rounding``), falling back to ``"exact"`` for a metric of rank above ``_METRIC_MAX_RANK``.
+    With ``M = I`` the fast solve is plain GPTQ bit for bit.
 
     ``act_group_aware`` (GAR, as gptqmodel and optimum default to; ignored with ``desc_act`` or one group
     per row): columns are quantized group by group, groups in decreasing order of their largest Hessian
@@ -469,18 +512,22 @@ def gptq_quantize(
     group_count(d, group_size)
     if row_metric is not None and (row_hessian or tuple(row_metric.shape) != (B, R, R)):
         raise ValueError(f"row_metric must be (B, rows, rows) = {(B, R, R)} with a shared Hessian per matrix.")
+    if metric_solve not in METRIC_SOLVES:
+        raise ValueError(f"metric_solve={metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")
     # The O(d^3) factorisations and the error feedback stream whole Hessians through memory: batches of
     # matrices sized to stay cache-resident are faster than one huge batch, which is memory-bound.
     per_matrix = (R if row_hessian else 1) * d * d * 4
-    chunk = max(1, _LA_CHUNK_BYTES // per_matrix)
+    chunk = max(1, _budget(W.device, _LA_CHUNK_BYTES, _CUDA_LA_CHUNK_BYTES) // per_matrix)
+    if row_metric is not None and metric_solve == "fast":
+        chunk = max(chunk, _METRIC_BATCH)
     args = (bits, group_size, sym, desc_act, static_groups, damp_percent, damp_auto_increment, block_size)
     args += (act_group_aware,)
     if chunk >= B:
-        return _gptq_batch(W, H, *args, row_metric, keep_prequant)
+        return _gptq_batch(W, H, *args, row_metric, keep_prequant, metric_solve)
     out = error = damp = None
     for c in range(0, B, chunk):
         metric = None if row_metric is None else row_metric[c : c + chunk]
-        qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args, metric, keep_prequant)
+        qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args, metric, keep_prequant, metric_solve)
         if out is None:  # preallocate once: no concatenation copies of the full batch
             names = ("codes", "scales", "zeros", "g_idx", "weight") + (("prequant",) if keep_prequant else ())
             fields = {f: getattr(qw, f).new_empty((B, *getattr(qw, f).shape[1:])) for f in names}
@@ -506,6 +553,7 @@ def _gptq_batch(
     act_group_aware: bool = False,
     row_metric: torch.Tensor | None = None,
     keep_prequant: bool = False,
+    metric_solve: str = "fast",
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """``gptq_quantize`` on one cache-sized batch (inputs already checked)."""
     row_hessian = H.dim() == 4
@@ -560,7 +608,10 @@ def _gptq_batch(
 
     Hinv, damp = _damped_inverse_cholesky(Hs, damp_percent, damp_auto_increment)
 
-    if row_metric is not None:
+    G = None  # the metric's low-rank form, for the fast solve
+    if row_metric is not None and metric_solve == "fast":
+        G = low_rank_factor(row_metric, _METRIC_MAX_RANK)
+    if row_metric is not None and G is None:
         # Upper Cholesky factor of M^-1 (GPTQ's Hinv, for rows): M = I + PSD is well conditioned.
         Mf = row_metric.double()
         Minv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Mf)), upper=True).float()
@@ -568,13 +619,26 @@ def _gptq_batch(
     else:
         # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column: chunks
         # sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
-        chunk = max(1, _CHUNK_BYTES // (min(block_size, d) * r * 4))
+        budget = _budget(W.device, _CHUNK_BYTES if G is None else _METRIC_CHUNK_BYTES, _CUDA_CHUNK_BYTES)
+        chunk = max(1, budget // (min(block_size, d) * r * 4))
         parts = []
         for c in range(0, N, chunk):
             part = slice(c, c + chunk)
             static_part = None if static is None else (static[0][part], static[1][part])
+            G_part = None if G is None else G[part]
             parts.append(
-                _solve_columns(Wt[part], Hinv[part], perm_n[part], bits, sym, group_size, static_part, block_size)
+                _solve_columns(
+                    Wt[part],
+                    Hinv[part],
+                    perm_n[part],
+                    bits,
+                    sym,
+                    group_size,
+                    static_part,
+                    block_size,
+                    G_part,
+                    keep_prequant,
+                )
             )
         codes, Q, scales, zeros, U = (torch.cat(t) for t in zip(*parts, strict=True))
 

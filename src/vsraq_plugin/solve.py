@@ -50,6 +50,7 @@ def gptq_solve(
         cfg.act_group_aware,
         None if metric is None else metric.expand(W.shape[0], W.shape[1], W.shape[1]),
         cfg.refine_steps > 0,  # refinement starts from the values the solver rounded
+        cfg.metric_solve,
     )
     return qw
 

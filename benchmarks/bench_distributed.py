@@ -27,10 +27,8 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,15 +39,6 @@ REAL = [
     ("Qwen3-30B-A3B", 128, 48, 3.9, "llm-compressor, one GPU"),
     ("DeepSeek-V3/R1", 256, 58, 48.0, "llm-compressor, one A100"),
 ]
-
-
-def run(cmd: list[str], env: dict) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:6])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds, proc.stdout
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -75,7 +64,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_distributed.json"))
     args = ap.parse_args()
 
-    from bench_scale import make_model
+    from bench_scale import make_model, measure
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vsraq-dist-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +83,8 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
             cmd = [sys.executable, *launch, "-m", "vsraq_plugin", *common, "--method", method, "--out", str(out)]
-            seconds, stdout = run(cmd, env)
+            r = measure(cmd, env, work)
+            seconds, stdout = r["seconds"], r["stdout"]
             per_layer = float(re.search(r"([\d.]+) s per layer on average", stdout).group(1))
             moved = re.search(r"([\d.]+) MiB moved by rank 0", stdout)
             outs[ranks] = out

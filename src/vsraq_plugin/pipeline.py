@@ -771,7 +771,7 @@ def quantize_layer(
                 del W, H
             params = [experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()] * experts.gate_up_proj.shape[0]
             widths = allocator.measured(layer.index, measured.damage(), params)
-            fallbacks.extend(measured.fallbacks(widths, prefix))
+            fallbacks.extend(measured.fallbacks(widths))
             gate_up, down = measured.select("gate_up", widths), measured.select("down", widths)
             _store_experts(prefix, experts, gate_up, down, result)
             continue
@@ -868,7 +868,7 @@ class _Measured:
         loss = torch.stack([self.losses["gate_up"][b] + self.losses["down"][b] for b in self.levels], dim=1)
         return self.mass[:, None] * loss
 
-    def fallbacks(self, widths: torch.Tensor, prefix: str) -> list[dict]:
+    def fallbacks(self, widths: torch.Tensor) -> list[dict]:
         """The solves' fallbacks of the widths each expert got."""
         return [f for part in ("gate_up", "down") for b in self.levels for f in self.sub[part][b]
                 if int(widths[f["index"]]) == b]  # fmt: skip

@@ -60,7 +60,12 @@ def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (``scale``/``zero`` broadcast against ``w``), as float32."""
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq_for(bits))
+    return nearest_codes(w.float(), scale, zero, maxq_for(bits))
+
+
+def nearest_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``quantize`` with the largest code given and ``w``'s dtype kept (float64 references use it too)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,13 @@ M (tokens) in {1, 4, 16, 64, 512, 4096}, each against, in the same run:
 Prints TFLOP/s, achieved GB/s of weight+activation traffic, and the ratio to the device's measured copy
 bandwidth (a device-to-device copy of 2 GiB, same run).
 
+Mixed-width MoE (``--cases mixed``, Qwen3-30B-A3B experts, widths ``--mixed-widths`` dealt round-robin to the
+experts): the single launch pair that reads each expert's width from a table, side by side with one launch
+pair per width (how mixed layers ran before) and with a uniform ``--bits`` layer (the constexpr-width kernel).
+Only a GPU says anything about these speeds; the interpreter checks correctness only (tests/test_kernels.py).
+
     python benchmarks/bench_kernels.py [--bits 4] [--group-size 128] [--m 1 4 16 64 512 4096]
+        [--cases dense moe mixed] [--mixed-widths 2 3 4]
 
 Targets (issue): dense decode (M=1) >= 70 % of HBM bandwidth; fused MoE >= 2x the per-expert loop and
 >= 1.5x fp16 at M <= 64.
@@ -35,16 +41,16 @@ MOE = {  # name: (experts, top_k, hidden, intermediate)
 
 
 def random_weight(N: int, K: int, bits: int, gs: int, device: str):
-    from vsraq_plugin.kernels.layout import KernelWeight
+    from vsraq_plugin.kernels.layout import KernelWeight, container_bits
     from vsraq_plugin.packing import pack_codes
 
     G = K // gs
     codes = torch.randint(0, 2**bits, (K, N), device="cpu")
-    qw = pack_codes(codes, bits).to(device)
+    qw = pack_codes(codes, container_bits(bits)).to(device)  # 3-bit codes in the 4-bit container, as at load
     zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32, device=device)
     scales = (torch.rand(G, N, device=device) * 0.01 + 0.001).half()
     g_idx = (torch.arange(K, device=device) // gs).int()
-    kw = KernelWeight(qw, zeros, scales, g_idx, bits, K, N)
+    kw = KernelWeight(qw, zeros, scales, g_idx, container_bits(bits), K, N, gs)
     W = ((codes.to(device).float() - 2 ** (bits - 1)) * scales.float().repeat_interleave(gs, 0)).T.half()
     return kw, W.contiguous()
 
@@ -63,6 +69,8 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 512, 4096])
+    ap.add_argument("--cases", nargs="+", choices=["dense", "moe", "mixed"], default=["dense", "moe", "mixed"])
+    ap.add_argument("--mixed-widths", type=int, nargs="+", default=[2, 3, 4])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU; kernel correctness on the CPU is in tests/test_kernels.py")
@@ -89,60 +97,111 @@ def main() -> int:
     def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
         return float((got.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
 
-    print("\n| dense layer | M | ours TFLOP/s | ours GB/s | % of copy BW | fp16 matmul x | dequant+matmul x", end="")
-    print(" | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (N, K) in DENSE.items():
-        kw, W = random_weight(N, K, args.bits, args.group_size, "cuda")
-        for M in args.m:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            err = rel_err(dequant_gemm(x, kw), x.float() @ deq(kw).float().T)
-            worst = max(worst, err)
-            t_ours = triton.testing.do_bench(lambda: dequant_gemm(x, kw))
-            t_fp16 = triton.testing.do_bench(lambda: x @ W.T)
-            t_deq = triton.testing.do_bench(lambda: x @ deq(kw).T)
-            flops = 2 * M * N * K
-            bytes_ = K * N * args.bits / 8 + N * K // args.group_size * 6 + 2 * M * (K + N)
-            gbs = bytes_ / (t_ours * 1e-3) / 1e9
-            print(
-                f"| {name} | {M} | {flops / t_ours / 1e9:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f} % | "
-                f"{t_fp16 / t_ours:.2f} | {t_deq / t_ours:.2f} | {err:.1e} |",
-                flush=True,
-            )
+    if "dense" in args.cases:
+        print(
+            "\n| dense layer | M | ours TFLOP/s | ours GB/s | % of copy BW | fp16 matmul x | dequant+matmul x", end=""
+        )
+        print(" | rel err |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, (N, K) in DENSE.items():
+            kw, W = random_weight(N, K, args.bits, args.group_size, "cuda")
+            for M in args.m:
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                err = rel_err(dequant_gemm(x, kw), x.float() @ deq(kw).float().T)
+                worst = max(worst, err)
+                t_ours = triton.testing.do_bench(lambda: dequant_gemm(x, kw))
+                t_fp16 = triton.testing.do_bench(lambda: x @ W.T)
+                t_deq = triton.testing.do_bench(lambda: x @ deq(kw).T)
+                flops = 2 * M * N * K
+                bytes_ = K * N * args.bits / 8 + N * K // args.group_size * 6 + 2 * M * (K + N)
+                gbs = bytes_ / (t_ours * 1e-3) / 1e9
+                print(
+                    f"| {name} | {M} | {flops / t_ours / 1e9:.1f} | {gbs:.0f} | {100 * gbs / bw:.0f} % | "
+                    f"{t_fp16 / t_ours:.2f} | {t_deq / t_ours:.2f} | {err:.1e} |",
+                    flush=True,
+                )
 
-    print("\n| MoE layer | tokens | ours ms | per-expert dequant loop x | fp16 per-expert loop x", end="")
-    print(" | unfused SiLU x | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (E, k, d, inter) in MOE.items():
-        gu = [random_weight(2 * inter, d, args.bits, args.group_size, "cuda") for _ in range(E)]
-        dn = [random_weight(d, inter, args.bits, args.group_size, "cuda") for _ in range(E)]
+    def loop(x, ids, w, gu, dn, fp16: bool):
+        """The per-expert loop: each routed expert dequantized (or its fp16 copy), its tokens multiplied."""
+        out = torch.zeros(x.shape[0], dn[0][0].out_features, device="cuda", dtype=torch.float16)
+        for e in range(len(gu)):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            Wgu = gu[e][1] if fp16 else deq(gu[e][0])
+            Wd = dn[e][1] if fp16 else deq(dn[e][0])
+            g, u = (x[tok] @ Wgu.T).chunk(2, -1)
+            out.index_add_(0, tok, (torch.nn.functional.silu(g) * u) @ Wd.T * w[tok, slot, None])
+        return out
+
+    if "moe" in args.cases:
+        print("\n| MoE layer | tokens | ours ms | per-expert dequant loop x | fp16 per-expert loop x", end="")
+        print(" | unfused SiLU x | rel err |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, (E, k, d, inter) in MOE.items():
+            gu = [random_weight(2 * inter, d, args.bits, args.group_size, "cuda") for _ in range(E)]
+            dn = [random_weight(d, inter, args.bits, args.group_size, "cuda") for _ in range(E)]
+            gu_s, dn_s = stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+            for T in args.m:
+                x = torch.randn(T, d, device="cuda", dtype=torch.float16)
+                ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
+                w = torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
+                err = rel_err(fused_moe(x, gu_s, dn_s, ids, w), loop(x, ids, w, gu, dn, False))
+                worst = max(worst, err)
+                t_ours = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))
+                t_loop = triton.testing.do_bench(lambda: loop(x, ids, w, gu, dn, False))
+                t_fp16 = triton.testing.do_bench(lambda: loop(x, ids, w, gu, dn, True))
+                t_unfused = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w, fuse_act=False))
+                print(
+                    f"| {name} | {T} | {t_ours:.3f} | {t_loop / t_ours:.2f} | {t_fp16 / t_ours:.2f} | "
+                    f"{t_unfused / t_ours:.2f} | {err:.1e} |",
+                    flush=True,
+                )
+
+    if "mixed" in args.cases:
+        E, k, d, inter = MOE["qwen3-30b-a3b experts"]
+        widths = [args.mixed_widths[e % len(args.mixed_widths)] for e in range(E)]
+        gu = [random_weight(2 * inter, d, b, args.group_size, "cuda") for b in widths]
+        dn = [random_weight(d, inter, b, args.group_size, "cuda") for b in widths]
         gu_s, dn_s = stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+        per_width = []  # how mixed layers ran before: experts grouped by width, one launch pair per group
+        for b in sorted(set(widths)):
+            members = [e for e in range(E) if widths[e] == b]
+            local = torch.full((E,), -1, dtype=torch.long, device="cuda")
+            local[members] = torch.arange(len(members), device="cuda")
+            per_width.append(
+                (local, stack_experts([gu[e][0] for e in members]), stack_experts([dn[e][0] for e in members]))
+            )
+        uni_gu = [random_weight(2 * inter, d, args.bits, args.group_size, "cuda")[0] for _ in range(E)]
+        uni_dn = [random_weight(d, inter, args.bits, args.group_size, "cuda")[0] for _ in range(E)]
+        uni_gu_s, uni_dn_s = stack_experts(uni_gu), stack_experts(uni_dn)
+
+        def grouped(x, ids, w):
+            out = None
+            for local, g_s, d_s in per_width:  # -1: routed to an expert of another width, left out
+                y = fused_moe(x, g_s, d_s, local[ids], w)
+                out = y if out is None else out + y
+            return out
+
+        name = f"qwen3-30b-a3b experts, widths {'/'.join(map(str, args.mixed_widths))}"
+        print(
+            f"\n| mixed-width MoE layer | tokens | one launch pair ms | {len(per_width)} launch pairs (per width) x",
+            end="",
+        )
+        print(f" | uniform W{args.bits} ms | one pair / uniform | rel err |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for T in args.m:
             x = torch.randn(T, d, device="cuda", dtype=torch.float16)
             ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
             w = torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
-
-            def loop(fp16: bool):
-                out = torch.zeros(T, d, device="cuda", dtype=torch.float16)
-                for e in range(E):
-                    tok, slot = (ids == e).nonzero(as_tuple=True)
-                    if tok.numel() == 0:
-                        continue
-                    Wgu = gu[e][1] if fp16 else deq(gu[e][0])
-                    Wd = dn[e][1] if fp16 else deq(dn[e][0])
-                    g, u = (x[tok] @ Wgu.T).chunk(2, -1)
-                    out.index_add_(0, tok, (torch.nn.functional.silu(g) * u) @ Wd.T * w[tok, slot, None])
-                return out
-
-            err = rel_err(fused_moe(x, gu_s, dn_s, ids, w), loop(False))
+            err = rel_err(fused_moe(x, gu_s, dn_s, ids, w), loop(x, ids, w, gu, dn, False))
             worst = max(worst, err)
-            t_ours = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))
-            t_loop = triton.testing.do_bench(lambda: loop(False))
-            t_fp16 = triton.testing.do_bench(lambda: loop(True))
-            t_unfused = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w, fuse_act=False))
+            t_one = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))
+            t_grouped = triton.testing.do_bench(lambda: grouped(x, ids, w))
+            t_uni = triton.testing.do_bench(lambda: fused_moe(x, uni_gu_s, uni_dn_s, ids, w))
             print(
-                f"| {name} | {T} | {t_ours:.3f} | {t_loop / t_ours:.2f} | {t_fp16 / t_ours:.2f} | "
-                f"{t_unfused / t_ours:.2f} | {err:.1e} |",
+                f"| {name} | {T} | {t_one:.3f} | {t_grouped / t_one:.2f} | {t_uni:.3f} | {t_one / t_uni:.2f} | "
+                f"{err:.1e} |",
                 flush=True,
             )
     # fp16 outputs and fp16 intermediates (the MoE reference rounds its activations to fp16 too): a few 1e-3.

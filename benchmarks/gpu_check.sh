@@ -10,6 +10,10 @@
 #   bench        benchmarks/bench_kernels.py: dense and fused-MoE kernels at Mixtral / Qwen3-30B shapes,
 #                speed against fp16 matmul and the per-expert loop, and their error against
 #                dequantize-then-matmul (PASS below 1e-2 relative)
+#   mixed        benchmarks/bench_kernels.py --cases mixed: a mixed-width layer at Qwen3-30B-A3B's expert shape
+#                (hidden 2048, moe intermediate 768, 128 experts, top-8; widths 2/3/4 dealt round-robin), the
+#                single launch pair with the per-expert width table against one launch pair per width and
+#                against a uniform W4 layer, and its error against the per-expert dequantize loop
 #   fixture      benchmarks/gpu_fixture.py: the fixture quantized on the GPU and on the CPU, gptq and vsraq at
 #                W4g64 / W3g64: codes equal on >= 99.9 % of weights, agreement / KL / perplexity side by side
 #   metric       benchmarks/bench_gptq.py --metric on the GPU: the output-metric solve against GPTQ's solve
@@ -42,7 +46,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
 import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"'
 step kernels 90 python3 -m pytest -q -x tests/test_kernels.py
-step bench 120 python3 benchmarks/bench_kernels.py --m 1 16 64 512 4096
+step bench 120 python3 benchmarks/bench_kernels.py --cases dense moe --m 1 16 64 512 4096
+step mixed 90 python3 benchmarks/bench_kernels.py --cases mixed --mixed-widths 2 3 4 --m 1 16 64 512 4096
 step fixture 120 python3 benchmarks/gpu_fixture.py --bits 4 3 --methods gptq vsraq --threads 16
 step metric 45 python3 benchmarks/bench_gptq.py --metric --experts 8 --threads 16 --device cuda
 step scale 110 python3 benchmarks/bench_scale.py --layers 4 --methods gptq vsraq --device cuda --threads 16 \

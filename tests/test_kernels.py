@@ -3,7 +3,11 @@
 Tolerance: the kernels round the dequantized weight and the activations' products to fp16/bf16 (unit
 roundoff u = 2^-11 / 2^-8) and accumulate in fp32, so |y - y_ref| <= c * u * (|x| @ |W|^T) elementwise plus
 the final rounding of y; c = 4 leaves room for the fp32 sum and the intermediate rounding of the MoE path.
+Mixed widths change only how codes are unpacked (integer shifts and masks, exact), so the same bound holds;
+a wrong row, shift or mask gives errors of the size of the weights themselves, far above it.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,8 +15,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from vsraq_plugin.kernels import moe_gemm
 from vsraq_plugin.kernels.gptq_gemm import dequant_gemm
-from vsraq_plugin.kernels.layout import to_kernel_layout
+from vsraq_plugin.kernels.layout import container_bits, to_kernel_layout
 from vsraq_plugin.kernels.moe_gemm import align_slots, fused_moe, stack_experts
 from vsraq_plugin.packing import dequantize_packed, pack_linear
 from vsraq_plugin.quantizer import rtn
@@ -77,6 +82,23 @@ def test_align_slots_by_hand():
     assert blocks.tolist() == [0, 1, 2, 2]
 
 
+def _moe_reference(x, ids, w, gate_up, down):
+    """Float64 ``sum_j w_tj * down_e(silu(gate_e x) * up_e x)`` from dequantized weights, and the error
+    bound's magnitude ``|w| (|silu(g)| |u| + |h|) @ |W_down|^T`` (the same sum over absolute values)."""
+    T, top_k = ids.shape
+    ref = torch.zeros(T, down[0].shape[0], dtype=torch.float64)
+    bound = torch.zeros_like(ref)
+    for t in range(T):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            gg, uu = (x[t].double() @ gate_up[e].T).chunk(2)
+            h = F.silu(gg) * uu
+            ref[t] += w[t, j].double() * (h @ down[e].T)
+            hb = (x[t].double().abs() @ gate_up[e].abs().T).chunk(2)
+            bound[t] += w[t, j].double() * ((hb[0].abs() * hb[1] + h.abs()) @ down[e].abs().T)
+    return ref, bound
+
+
 @pytest.mark.parametrize(
     ("top_k", "act_order", "fuse"), [(1, False, True), (2, True, True), (2, True, False), (4, False, True)]
 )
@@ -91,16 +113,106 @@ def test_fused_moe_against_per_expert_reference(top_k, act_order, fuse):
     w = torch.softmax(torch.randn(T, top_k, generator=g), -1)
     x = torch.randn(T, d, generator=g).half()
     y = fused_moe(x, stack_experts([k for k, _ in gate_up]), stack_experts([k for k, _ in down]), ids, w, fuse_act=fuse)
-    ref = torch.zeros(T, d, dtype=torch.float64)
-    bound = torch.zeros(T, d, dtype=torch.float64)
-    for t in range(T):
-        for j in range(top_k):
-            e = int(ids[t, j])
-            gg, uu = (x[t].double() @ gate_up[e][1].T).chunk(2)
-            h = F.silu(gg) * uu
-            ref[t] += w[t, j].double() * (h @ down[e][1].T)
-            hb = (x[t].double().abs() @ gate_up[e][1].abs().T).chunk(2)
-            bound[t] += w[t, j].double() * ((hb[0].abs() * hb[1] + h.abs()) @ down[e][1].abs().T)
+    ref, bound = _moe_reference(x, ids, w, [W for _, W in gate_up], [W for _, W in down])
+    _check(y, ref, bound, torch.float16)
+
+
+class _CountLaunches:
+    """Stands in for ``_moe_kernel``: counts launches (``kernel[grid](...)``) and records each one's ``BITS``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.bits = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.bits.append(kwargs["BITS"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    ("widths", "act_order", "route", "dtype"),
+    [
+        ([2, 3, 4, 4], False, "all", torch.float16),
+        ([2, 3, 4, 4], True, "subset", torch.float16),
+        ([3, 4], True, "all", torch.float16),  # one container width (3-bit is held in 4): no table needed
+        ([2, 8], False, "all", torch.bfloat16),
+        ([2, 8], True, "subset", torch.float16),
+    ],
+    ids=["2-3-4-4", "2-3-4-4-act-order-subset", "3-4-act-order", "2-8-bf16", "2-8-act-order-subset"],
+)
+def test_fused_moe_mixed_widths_in_one_launch_pair(widths, act_order, route, dtype, monkeypatch):
+    """Experts of different widths in one stacked layer: two launches in all, against the float64 reference.
+    Every width appears twice; the last expert gets no token; "subset" routes no token to the narrowest width."""
+    bits = widths * 2
+    E, d, inter, T, top_k = len(bits), 64, 32, 9, 2
+    gate_up = [_layer(2 * inter, d, b, 32, False, act_order=act_order, seed=30 + e) for e, b in enumerate(bits)]
+    down = [_layer(d, inter, b, 32, False, act_order=act_order, seed=50 + e) for e, b in enumerate(bits)]
+    gu_s, dn_s = stack_experts([k for k, _ in gate_up]), stack_experts([k for k, _ in down])
+    assert (gu_s.expert_bits is None) == (len({container_bits(b) for b in widths}) == 1)
+    g = torch.Generator().manual_seed(len(widths))
+    scores = torch.randn(T, E, generator=g)
+    scores[:, -1] = -1e9  # an expert with zero tokens
+    if route == "subset":
+        scores[:, [e for e, b in enumerate(bits) if b == min(widths)]] = -1e9
+    ids = scores.topk(top_k, dim=-1).indices
+    w = torch.softmax(torch.randn(T, top_k, generator=g), -1)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    counter = _CountLaunches(moe_gemm._moe_kernel)
+    monkeypatch.setattr(moe_gemm, "_moe_kernel", counter)
+    y = fused_moe(x, gu_s, dn_s, ids, w)
+    table = gu_s.expert_bits is not None
+    assert counter.bits == ([0, 0] if table else [gu_s.bits] * 2)  # BITS=0: the width comes from the table
+    ref, bound = _moe_reference(x, ids, w, [W for _, W in gate_up], [W for _, W in down])
+    _check(y, ref, bound, dtype)
+
+
+def test_width_table_matches_the_constant_width_kernel_bit_for_bit():
+    """The table path's runtime unpack (shifts by log2 of the width) is the constexpr path's arithmetic."""
+    E, d, inter, T = 3, 64, 32, 6
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, d, generator=g).half()
+    ids = torch.randn(T, E, generator=g).topk(2, dim=-1).indices
+    w = torch.softmax(torch.randn(T, 2, generator=g), -1)
+    for bits in (2, 4, 8):
+        gu = stack_experts([_layer(2 * inter, d, bits, 32, False, seed=e)[0] for e in range(E)])
+        dn = stack_experts([_layer(d, inter, bits, 32, False, seed=9 + e)[0] for e in range(E)])
+        table = torch.full((E,), bits, dtype=torch.int32)
+        gu_t, dn_t = dataclasses.replace(gu, expert_bits=table), dataclasses.replace(dn, expert_bits=table)
+        assert torch.equal(fused_moe(x, gu, dn, ids, w), fused_moe(x, gu_t, dn_t, ids, w))
+
+
+@pytest.mark.parametrize("widths", [[2, 3, 4, 8], [4]], ids=["mixed-2-3-4-8", "uniform-4"])
+def test_quant_experts_layer_makes_two_launches(widths, monkeypatch):
+    """A ``QuantExperts`` layer on the Triton path: exactly two kernel launches (gate/up, down) whether its
+    experts share one width or not, and the output of the float64 reference of its dequantized experts."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.nn import QuantExperts
+
+    experts_fp = tiny_model("mixtral", seed=1).model.layers[0].mlp.experts  # 8 experts, d = inter = 64
+    E = experts_fp.gate_up_proj.shape[0]
+    bits = [widths[e % len(widths)] for e in range(E)]
+    layer = QuantExperts(experts_fp, bits if len(widths) > 1 else widths[0], group_size=32)
+    for e, b in enumerate(bits):
+        for i, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+            q = rtn(torch.randn(64, 64, generator=torch.Generator().manual_seed(100 * e + i)), b, 32, False)
+            layer.load_expert(proj, e, *pack_linear(q.codes, q.scales, q.zeros, q.g_idx, b).state_dict().values())
+    layer.use_triton = True
+    T, top_k = 7, 2
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(T, E, generator=g)
+    scores[:, 5] = -1e9  # an expert with zero tokens
+    ids = scores.topk(top_k, dim=-1).indices
+    w = torch.softmax(torch.randn(T, top_k, generator=g), -1).half()
+    x = torch.randn(T, 64, generator=g).half()
+    counter = _CountLaunches(moe_gemm._moe_kernel)
+    monkeypatch.setattr(moe_gemm, "_moe_kernel", counter)
+    with torch.no_grad():
+        y = layer(x, ids, w)
+    assert len(counter.bits) == 2
+    gate_up = torch.cat([layer._dequantize("gate_proj", torch.float64), layer._dequantize("up_proj", torch.float64)], 1)
+    ref, bound = _moe_reference(x, ids, w, gate_up, layer._dequantize("down_proj", torch.float64))
     _check(y, ref, bound, torch.float16)
 
 
@@ -134,7 +246,7 @@ def test_modules_give_the_same_logits_on_the_triton_and_torch_paths(tmp_path):
 
 
 def test_mixed_width_experts_on_the_triton_path(tmp_path):
-    """Experts of different widths in one layer: one launch pair per width, same logits as the torch path."""
+    """Experts of different widths in one layer (one launch pair for all widths): same logits as the torch path."""
     from tiny_models import tiny_model
     from vsraq_plugin.checkpoint import load_checkpoint, save_checkpoint
     from vsraq_plugin.config import QuantConfig

@@ -34,6 +34,7 @@ def _dequant_tile(
     stride_qn,
     stride_zg,
     stride_sg,
+    cbits,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     TILE_IN_GROUP: tl.constexpr,
@@ -43,14 +44,26 @@ def _dequant_tile(
 
     Groups are contiguous runs of ``GROUP_SIZE`` rows (act-order was repacked at load). When the K tile
     lies inside one group (``TILE_IN_GROUP``) one scale row and one zero row serve the whole tile.
+    ``BITS = 0``: the container width is the runtime scalar ``cbits`` (2, 4 or 8; a mixed-width MoE launch).
     """
-    PACK: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     kmask = k < K
     nmask = rn < N
     m2 = kmask[:, None] & nmask[None, :]
-    words = tl.load(qw_ptr + (k // PACK)[:, None] * stride_qk + rn[None, :] * stride_qn, mask=m2, other=0)
-    codes = (words >> ((k % PACK) * BITS)[:, None]) & MASK
+    if BITS == 0:
+        # Widths are powers of two (3-bit lives in the 4-bit container), so with lb = log2(cbits) a word holds
+        # 32 >> lb codes: row k // PACK = k >> (5 - lb), code k % PACK = k & (PACK - 1) at bit (k % PACK) << lb.
+        # Shifts and ands only; lb is a scalar (cbits in {2, 4, 8} -> 1, 2, 3).
+        lb = 1 + (cbits > 2).to(tl.int32) + (cbits > 4).to(tl.int32)
+        row = k >> (5 - lb)
+        shift = (k & ((32 >> lb) - 1)) << lb
+        mask = (1 << cbits) - 1
+    else:
+        PACK: tl.constexpr = 32 // BITS
+        row = k // PACK
+        shift = (k % PACK) * BITS
+        mask = (1 << BITS) - 1
+    words = tl.load(qw_ptr + row[:, None] * stride_qk + rn[None, :] * stride_qn, mask=m2, other=0)
+    codes = (words >> shift[:, None]) & mask
     if TILE_IN_GROUP:
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + g * stride_sg + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -118,6 +131,7 @@ def _dense_kernel(
             stride_qn,
             stride_zg,
             stride_sg,
+            0,
             BITS,
             GROUP_SIZE,
             TILE_IN_GROUP,

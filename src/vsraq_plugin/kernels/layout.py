@@ -30,6 +30,10 @@ class KernelWeight:
     out_features: int
     group_size: int = 0  # rows per group after the repack (in_features for one group)
     perm: torch.Tensor | None = None  # int32 (K,): activation column of each weight row; None = identity
+    # Stacked experts of different container widths: int32 (E,), each expert's container bits (2, 4 or 8);
+    # ``bits`` is then the widest and each expert uses the first ``K * bits_e / 32`` rows of ``qweight``.
+    # None: every expert has ``bits`` (the kernel's width is a compile-time constant).
+    expert_bits: torch.Tensor | None = None
 
 
 def container_bits(bits: int) -> int:

@@ -2,6 +2,11 @@
 sorted by expert and padded to the block size, so one launch runs every expert's GEMM; each program owns
 ``BLOCK_M`` slots of one expert. Gate/up is one launch, down another, with the routing weight applied in
 the down launch's epilogue; the per-token sum over the top-k slots is a reshape-and-sum.
+
+Mixed precision (experts of one layer at different widths) keeps the two launches: ``stack_experts`` pads
+every expert to the widest container and records each expert's width in an int32 table, and the kernel,
+compiled with ``BITS = 0``, reads its block's width from the table and unpacks with runtime shifts. A
+uniform layer keeps the width as a compile-time constant.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def _moe_kernel(
     z_ptr,
     s_ptr,
     perm_ptr,
+    bits_ptr,
     out_ptr,
     slots_ptr,
     block_expert_ptr,
@@ -87,6 +93,8 @@ def _moe_kernel(
     z_e = z_ptr + e * stride_ze
     s_e = s_ptr + e * stride_se
     p_e = perm_ptr + e * stride_pe
+    # Mixed widths (BITS = 0): this block's expert's container width, read once from the per-expert table.
+    cbits = tl.load(bits_ptr + e) if BITS == 0 else 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # FUSE_SILU: the weight is [gate; up] along N (2 * N columns); this program also accumulates the up
     # columns rn + N and writes silu(gate) * up, so the (slots, 2N) intermediate never reaches memory.
@@ -113,6 +121,7 @@ def _moe_kernel(
             stride_qn,
             stride_zg,
             stride_sg,
+            cbits,
             BITS,
             GROUP_SIZE,
             TILE_IN_GROUP,
@@ -134,6 +143,7 @@ def _moe_kernel(
                 stride_qn,
                 stride_zg,
                 stride_sg,
+                cbits,
                 BITS,
                 GROUP_SIZE,
                 TILE_IN_GROUP,
@@ -155,25 +165,37 @@ def _moe_kernel(
 
 
 def stack_experts(weights: list[KernelWeight]) -> KernelWeight:
-    """One ``KernelWeight`` with a leading expert dimension (all experts of one projection, same shape)."""
+    """One ``KernelWeight`` with a leading expert dimension (all experts of one projection, same shape and
+    group size). Experts of different container widths are padded to the widest and get an ``expert_bits``
+    table, so they still share one launch."""
     w0 = weights[0]
-    key = (w0.bits, w0.in_features, w0.out_features, w0.group_size)
-    if any((w.bits, w.in_features, w.out_features, w.group_size) != key for w in weights):
-        raise ValueError("experts of one fused launch must share bits, shape and group size.")
+    key = (w0.in_features, w0.out_features, w0.group_size)
+    if any((w.in_features, w.out_features, w.group_size) != key for w in weights):
+        raise ValueError("experts of one fused launch must share shape and group size.")
+    if any(w.expert_bits is not None for w in weights):
+        raise ValueError("stack single experts, not already stacked ones.")
+    widths = [w.bits for w in weights]
+    rows = max(w.qweight.shape[0] for w in weights)
+    # Each expert's packed rows first, zero rows after: a narrower expert never reads past its own rows.
+    qweight = torch.stack([torch.nn.functional.pad(w.qweight, (0, 0, 0, rows - w.qweight.shape[0])) for w in weights])
     perms = None
     if any(w.perm is not None for w in weights):
         ident = torch.arange(w0.in_features, dtype=torch.int32, device=w0.g_idx.device)
         perms = torch.stack([w.perm if w.perm is not None else ident for w in weights])
+    table = None
+    if len(set(widths)) > 1:
+        table = torch.tensor(widths, dtype=torch.int32, device=qweight.device)
     return KernelWeight(
-        torch.stack([w.qweight for w in weights]),
+        qweight,
         torch.stack([w.zeros for w in weights]),
         torch.stack([w.scales for w in weights]),
         torch.stack([w.g_idx for w in weights]),
-        w0.bits,
+        max(widths),
         w0.in_features,
         w0.out_features,
         w0.group_size,
         perms,
+        table,
     )
 
 
@@ -204,12 +226,14 @@ def moe_gemm(
     grid = (slots.numel() // block_m, triton.cdiv(N, block_n))
     block_k, tile_in_group = group_tiling(block_k, w.group_size)
     perm = w.perm if w.perm is not None else w.g_idx
+    table = w.expert_bits if w.expert_bits is not None else w.g_idx  # unread when the width is uniform
     _moe_kernel[grid](
         a,
         w.qweight,
         w.zeros,
         w.scales,
         perm,
+        table,
         out,
         slots,
         block_expert,
@@ -233,7 +257,7 @@ def moe_gemm(
         A_PER_SLOT=a_per_slot,
         MUL_ROUTED=routed_weights is not None,
         FUSE_SILU=fuse_silu,
-        BITS=w.bits,
+        BITS=0 if w.expert_bits is not None else w.bits,
         GROUP_SIZE=w.group_size,
         TILE_IN_GROUP=tile_in_group,
         HAS_PERM=w.perm is not None,

@@ -106,8 +106,8 @@ class QuantExperts(nn.Module):
         return takes_triton_path(x, self.use_triton)
 
     def kernel_weights(self):
-        """Per width: the experts of that width and their stacked kernel layouts (gate and up fused along N),
-        built once at first use. One width per layer gives one group, i.e. one launch each for gate/up and down."""
+        """The stacked kernel layouts of every expert, gate and up fused along N, and down, built once at first
+        use: one launch each, whatever the experts' widths (mixed widths carry a per-expert width table)."""
         if getattr(self, "_kernel_weights", None) is None:
             from ..kernels.layout import KernelWeight, to_kernel_layout
             from ..kernels.moe_gemm import stack_experts
@@ -148,13 +148,7 @@ class QuantExperts(nn.Module):
                     )
                 )
             down = [layout("down_proj", e) for e in range(self.num_experts)]
-            groups = []
-            for width in sorted(set(self.expert_bits)):
-                ids = [e for e, b in enumerate(self.expert_bits) if b == width]
-                local = torch.full((self.num_experts,), -1, dtype=torch.long)
-                local[ids] = torch.arange(len(ids))
-                groups.append((local, stack_experts([fused[e] for e in ids]), stack_experts([down[e] for e in ids])))
-            self._kernel_weights = groups
+            self._kernel_weights = (stack_experts(fused), stack_experts(down))
         return self._kernel_weights
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -163,12 +157,8 @@ class QuantExperts(nn.Module):
         if self._triton_path(hidden_states):
             from ..kernels.moe_gemm import fused_moe
 
-            out = None
-            for local, gate_up, down in self.kernel_weights():  # one pair of launches per width
-                ids = local.to(top_k_index.device)[top_k_index]  # -1: routed to an expert of another width
-                y = fused_moe(hidden_states, gate_up, down, ids, top_k_weights, act=self.act_fn)
-                out = y if out is None else out + y
-            return out
+            gate_up, down = self.kernel_weights()
+            return fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights, act=self.act_fn)
 
         name = getattr(self.config, "_experts_implementation", None) or "eager"
         if name == EXPERTS_IMPLEMENTATION:  # "vsraq" off the Triton path: the family's own loop, dequantized

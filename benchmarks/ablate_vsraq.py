@@ -39,6 +39,8 @@ OFF = dict(
     lambda_metric_v=0.0,
     lambda_metric_up=0.0,
     fp_target_alpha=0.0,
+    drift_beta=0.0,
+    metric_horizon=1,
 )
 NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0)
 ROWS: dict[str, dict] = {
@@ -61,6 +63,10 @@ ROWS: dict[str, dict] = {
     "vsraq FP targets only": dict(method="vsraq", **{**OFF, "fp_target_alpha": 0.5}),
     "vsraq full without metrics": dict(method="vsraq", **NO_METRIC),
     "vsraq full without FP targets": dict(method="vsraq", fp_target_alpha=0.0),
+    "vsraq full, next router only in the metric": dict(method="vsraq", metric_horizon=1),
+    "vsraq full, FP targets alpha 0.5": dict(method="vsraq", fp_target_alpha=0.5),
+    "vsraq full without drift": dict(method="vsraq", drift_beta=0.0),
+    "vsraq full as of 2026-12-01": dict(method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0),
     "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),
 }

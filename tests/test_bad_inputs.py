@@ -263,6 +263,8 @@ CASES: list[tuple[str, Callable, str]] = [
     ("q-weights-beyond-fp16-scales", q(_huge_column, *GPTQ), "overflows the fp16 scale"),
     ("q-weights-do-not-match-config", q(lambda c: _edit_config(c.copy("tiny"), num_local_experts=4), *RTN),
      "the config does not describe these weights"),
+    ("q-config-more-experts-per-token-than-experts",
+     q(lambda c: _edit_config(c.copy("tiny"), num_experts_per_tok=99), *RTN), "num_experts_per_tok=99 experts, but"),
     ("q-model-already-quantized", q("q", *RTN), "is already quantized"),
     ("q-tokenizer-missing", q(_no_tokenizer, *RTN), "holds no tokenizer"),
     ("q-tokenizer-of-another-model", q("tiny96", *GPTQ, "--calib", "CALIB"), "the tokenizer does not belong"),

@@ -103,6 +103,7 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
         lambda_metric_v=0.0,
         lambda_metric_up=0.0,
         fp_target_alpha=0.0,
+        drift_beta=0.0,
     )
     rb = quantize_model(
         b, windows, QuantConfig(bits=3, group_size=16, method="vsraq", **zero), batch_size=2, progress=False
@@ -381,3 +382,84 @@ def test_fp_target_leaves_a_matrix_without_data_alone():
     # C = 0: the FP target pulls matrix 1 toward zero output, W' = W + W (0 - I)(1.01 I)^-1 = W (1 - 1 / 1.01)
     # (float64 inside, one float32 rounding of the result, and one of the reference: a few ulp).
     torch.testing.assert_close(out[1], W[1] * (1 - 1 / 1.01), rtol=4 * 2.0**-24, atol=0)
+
+
+def test_drift_target_weight_is_the_least_squares_optimum():
+    """W' = W + beta D H^-1 == lstsq of ``W x~ + beta d`` (the writer's own output plus beta x the residual
+    stream's drift where it writes) on the explicit token matrices (float64, DESIGN 3.5e (ii))."""
+    from vsraq_plugin.vsraq import drift_target_weight
+
+    g = torch.Generator().manual_seed(3)
+    T, d, R = 400, 12, 5
+    Xq = torch.randn(T, d, generator=g, dtype=torch.float64)
+    W = torch.randn(R, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(T, R, generator=g, dtype=torch.float64)
+    drift = 0.3 * Xq @ torch.randn(d, R, generator=g, dtype=torch.float64) + 0.1 * noise
+    H, D = Xq.T @ Xq / T, drift.T @ Xq / T
+    for beta in (0.0, 0.5, 1.0):
+        ref = torch.linalg.lstsq(Xq, Xq @ W.T + beta * drift).solution.T
+        got = drift_target_weight(W[None], H[None], D[None], beta, damp_percent=0.0)[0]
+        assert torch.allclose(got, ref, atol=1e-8), beta
+    # A matrix no token reached keeps its weight.
+    out = drift_target_weight(W[None].float(), torch.zeros(1, d, d), D[None].float(), 1.0, 0.01)
+    assert torch.equal(out[0], W.float())
+
+
+def test_horizon_matrix_against_the_explicit_pair_sums():
+    """``horizon_matrix`` == the normalised ``A_next + sum_j decay^j sum_{a<b} u_ab u_ab^T`` over every expert pair of
+    the later routers (``u = gamma * (r_a - r_b)``), and its rank cut == the top eigenpairs of that sum."""
+    from types import SimpleNamespace
+
+    from vsraq_plugin.vsraq import horizon_matrix
+
+    g = torch.Generator().manual_seed(4)
+    d, E = 10, 4
+    B = torch.randn(d, 3, generator=g, dtype=torch.float64)
+    A_next = B @ B.T
+    A_next /= torch.linalg.eigvalsh(A_next)[-1]
+    routers = [SimpleNamespace(weight=torch.randn(E, d, generator=g), norm_weight=torch.rand(d, generator=g) + 0.5)
+               for _ in range(2)]  # fmt: skip
+    ref = A_next.clone()
+    for j, r in enumerate(routers, start=1):
+        D = r.weight.double() * r.norm_weight.double()  # rows gamma * r_a
+        S = sum(torch.outer(D[a] - D[b], D[a] - D[b]) for a in range(E) for b in range(a + 1, E))
+        ref += 0.5**j * S / torch.linalg.eigvalsh(S)[-1]
+    full = horizon_matrix(A_next, routers, 0.5, rank=d)
+    torch.testing.assert_close(full, ref / torch.linalg.eigvalsh(ref)[-1], rtol=1e-10, atol=1e-12)
+    lam, V = torch.linalg.eigh(ref)
+    top = (V[:, -4:] * lam[-4:]) @ V[:, -4:].T
+    torch.testing.assert_close(horizon_matrix(A_next, routers, 0.5, rank=4), top / lam[-1], rtol=1e-9, atol=1e-12)
+    assert int((torch.linalg.eigvalsh(horizon_matrix(A_next, routers, 0.5, rank=4)) > 1e-9).sum()) == 4
+
+
+def test_metric_horizon_and_drift_target_reach_exactly_their_writers():
+    """On a 4-layer Mixtral: ``metric_horizon`` changes the first solve it applies to (layer 0's down projections,
+    which reach routers 1, 2 and 3) and nothing solved before it; ``drift_beta`` leaves layer 0 bit-identical (no
+    drift yet: both streams enter it equal) and first changes layer 1's o_proj (DESIGN 3.5e)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tiny_models import COMMON
+
+    torch.manual_seed(7)
+    cfg = MixtralConfig(**{**COMMON, "num_hidden_layers": 4}, intermediate_size=64, num_local_experts=8,
+                        num_experts_per_tok=2)  # fmt: skip
+    fp = MixtralForCausalLM(cfg).eval()
+    windows = torch.randint(0, cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(8))
+    base = QuantConfig(bits=3, group_size=16, metric_horizon=1, drift_beta=0.0)
+
+    def codes(**changes):
+        res = quantize_model(copy.deepcopy(fp), windows, base.replace(**changes), batch_size=2, progress=False)
+        return {n: qw.codes for n, qw in res.weights.items()}
+
+    ref = codes()
+    order = list(ref)
+    for changes, first in (
+        ({"metric_horizon": 3}, "model.layers.0.mlp.experts.down_proj"),
+        ({"drift_beta": 1.0}, "model.layers.1.self_attn.o_proj"),
+    ):
+        got = codes(**changes)
+        assert list(got) == order
+        same = [n for n in order if torch.equal(got[n], ref[n])]
+        i = order.index(first)
+        assert same[:i] == order[:i], (changes, same)
+        assert first not in same, changes

@@ -103,6 +103,7 @@ class StageCapture:
         token_weights: list[torch.Tensor] | None = None,
         fp_inputs: dict[str, list[torch.Tensor]] | None = None,
         exact: bool = False,
+        drift: dict[str, list[torch.Tensor]] | None = None,
     ):
         devices = [lin.weight.device for lin in linears.values()]
         if experts is not None:
@@ -119,6 +120,13 @@ class StageCapture:
             for n in self.fp_inputs
         }
         self.cross_w = {n: torch.zeros((), dtype=torch.float64, device=device) for n in self.fp_inputs}
+        # Drift targets (DESIGN 3.5e (ii)): sum_t w_t d_t x~_t^T, d_t the residual stream's drift (FP - quantized) where
+        # the linear writes, per calibration batch ``(tokens, out)``.
+        self.drift = {n: v for n, v in (drift or {}).items() if n in linears}
+        self.drift_cross = {
+            n: torch.zeros(linears[n].out_features, linears[n].in_features, device=device, dtype=dt) for n in self.drift
+        }
+        self.drift_w = {n: torch.zeros((), dtype=torch.float64, device=device) for n in self.drift}
         self.batch = dict.fromkeys(linears, 0)
         self.token_weights = token_weights  # per calibration batch, or None (unweighted)
         self.calls = dict.fromkeys(linears, 0)
@@ -152,6 +160,13 @@ class StageCapture:
                 term = (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
                 self.cross[name] += term.double() if self.exact else term
                 self.cross_w[name] += float(wt.sum())
+            if name in self.drift:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                wt = torch.ones(x.shape[0], device=x.device) if w is None else w.reshape(-1).float()
+                d = self.drift[name][self.batch[name]].to(x.device).reshape(x.shape[0], -1).float()
+                term = (d * wt[:, None]).T @ x
+                self.drift_cross[name] += term.double() if self.exact else term
+                self.drift_w[name] += float(wt.sum())
             self.batch[name] += 1
             self._done(name)
 
@@ -165,6 +180,9 @@ class StageCapture:
         self.all_tokens.add(x)
         self.routed.append((x, idx, w))
         self._done("experts")
+
+    def drift_matrix(self, name: str) -> torch.Tensor:
+        return (self.drift_cross[name] / max(float(self.drift_w[name]), 1e-12)).float()[None]
 
     def cross_matrix(self, name: str) -> torch.Tensor:
         return (self.cross[name] / max(float(self.cross_w[name]), 1e-12)).float()[None]
@@ -181,6 +199,9 @@ class StageCapture:
         for n in self.cross:
             dist.all_reduce_sum_(self.cross[n])
             dist.all_reduce_sum_(self.cross_w[n])
+        for n in self.drift_cross:
+            dist.all_reduce_sum_(self.drift_cross[n])
+            dist.all_reduce_sum_(self.drift_w[n])
 
     @property
     def active(self) -> bool:

@@ -74,7 +74,10 @@ class QuantConfig:
     margin_band: float = 1.0  # near-miss band, in units of the margin scale tau
     reweight_rounds: int = 2  # structure-alignment reweighting rounds for the router
     router_ridge: float = 0.1  # pull of the re-fitted router toward the original, relative to mean diag(X^T W X)
-    fp_target_alpha: float = 0.5  # residual writers' target: alpha * FP + (1 - alpha) * quantized stream (3.5c)
+    fp_target_alpha: float = 1.0  # residual writers' target: alpha * FP + (1 - alpha) * quantized stream (3.5c)
+    metric_horizon: int = 8  # MoE routers in the down projections' metric (3.5e (i)); 1: the next router only
+    metric_decay: float = 0.5  # weight of the j-th router after the next (uniform expert pairs): decay^j
+    drift_beta: float = 0.5  # o_proj also cancels beta x the residual stream's drift (FP - quantized, 3.5e (ii))
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
 
     # Block-wise refinement (DESIGN 3.7, refine.py): AutoRound-style rounding offsets and clipping after each
@@ -162,6 +165,14 @@ class QuantConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name}={value!r} must be a finite number >= 0; 0 switches the term off.")
+        if not (0.0 <= self.drift_beta <= 1.0):
+            raise ConfigError(f"drift_beta={self.drift_beta} must lie in [0, 1]; 0 switches the drift term off.")
+        if isinstance(self.metric_horizon, bool) or not isinstance(self.metric_horizon, int) or self.metric_horizon < 1:
+            raise ConfigError(
+                f"metric_horizon={self.metric_horizon!r} must be an int >= 1 (1: the next router only, e.g. 8)."
+            )
+        if not (0.0 < self.metric_decay <= 1.0):
+            raise ConfigError(f"metric_decay={self.metric_decay} must lie in (0, 1], e.g. 0.5.")
         if not (0.0 <= self.fp_target_alpha <= 1.0):
             raise ConfigError(f"fp_target_alpha={self.fp_target_alpha} must lie in [0, 1].")
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:

@@ -24,6 +24,9 @@ from .vsraq import TokenSplit
 
 # Residual writers: their output goes straight into the residual stream the routers read (DESIGN 3.5b/3.5c).
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
+# A residual writer's metric over several routers is truncated to this many directions: the fast metric solve's
+# limit (``gptq._METRIC_MAX_RANK``), so depth never sends it to the exact solve.
+METRIC_RANK = 256
 
 
 @dataclass
@@ -59,6 +62,7 @@ class LayerContext:
     batches: range | None = None  # this process's batches (distributed runs); None: all of them
     exact: bool = False  # exact sums (QuantConfig.exact_sums): per-batch terms, reduced over the processes
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes
+    moe_indices: list[int] = field(default_factory=list)  # every MoE layer of the model
 
 
 @dataclass
@@ -203,8 +207,20 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
 
     later = sorted(i for i in logits if i > layer.index)
     A_next = boundary_of(later[0] if later else None)  # each router's A is built once per layer
+    onward = [i for i in ctx.moe_indices if i > (later[0] if later else layer.index)]
+
+    def reach(A: torch.Tensor | None) -> torch.Tensor | None:
+        """What a write into the residual stream before the next router sees (DESIGN 3.5e (i)): the next router's
+        boundary matrix ``A``, then the ``metric_horizon - 1`` routers after it (FP decisions not known yet)."""
+        far = onward[: cfg.metric_horizon - 1]
+        if A is None or not far:
+            return A
+        from .vsraq import horizon_matrix
+
+        return horizon_matrix(A, [view(i) for i in far], cfg.metric_decay, METRIC_RANK)
+
     plan = VsraqPlan(fp_targets=cfg.fp_target_alpha > 0)
-    if (m := residual_metric(A_next)) is not None:
+    if (m := residual_metric(reach(A_next))) is not None:
         plan.metrics["down_proj"] = m
     if layer.index not in logits:  # a dense layer, or no FP pass
         return plan
@@ -222,7 +238,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
             fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau
         )
     A_here = boundary_of(layer.index)
-    if (m_here := residual_metric(A_here)) is not None:
+    if (m_here := residual_metric(A_here)) is not None:  # (the later routers added to o_proj's metric: no gain)
         plan.metrics["o_proj"] = m_here
     lins = adapter.attention_linears(layer)
     if cfg.lambda_metric_v > 0 and "self_attn.v_proj" in lins and "self_attn.o_proj" in lins:

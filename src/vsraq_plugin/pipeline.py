@@ -342,9 +342,13 @@ def _run(
             if method.fp_targets and layer.is_moe:
                 fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
         ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
-                           cfg.exact_sums or dist.active, dist.all_reduce_sum_)  # fmt: skip
+                           cfg.exact_sums or dist.active, dist.all_reduce_sum_,
+                           [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
+        drift = None
+        if cfg.drift_beta > 0 and x_fp is not None and cfg.method == "vsraq":
+            drift = {n: _Diff(x_fp, x_q) for n in adapter.attention_linears(layer) if n.endswith("o_proj")}
         quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist,
-                       widths)  # fmt: skip
+                       widths, drift)  # fmt: skip
         del fp_inputs, fp_gate_up, ctx
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
@@ -459,6 +463,16 @@ def _working_bytes(layers: list[MoELayer]) -> int:
             hess = E * d * d * 4 * 2
         worst = max(worst, params * 2 + hess)
     return worst
+
+
+class _Diff:
+    """``a[i] - b[i]`` on demand: the drift between two streams, batch by batch, without storing it."""
+
+    def __init__(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+        self.a, self.b = a, b
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.a[i].float() - self.b[i].float()
 
 
 def _residual_writers(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Module]:
@@ -670,6 +684,7 @@ def quantize_layer(
     fp_gate_up: torch.Tensor | None = None,
     dist: Dist | None = None,
     allocator: _ExpertWidths | None = None,
+    drift: dict[str, list[torch.Tensor]] | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
     ``fp_inputs``: the FP stream's inputs of the layer's residual writers and experts, per batch, and
@@ -696,6 +711,7 @@ def quantize_layer(
             plan.attention_weights if expert_stage is None else None,
             stage_fp,
             exact,
+            {n: v for n, v in (drift or {}).items() if n in linears},
         )
         try:
             if cap.active:
@@ -710,6 +726,10 @@ def quantize_layer(
             W = lin.weight[None].float()
             if name in cap.cross:
                 W = _fp_target(W, cap.acc[name].H, cap.cross_matrix(name), cfg)
+            if name in cap.drift_cross:
+                from .vsraq import drift_target_weight
+
+                W = drift_target_weight(W, cap.acc[name].H, cap.drift_matrix(name), cfg.drift_beta, cfg.damp_percent)
             target, metric = f"{prefix}.{name}", plan.metric_for(name)
             if distributed:
                 qw = solve_shared(dist, W, cap.acc[name].H, cfg, target, fallbacks, None, metric, owner_of=[owner])

@@ -323,6 +323,40 @@ def boundary_matrix(
     return _unit(D @ P @ D.T)
 
 
+def uniform_boundary_matrix(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """``A / ||A||`` with every expert pair equally weighted: ``D (E I - 1 1^T) D^T`` (a router whose FP decisions
+    are not known yet, DESIGN 3.5e (i))."""
+    D = router_weight.double().T
+    if norm_weight is not None:
+        D = D * norm_weight.double()[:, None]
+    Dc = D - D.mean(1, keepdim=True)
+    return _unit(Dc @ Dc.T)
+
+
+def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> torch.Tensor:
+    """``A / ||A||`` of a residual write that reaches several routers (DESIGN 3.5e (i)): the next router's boundary
+    matrix ``A`` (normalised) plus ``decay^j`` times the uniform-pair matrix of the j-th router after it (``later``:
+    ``RouterView``-like, ``.weight`` and ``.norm_weight``), cut to its top ``rank`` directions (the fast metric
+    solve's limit: depth never sends the solve to the exact path)."""
+    A = A.clone()
+    for j, v in enumerate(later, start=1):
+        A += decay**j * uniform_boundary_matrix(v.weight.to(A.device), _maybe(v.norm_weight, A.device))
+    return _unit(truncate_rank(A, rank))
+
+
+def _maybe(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def truncate_rank(A: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of a PSD ``A`` (its top eigenpairs); ``A`` itself when it is that small."""
+    if A.shape[-1] <= rank:
+        return A
+    lam, V = torch.linalg.eigh(A)
+    lam, V = lam[-rank:].clamp(min=0), V[:, -rank:]
+    return (V * lam) @ V.T
+
+
 def _unit(A: torch.Tensor) -> torch.Tensor:
     return A / torch.linalg.eigvalsh(A)[-1].clamp(min=1e-30)
 
@@ -377,6 +411,26 @@ def up_path_matrices(
 
 
 # ---------------------------------------------------------------------------------------------- FP targets
+def drift_target_weight(
+    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, beta: float, damp_percent: float
+) -> torch.Tensor:
+    """A residual writer that also cancels part of the stream's drift (DESIGN 3.5e (ii)):
+    ``min ||W' X~ - (W X~ + beta Dr)||^2`` -> ``W' = W + beta D H^-1`` with ``D = Dr X~^T`` (weighted,
+    count-normalised), ``Dr`` the residual stream's drift (FP - quantized) where the writer adds its output.
+    ``W`` ``(B, rows, d)``, ``H`` ``(B, d, d)``, ``D`` ``(B, rows, d)``; ``H`` damped as GPTQ damps it."""
+    Hd = H.double().clone()
+    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    dead = diag <= 0
+    diag.add_(damp_percent * diag.mean(-1, keepdim=True))
+    diag.masked_fill_(dead, 1.0)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    ok = (info == 0) & ~dead.all(-1)
+    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
+    delta = torch.cholesky_solve(D.double().transpose(1, 2), L)  # (B, d, rows)
+    delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
+    return (W.double() + beta * delta.transpose(1, 2)).to(W.dtype)
+
+
 def fp_target_weight(
     W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp_percent: float
 ) -> torch.Tensor:

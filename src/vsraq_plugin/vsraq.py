@@ -179,6 +179,7 @@ class RouterSystem:
         self.batches: list[_Batch] = []
         self.iterations: list[int] = []  # CG iterations of each solve
         self.dense_rows = 0  # rows that did not converge within CG_MAX_ITER and were solved densely
+        self._added = False
 
     def add(self, Z: torch.Tensor, W: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Add the terms of the tokens ``X[positions]`` (all when None, else sorted local indices) with FP logits
@@ -186,7 +187,9 @@ class RouterSystem:
         split = self.split if positions is None else self.split.subset(positions)
         Xs = self.X if positions is None else self.X[positions]
         index = (lambda t: t) if positions is None else (lambda t: positions[t])
-        G, b, wsum, trace = (torch.zeros_like(t) for t in (self.G, self.b, self.wsum, self.excess_trace))
+        first = not self._added  # the first terms sum straight into G: one (d, d) matrix less at DeepSeek widths
+        G = self.G if first else torch.zeros_like(self.G)
+        b, wsum, trace = (torch.zeros_like(t) for t in (self.b, self.wsum, self.excess_trace))
         for t0, t1 in split.bounds:
             if t1 <= t0:
                 continue
@@ -208,8 +211,10 @@ class RouterSystem:
             self.split.reduce(t)
         # float32 Gram products are not exactly symmetric; keep the lower triangle (what the dense path's
         # Cholesky reads), mirrored, so that CG's operator is symmetric.
-        G.copy_(torch.tril(G) + torch.tril(G, -1).T)
-        self.G += G
+        _mirror_lower(G)
+        if not first:
+            self.G += G
+        self._added = True
         self.b += b
         self.wsum += wsum
         self.excess_trace += trace
@@ -325,6 +330,16 @@ class RouterSystem:
             R[i] = torch.cholesky_solve(rhs[i, :, None], torch.linalg.cholesky(A))[:, 0]
             self.dense_rows += 1
         return it
+
+
+def _mirror_lower(G: torch.Tensor, block: int = 1024) -> None:
+    """``G <- tril(G) + tril(G, -1)^T`` in place, block by block (no second (d, d) matrix)."""
+    n = G.shape[0]
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        D = G[j0:j1, j0:j1]
+        D.copy_(D.tril() + D.tril(-1).T)
+        G[j0:j1, j1:] = G[j1:, j0:j1].T
 
 
 def _shift_groups(c: torch.Tensor, ratio: float) -> list[torch.Tensor]:

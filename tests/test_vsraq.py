@@ -1,4 +1,5 @@
 import copy
+import threading
 
 import pytest
 import torch
@@ -6,11 +7,14 @@ from safetensors.torch import load_file
 
 from grid_checks import assert_model_holds_the_grid
 from tiny_models import tiny_model
-from vsraq_plugin.config import QuantConfig
+from vsraq_plugin import vsraq
+from vsraq_plugin.config import ConfigError, QuantConfig
 from vsraq_plugin.models import get_adapter
 from vsraq_plugin.pipeline import quantize_model
 from vsraq_plugin.routing import RouterRule, route, topk_set_agreement
 from vsraq_plugin.vsraq import (
+    RouterSystem,
+    TokenSplit,
     align_router,
     boundary_participants,
     expert_pairs_fp,
@@ -36,6 +40,208 @@ def test_refit_router_equals_augmented_least_squares():
         rhs = torch.cat([w.sqrt() * Z[:, i].double(), rho.sqrt() * R0[i].double()])
         ref = torch.linalg.lstsq(lhs, rhs[:, None]).solution[:, 0]
         torch.testing.assert_close(R[i].double(), ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- matrix-free router
+def _router_problem(seed, T=300, d=48, E=6, k=2):
+    """A router re-fit with real structure: boundary-participant rows weighted more (sparse excess)."""
+    g = torch.Generator().manual_seed(seed)
+    R0 = torch.randn(E, d, generator=g)
+    X_fp = torch.randn(T, d, generator=g)
+    X_q = X_fp @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g)).T
+    sel = X_fp @ R0.T
+    W = vsraq.router_row_weights(sel, k, 1.0, 1.0, 1.0)
+    return X_q, sel, R0, W, RouterRule("softmax", k, E, renormalize=True)
+
+
+@pytest.mark.parametrize(("ridge", "T"), [(0.01, 300), (0.1, 40), (1.0, 300)])  # T < d: G singular, ridge holds
+def test_router_cg_equals_the_dense_solve(ridge, T):
+    """CG against (a) a float64 Cholesky solve of the same system, row by row: the systems are identical, so they
+    agree to CG's tolerance 1e-10 times the condition number (< 1e3 here); (b) the dense path, whose A_i is
+    rounded to float32 once more (G + excess summed in float32): they agree to float32 data precision, cond * 1e-7."""
+    X, Z, R0, W, _ = _router_problem(T, T=T)
+    excess = W - W.min(1, keepdim=True).values
+    assert 0.05 < (excess > 0).float().mean() < 0.6  # a sparse excess, not an empty or dense one
+    system = RouterSystem(X, R0.shape[0])
+    system.add(Z, W)
+    R = system.solve(R0, ridge)
+    assert system.iterations[0] <= 30 and system.dense_rows == 0
+    s, Xd, d = system.wsum, X.double(), X.shape[1]
+    for i in range(R0.shape[0]):
+        A = system.G + (Xd * excess[:, i, None].double()).T @ Xd  # float64: the same system as CG's
+        torch.testing.assert_close(system.row_matrix(i), A, rtol=1e-13, atol=1e-13)  # the dense-row fallback
+        c = ridge * (torch.diagonal(system.G).sum() + system.excess_trace[i]) / d
+        M = A + c * torch.eye(d, dtype=torch.float64)
+        ref = torch.linalg.solve(M, system.b[i] + c * R0[i].double())
+        cond = float(torch.linalg.cond(M))
+        assert cond < 1e3
+        assert float((R[i].double() - ref).norm() / ref.norm()) < 1e-10 * cond + 1e-7  # + float32 output
+        assert float(s[i]) == pytest.approx(float(W[:, i].double().sum()), rel=1e-6)
+    dense = refit_router(X, Z, R0, W, ridge, solve="dense")
+    assert torch.equal(dense, refit_router(X, Z, R0, W, ridge))  # auto: dense at this size, bit for bit
+    cg = refit_router(X, Z, R0, W, ridge, solve="cg")
+    assert torch.equal(cg, R)
+    assert float((cg - dense).norm() / dense.norm()) < 1e-5
+
+
+def test_router_cg_falls_back_to_dense_rows(monkeypatch):
+    """Rows that do not converge within the iteration cap are solved densely, one (d, d) matrix at a time."""
+    X, Z, R0, W, _ = _router_problem(2)
+    monkeypatch.setattr(vsraq, "CG_MAX_ITER", 1)
+    system = RouterSystem(X, R0.shape[0])
+    system.add(Z, W)
+    R = system.solve(R0, 0.1)
+    assert system.dense_rows == R0.shape[0]
+    dense = refit_router(X, Z, R0, W, 0.1, solve="dense")
+    assert float((R - dense).norm() / dense.norm()) < 1e-5
+
+
+def test_align_router_cg_matches_dense_through_the_reweighting_rounds():
+    X, Z, R0, _, rule = _router_problem(3, T=600)
+    fits = {
+        solve: align_router(X, Z, R0, lambda z: route(z, rule), 2, 1.0, 1.0, 1.0, rounds=3, solve=solve)
+        for solve in ("dense", "cg")
+    }
+    dense, cg = fits["dense"], fits["cg"]
+    assert dense.rounds >= 1 and len(dense.agreement) >= 3  # the reweighting rounds ran
+    assert cg.solve == "cg" and dense.solve == "dense" and len(cg.cg_iterations) == len(cg.agreement) - 1
+    assert cg.agreement == dense.agreement and cg.rounds == dense.rounds
+    assert float((cg.weight - dense.weight).norm() / dense.weight.norm()) < 1e-5
+
+
+class _Ranks:
+    """``n`` ranks as threads; ``reduce(r)`` is an all-reduce sum over them (rank order), like gloo's."""
+
+    def __init__(self, n):
+        self.n, self.slots, self.barrier = n, [None] * n, threading.Barrier(n)
+
+    def reduce(self, r):
+        def all_reduce(t):
+            self.slots[r] = t.clone()
+            self.barrier.wait()
+            total = self.slots[0].clone()
+            for other in self.slots[1:]:
+                total += other
+            self.barrier.wait()
+            return t.copy_(total)
+
+        return all_reduce
+
+    def run(self, fn):
+        out, errors = [None] * self.n, []
+
+        def body(r):
+            try:
+                out[r] = fn(r, self.reduce(r))
+            except BaseException as exc:  # surfaces in the test instead of hanging the others
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+def test_sharded_router_cg_is_bit_identical_on_one_two_and_three_ranks():
+    """Exact sums: 7 calibration batches of uneven size held by 1, 2 or 3 ranks (contiguous blocks) give the same
+    re-fitted router and agreement history bit for bit, reweighting rounds included."""
+    X, Z, R0, W, rule = _router_problem(4, T=560)
+    sizes = [90, 70, 100, 60, 80, 90, 70]
+    edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
+
+    def fit(blocks):
+        ranks = _Ranks(len(blocks))
+
+        def one(r, reduce):
+            b0, b1 = blocks[r]
+            t0, t1 = edges[b0], edges[b1]
+            bounds = [(edges[b] - t0, edges[b + 1] - t0) for b in range(b0, b1)]
+            split = TokenSplit(slice(t0, t1), bounds, reduce)
+            fitted = align_router(
+                X[t0:t1], Z, R0, lambda z: route(z, rule), 2, 1.0, 1.0, 1.0, rounds=2, split=split, solve="cg"
+            )
+            system = RouterSystem(X[t0:t1], R0.shape[0], split)  # float64 out: no rounding hides a difference
+            system.add(Z[t0:t1], W[t0:t1])
+            every3 = torch.arange(0, X.shape[0], 3)
+            pos = every3[(every3 >= t0) & (every3 < t1)]  # a reweighting round's tokens, global -> this rank's
+            system.add(Z[pos], 2 * W[pos], pos - t0)
+            return fitted, system.solve(R0.double(), 0.1)
+
+        return ranks.run(one)
+
+    one, R64 = fit([(0, 7)])[0]
+    assert one.rounds >= 1
+    for blocks in ([(0, 3), (3, 7)], [(0, 2), (2, 5), (5, 7)]):
+        for got, got64 in fit(blocks):
+            assert torch.equal(got.weight, one.weight) and got.agreement == one.agreement
+            assert got.cg_iterations == one.cg_iterations
+            assert torch.equal(got64, R64)
+
+
+def test_router_cg_never_builds_an_experts_by_d_by_d_tensor():
+    """Every tensor any op creates during the CG re-fit (reweighting rounds included) is watched: none may hold
+    E * d * d elements; the dense path, watched the same way, does (so the check can fail)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    X, Z, R0, _, rule = _router_problem(5, T=300, d=32, E=16)  # T d < E d d: X itself is allowed
+    E, d = R0.shape
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    sizes = {}
+    for solve in ("dense", "cg"):
+        Largest.largest = 0
+        with Largest():
+            align_router(X, Z, R0, lambda z: route(z, rule), 2, 1.0, 1.0, 1.0, rounds=2, solve=solve)
+        sizes[solve] = Largest.largest
+    assert sizes["dense"] >= E * d * d
+    assert sizes["cg"] < E * d * d and sizes["cg"] <= max(X.numel(), 4 * d * d)
+
+
+def test_pipeline_router_solve_cg_matches_dense():
+    """``QuantConfig.router_solve`` reaches the re-fit: cg on every MoE layer (reported), the first with the same
+    routing decisions and weights to float32 precision. Later layers see streams that went through GPTQ rounding
+    of those (1e-7-different) weights, where one flipped code may move a token: close, not equal."""
+    fp = tiny_model("qwen2_moe", seed=6)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    res, models = {}, {}
+    for solve in ("auto", "cg"):
+        models[solve] = copy.deepcopy(fp)
+        cfg = QuantConfig(bits=3, group_size=16, router_solve=solve)
+        res[solve] = quantize_model(models[solve], windows, cfg, batch_size=2, progress=False)
+    moe = [layer.index for layer in get_adapter(fp).moe_layers(fp)]
+    assert "router_cg" not in res["auto"].summary  # auto: dense at the fixture's size
+    assert sorted(res["cg"].summary["router_cg"]) == moe
+    hist = {s: res[s].summary["router_agreement"] for s in res}
+    assert hist["cg"][moe[0]] == hist["auto"][moe[0]]
+    a, b = (models[s].model.layers[moe[0]].mlp.gate.weight.detach() for s in ("auto", "cg"))
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    for i in moe[1:]:
+        assert max(hist["cg"][i]) == pytest.approx(max(hist["auto"][i]), abs=0.05)
+
+
+def test_router_solve_knob_is_validated_and_chosen_by_size():
+    assert QuantConfig().router_solve == "auto"
+    with pytest.raises(ConfigError, match="router_solve"):
+        QuantConfig(router_solve="iterative")
+    with pytest.raises(ValueError, match="router_solve"):
+        vsraq.dense_router_solve("iterative", 8, 128)
+    assert vsraq.dense_router_solve("auto", 32, 256)  # every fixture: dense, results unchanged
+    assert not vsraq.dense_router_solve("auto", 128, 2048)  # Qwen3-30B-A3B: 4.3 GB dense
+    assert vsraq.dense_router_solve("dense", 128, 2048) and not vsraq.dense_router_solve("cg", 8, 16)
 
 
 def test_boundary_participants_and_fragility_by_hand():

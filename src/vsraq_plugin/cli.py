@@ -242,6 +242,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         damp_percent=args.damp_percent,
         method=args.method,
         metric_solve=args.metric_solve,
+        router_solve=args.router_solve,
         refine_steps=args.refine_steps,
         refine_lambda_value=args.refine_lambda_value,
         refine_lambda_structure=args.refine_lambda_structure,
@@ -458,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="vsraq: how a residual writer's columns are rounded under the routing metric: fast (low-rank "
         "coordinate descent, about GPTQ's cost) or exact (nearest plane on a tiled wavefront, 5-20x slower)",
+    )
+    q.add_argument(
+        "--router-solve",
+        choices=("auto", "dense", "cg"),
+        default="auto",
+        help="vsraq: how the router re-fit is solved: dense (E Cholesky solves, (E, d, d) float64 memory), cg "
+        "(matrix-free conjugate gradients, O(d^2 + E d) memory) or auto (dense while it fits in 256 MiB)",
     )
     q.add_argument("--bits-budget", type=float, help="average width of the routed experts, e.g. 3.0 (DESIGN 6)")
     q.add_argument("--bit-levels", help="expert widths to choose from, e.g. 2,3,4 (with --bits-budget)")

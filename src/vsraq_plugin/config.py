@@ -17,6 +17,7 @@ ALLOCATIONS = ("measured", "router-norm", "random", "frequency")
 ALLOCATION_WEIGHTS = ("mass", "fragility")
 BUDGET_SCOPES = ("layer", "model")
 METRIC_SOLVES = ("fast", "exact")
+ROUTER_SOLVES = ("auto", "dense", "cg")
 
 
 def _valid_device(device: str) -> bool:
@@ -79,6 +80,9 @@ class QuantConfig:
     metric_decay: float = 0.5  # weight of the j-th router after the next (uniform expert pairs): decay^j
     drift_beta: float = 0.5  # o_proj also cancels beta x the residual stream's drift (FP - quantized, 3.5e (ii))
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
+    # How the router re-fit is solved: "dense" (E Cholesky solves of the (E, d, d) normal equations), "cg"
+    # (matrix-free preconditioned conjugate gradients, O(d^2 + E d + nnz) memory) or "auto" (dense up to 256 MiB).
+    router_solve: str = "auto"
 
     # Block-wise refinement (DESIGN 3.7, refine.py): AutoRound-style rounding offsets and clipping after each
     # block's solve, against the FP stream plus the next router's value/structure terms. Off (0 steps) by default.
@@ -138,6 +142,11 @@ class QuantConfig:
             raise ConfigError(f"method={self.method!r} is unknown; use one of {METHODS}.")
         if self.metric_solve not in METRIC_SOLVES:
             raise ConfigError(f"metric_solve={self.metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")
+        if self.router_solve not in ROUTER_SOLVES:
+            raise ConfigError(
+                f"router_solve={self.router_solve!r} is unknown; use one of {ROUTER_SOLVES} ('auto' picks dense "
+                "while the (E, d, d) normal equations fit in 256 MiB, else cg)."
+            )
         if self.router_mode not in ROUTER_MODES:
             raise ConfigError(f"router_mode={self.router_mode!r} is unknown; use one of {ROUTER_MODES}.")
         if not (0.0 < self.damp_percent < 1.0) or not math.isfinite(self.damp_percent):

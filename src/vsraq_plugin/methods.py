@@ -301,9 +301,13 @@ def align_router(
             cfg.reweight_rounds,
             cfg.router_ridge,
             plan.split,
+            cfg.router_solve,
         )
         R = fit.weight
         result.summary.setdefault("router_agreement", {})[layer.index] = fit.agreement
+        if fit.solve == "cg":
+            info = {"iterations": fit.cg_iterations, "dense_rows": fit.dense_rows}
+            result.summary.setdefault("router_cg", {})[layer.index] = info
     if quantize:
         selection = adapter.route(plan.fp_logits, router).selection
         H = router_row_hessians(X, selection, k, cfg.lambda_value, cfg.lambda_structure, cfg.margin_band, plan.split)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ROUTER_SOLVES
 from .routing import Routing, boundary_margin, topk_set_agreement
 
 
@@ -132,8 +133,229 @@ def solve_router(A: torch.Tensor, b: torch.Tensor, wsum: torch.Tensor, R0: torch
     return R.to(R0.dtype)
 
 
+# ---------------------------------------------------------------------------------------------- router, matrix-free
+DENSE_ROUTER_BYTES = 256 * 2**20  # router_solve="auto": the dense (E, d, d) float64 solve up to this size
+CG_TOL = 1e-10  # relative residual of every row's system, in float64
+CG_MAX_ITER = 200  # then the rows not yet converged are solved densely, one (d, d) matrix at a time
+SHIFT_RATIO = 4.0  # rows whose ridge shifts lie within this ratio share one preconditioner factor
+
+
+def dense_router_solve(solve: str, experts: int, dim: int) -> bool:
+    """Whether ``router_solve`` (``auto``/``dense``/``cg``) means the dense (E, d, d) solve for this router."""
+    if solve not in ROUTER_SOLVES:
+        raise ValueError(f"router_solve={solve!r} is unknown; use one of {ROUTER_SOLVES}.")
+    return solve == "dense" or (solve == "auto" and experts * dim * dim * 8 <= DENSE_ROUTER_BYTES)
+
+
+@dataclass
+class _Batch:
+    """One calibration batch's share of a block of per-row excess terms: entries sorted by (row, token);
+    ``segments`` holds ``(row, start, end)`` entry ranges."""
+
+    tokens: torch.Tensor  # (n,) indices into X
+    weights: torch.Tensor  # (n,) float32
+    segments: list[tuple[int, int, int]]
+
+
+class RouterSystem:
+    """The router's normal equations without the ``(E, d, d)`` tensor: ``A_i = G + X_{S_i}^T diag(e_i) X_{S_i}``.
+
+    ``G = X^T diag(base) X`` is shared by every row (``base`` = a token's smallest row weight); the excess
+    ``e_ti = w_ti - base_t`` is sparse (boundary participants) and kept as token/weight lists per row and batch,
+    never as matrices. Sums follow ``router_normal_equations`` (float64 sums of per-batch float32 terms,
+    reduced over the processes); ``solve`` runs preconditioned conjugate gradients over all rows at once.
+    Memory: O(d^2 + E d + nnz).
+    """
+
+    def __init__(self, X: torch.Tensor, experts: int, split: TokenSplit | None = None) -> None:
+        T, d = X.shape
+        self.X, self.E, self.d = X, experts, d
+        self.split = split if split is not None else TokenSplit(slice(0, T), [(0, T)])
+        f64 = {"dtype": torch.float64, "device": X.device}
+        self.G = torch.zeros(d, d, **f64)
+        self.b = torch.zeros(experts, d, **f64)
+        self.wsum = torch.zeros(experts, **f64)
+        self.excess_trace = torch.zeros(experts, **f64)  # tr(X_S^T diag(e_i) X_S), for the ridge's scale
+        self.batches: list[_Batch] = []
+        self.iterations: list[int] = []  # CG iterations of each solve
+        self.dense_rows = 0  # rows that did not converge within CG_MAX_ITER and were solved densely
+        self._added = False
+
+    def add(self, Z: torch.Tensor, W: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Add the terms of the tokens ``X[positions]`` (all when None, else sorted local indices) with FP logits
+        ``Z`` and row weights ``W`` (both of those tokens): a reweighting round adds the flipped tokens again."""
+        split = self.split if positions is None else self.split.subset(positions)
+        Xs = self.X if positions is None else self.X[positions]
+        index = (lambda t: t) if positions is None else (lambda t: positions[t])
+        first = not self._added  # the first terms sum straight into G: one (d, d) matrix less at DeepSeek widths
+        G = self.G if first else torch.zeros_like(self.G)
+        b, wsum, trace = (torch.zeros_like(t) for t in (self.b, self.wsum, self.excess_trace))
+        for t0, t1 in split.bounds:
+            if t1 <= t0:
+                continue
+            Xf, Wf, Zf = Xs[t0:t1].float(), W[t0:t1].float(), Z[t0:t1].float()
+            base = Wf.min(dim=1).values
+            extra = Wf - base[:, None]
+            G += (Xf * base[:, None]).T @ Xf
+            b += (Wf * Zf).T @ Xf
+            wsum += Wf.sum(0)
+            rows, toks = extra.T.nonzero(as_tuple=True)  # sorted by (row, token)
+            weights = extra[toks, rows]
+            trace += torch.zeros(self.E, device=Xf.device).index_add_(0, rows, weights * Xf.square().sum(1)[toks])
+            counts = torch.bincount(rows, minlength=self.E).tolist()
+            ends = torch.tensor(counts).cumsum(0).tolist()
+            segments = [(i, e - n, e) for i, (n, e) in enumerate(zip(counts, ends, strict=True)) if n]
+            if segments:
+                self.batches.append(_Batch(index(toks + t0), weights, segments))
+        for t in (G, b, wsum, trace):
+            self.split.reduce(t)
+        # float32 Gram products are not exactly symmetric; keep the lower triangle (what the dense path's
+        # Cholesky reads), mirrored, so that CG's operator is symmetric.
+        _mirror_lower(G)
+        if not first:
+            self.G += G
+        self._added = True
+        self.b += b
+        self.wsum += wsum
+        self.excess_trace += trace
+
+    def excess_times(self, V: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``X_{S_i}^T diag(e_i) X_{S_i} v_i`` for the given rows (``V`` ``(n, d)`` float64), over every batch.
+
+        Each batch's term is computed in float64 and split into two float32 parts, each summed in float64 and
+        reduced: float64 sums of float32 terms, so the result does not depend on how batches are split."""
+        slot = [-1] * self.E
+        for j, i in enumerate(rows.tolist()):
+            slot[i] = j
+        acc = torch.zeros(2, *V.shape, dtype=torch.float64, device=V.device)
+        for batch in self.batches:
+            P, used = None, False
+            for i, e0, e1 in batch.segments:
+                j = slot[i]
+                if j < 0:
+                    continue
+                if P is None:
+                    P = torch.zeros_like(V)
+                Xi = self.X[batch.tokens[e0:e1]].double()
+                P[j] = Xi.T @ (batch.weights[e0:e1].double() * (Xi @ V[j]))
+                used = True
+            if used:
+                hi = P.float()
+                acc[0] += hi
+                acc[1] += (P - hi.double()).float()
+        self.split.reduce(acc)
+        return acc[0] + acc[1]
+
+    def row_matrix(self, i: int) -> torch.Tensor:
+        """``A_i`` ``(d, d)`` float64 for one row (the fallback): the system CG solves, summed as ``excess_times``."""
+        acc = torch.zeros(2, self.d, self.d, dtype=torch.float64, device=self.G.device)
+        for batch in self.batches:
+            for j, e0, e1 in batch.segments:
+                if j == i:
+                    Xi = self.X[batch.tokens[e0:e1]].double()
+                    P = (Xi * batch.weights[e0:e1, None].double()).T @ Xi
+                    hi = P.float()
+                    acc[0] += hi
+                    acc[1] += (P - hi.double()).float()
+        self.split.reduce(acc)
+        return acc[0] + acc[1] + self.G
+
+    def solve(self, R0: torch.Tensor, ridge: float, start: torch.Tensor | None = None) -> torch.Tensor:
+        """``solve_router``'s ridge solve, matrix-free: ``(A_i + c_i I) r_i = b_i + c_i r0_i`` with
+        ``c_i = s_i rho_i`` (the same system times ``s_i``), by preconditioned CG from ``start`` (default ``R0``)."""
+        s = self.wsum.clamp(min=1e-12)
+        trace = torch.diagonal(self.G).sum() + self.excess_trace
+        rho = ridge * (trace / s / self.d).clamp(min=1e-12)
+        c = s * rho
+        rhs = self.b + c[:, None] * R0.double()
+        R = (R0 if start is None else start).double().clone()
+        iterations = 0
+        for rows in _shift_groups(c, SHIFT_RATIO):
+            iterations = max(iterations, self._pcg(R, rhs, c, rows))
+        self.iterations.append(iterations)
+        return R.to(R0.dtype)
+
+    def _pcg(self, R: torch.Tensor, rhs: torch.Tensor, c: torch.Tensor, rows: torch.Tensor) -> int:
+        """Batched preconditioned CG on ``rows`` (in place in ``R``); returns the iterations run.
+
+        Preconditioner ``(G + cbar I)^-1`` with one Cholesky factor, ``cbar`` the geometric middle of the rows'
+        shifts: ``A_i + c_i I = (G + cbar I) + (c_i - cbar) I + excess_i``, and with ``e_ti <= lambda w_t`` the
+        excess adds eigenvalues below ``lambda`` to the preconditioned spectrum (a hat-matrix bound), the shift
+        mismatch a factor below ``sqrt(SHIFT_RATIO)``: a condition number of a few, so CG takes tens of steps."""
+        cr = c[rows]
+        shift = float((cr.min() * cr.max()).sqrt())
+        jitter = 1e-12 * float(torch.diagonal(self.G).mean().clamp(min=1e-30))
+        while True:  # shift ~ 0 on a singular G (ridge 0): a tiny jitter keeps the preconditioner defined
+            M = self.G.clone()
+            M.diagonal().add_(shift)
+            L, info = torch.linalg.cholesky_ex(M)
+            del M
+            if not int(info):
+                break
+            shift, jitter = shift + jitter, jitter * 100
+
+        def op(V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return V @ self.G + self.excess_times(V, rows[idx]) + cr[idx, None] * V
+
+        def precondition(Res: torch.Tensor) -> torch.Tensor:
+            return torch.cholesky_solve(Res.T.contiguous(), L).T
+
+        everyone = torch.arange(rows.numel(), device=R.device)
+        V, B = R[rows], rhs[rows]
+        Res = B - op(V, everyone)
+        Zp = precondition(Res)
+        P, rz = Zp.clone(), (Res * Zp).sum(1)
+        target = CG_TOL * B.norm(dim=1)
+        active = Res.norm(dim=1) > target
+        it = 0
+        while bool(active.any()) and it < CG_MAX_ITER:
+            a = active.nonzero().flatten()
+            Pa = P[a]
+            Q = op(Pa, a)
+            alpha = rz[a] / (Pa * Q).sum(1)
+            V[a] += alpha[:, None] * Pa
+            Ra = Res[a] - alpha[:, None] * Q
+            Res[a] = Ra
+            Za = precondition(Ra)
+            rz_new = (Ra * Za).sum(1)
+            P[a] = Za + (rz_new / rz[a])[:, None] * Pa
+            rz[a] = rz_new
+            active[a] = Ra.norm(dim=1) > target[a]
+            it += 1
+        R[rows] = V
+        for j in active.nonzero().flatten().tolist():  # not converged: the row's own (d, d) system, densely
+            i = int(rows[j])
+            A = self.row_matrix(i)
+            A.diagonal().add_(float(c[i]))
+            R[i] = torch.cholesky_solve(rhs[i, :, None], torch.linalg.cholesky(A))[:, 0]
+            self.dense_rows += 1
+        return it
+
+
+def _mirror_lower(G: torch.Tensor, block: int = 1024) -> None:
+    """``G <- tril(G) + tril(G, -1)^T`` in place, block by block (no second (d, d) matrix)."""
+    n = G.shape[0]
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        D = G[j0:j1, j0:j1]
+        D.copy_(D.tril() + D.tril(-1).T)
+        G[j0:j1, j1:] = G[j1:, j0:j1].T
+
+
+def _shift_groups(c: torch.Tensor, ratio: float) -> list[torch.Tensor]:
+    """Rows grouped by their shift ``c_i``, each group within ``ratio`` (one preconditioner factor per group)."""
+    order = c.argsort()
+    cs = c[order].tolist()
+    groups, start = [], 0
+    for j in range(1, len(cs) + 1):
+        if j == len(cs) or cs[j] > ratio * cs[start]:
+            groups.append(order[start:j])
+            start = j
+    return groups
+
+
 def refit_router(
-    X: torch.Tensor, Z: torch.Tensor, R0: torch.Tensor, row_weights: torch.Tensor, ridge: float
+    X: torch.Tensor, Z: torch.Tensor, R0: torch.Tensor, row_weights: torch.Tensor, ridge: float, solve: str = "auto"
 ) -> torch.Tensor:
     """Closed-form value alignment of a 16-bit router (DESIGN 3.3/3.4), one ridge solve per row:
 
@@ -142,8 +364,13 @@ def refit_router(
 
     ``X``: quantized-stream router inputs ``(T, d)``; ``Z``: FP logits ``(T, E)``; ``row_weights`` ``(T, E)``.
     The ridge pulls each row toward the original where the data are thin, so the re-fit cannot drift.
+    ``solve``: dense normal equations or matrix-free CG (``RouterSystem``), see ``dense_router_solve``.
     """
-    return solve_router(*router_normal_equations(X, Z, row_weights), R0, ridge)
+    if dense_router_solve(solve, *R0.shape):
+        return solve_router(*router_normal_equations(X, Z, row_weights), R0, ridge)
+    system = RouterSystem(X, R0.shape[0])
+    system.add(Z, row_weights)
+    return system.solve(R0, ridge)
 
 
 def router_row_weights(
@@ -180,6 +407,9 @@ class RouterFit:
     weight: torch.Tensor
     rounds: int
     agreement: list[float]  # top-k set agreement with FP on the calibration tokens, before and after each round
+    solve: str = "dense"  # dense | cg
+    cg_iterations: list[int] = field(default_factory=list)  # per solve (cg)
+    dense_rows: int = 0  # cg: rows that did not converge and were solved densely
 
 
 def align_router(
@@ -194,6 +424,7 @@ def align_router(
     rounds: int,
     ridge: float = 0.1,
     split: TokenSplit | None = None,
+    solve: str = "auto",
 ) -> RouterFit:
     """Value + structure alignment of the router on the quantized stream (DESIGN 3.3, 3.4).
 
@@ -201,7 +432,8 @@ def align_router(
     boundary participant; then ``rounds`` of reweighting (the quadratic stand-in for a hinge): tokens whose
     top-k set still differs from FP get their weight doubled, and the solve is repeated. A round that does
     not raise agreement is discarded. With ``split`` (exact sums), ``fp_logits`` covers every calibration token
-    and ``X`` this process's; sums and agreement counts are reduced over the processes.
+    and ``X`` this process's; sums and agreement counts are reduced over the processes. ``solve``: the dense
+    ``(E, d, d)`` normal equations or the matrix-free ``RouterSystem`` (``dense_router_solve``).
     """
     fp: Routing = route_fn(fp_logits)
     E = fp_logits.shape[-1]
@@ -228,8 +460,14 @@ def align_router(
 
     best_R, (best_a, agree) = R0, agreement(R0)
     history = [best_a]
-    A, b, wsum = router_normal_equations(X, fp_logits, rows, split)
-    R = solve_router(A, b, wsum, R0, ridge)
+    dense = dense_router_solve(solve, E, X.shape[1])
+    if dense:
+        A, b, wsum = router_normal_equations(X, fp_logits, rows, split)
+        R = solve_router(A, b, wsum, R0, ridge)
+    else:
+        system = RouterSystem(X, E, split)
+        system.add(fp_logits, rows)
+        R = system.solve(R0, ridge)
     a, agree_new = agreement(R)
     history.append(a)
     done = 0
@@ -240,18 +478,23 @@ def align_router(
             if n_flipped == 0:
                 break
             # Double the weight of the tokens still routed differently: add their terms once more.
-            sub = None if split is None else split.subset(flipped)
-            dA, db, dw = router_normal_equations(X[flipped], fp_logits[flipped], rows[flipped], sub)
-            A, b, wsum = A + dA, b + db, wsum + dw
+            if dense:
+                sub = None if split is None else split.subset(flipped)
+                dA, db, dw = router_normal_equations(X[flipped], fp_logits[flipped], rows[flipped], sub)
+                A, b, wsum = A + dA, b + db, wsum + dw
+            else:
+                system.add(fp_logits[flipped], rows[flipped], flipped)
             rows = rows.clone()
             rows[flipped] *= 2.0
-            R = solve_router(A, b, wsum, R0, ridge)
+            R = solve_router(A, b, wsum, R0, ridge) if dense else system.solve(R0, ridge, best_R)
             a, agree_new = agreement(R)
             history.append(a)
             if a <= best_a:
                 break
             best_R, best_a, agree, done = R, a, agree_new, done + 1
-    return RouterFit(best_R, done, history)
+    if dense:
+        return RouterFit(best_R, done, history)
+    return RouterFit(best_R, done, history, "cg", system.iterations, system.dense_rows)
 
 
 # ---------------------------------------------------------------------------------------------- experts

@@ -44,11 +44,13 @@ GPTQMODEL = "gptqmodel 7.7 gptq"
 # also routes the calibration forward through every expert), so its rows are reported, not enforced; FOEM is.
 STOCK_VARIANTS = {"gptaq": "gptqmodel 7.7 gptaq", "foem": "gptqmodel 7.7 foem"}
 
-DISAGREEMENT_RATIO = {4: 0.75, 3: 0.75}  # enforced (issue #5 started at 0.85)
+# Enforced (issue #5 started at 0.85, 0.75 until the depth terms of issue #14: reached 0.525-0.573x since).
+DISAGREEMENT_RATIO = {4: 0.65, 3: 0.65}
 # The fine-grained and DeepSeek-style fixtures (issue #14): VSRAQ against our gptq only, thresholds from what the
-# method reaches there today (disagreement 0.77-0.79x, KL 0.72-0.82x at W3/W4 g64), with a margin for noise.
-EXTRA_FIXTURES = {"tiny-qwen3-moe": (0.85, 0.90), "tiny-deepseek-v3": (0.85, 0.90)}  # (disagreement, KL) ratios
-KL_RATIO = 0.85  # enforced (issue #5 started at 1.02)
+# method reaches there (with the depth terms: disagreement 0.722-0.737x, KL 0.655-0.725x at W3/W4 g64; before
+# them 0.77-0.79x / 0.72-0.82x, gated at 0.85 / 0.90), with a margin for another CPU's rounding.
+EXTRA_FIXTURES = {"tiny-qwen3-moe": (0.80, 0.80), "tiny-deepseek-v3": (0.80, 0.80)}  # (disagreement, KL) ratios
+KL_RATIO = 0.75  # enforced (issue #5 started at 1.02; 0.85 until issue #14's depth terms: 0.605-0.645x since)
 BITS = (4, 3)
 GROUP_SIZE = 64
 

@@ -724,12 +724,12 @@ def quantize_layer(
                               for lin in linears.values()]) if distributed else [0] * len(linears)  # fmt: skip
         for (name, lin), owner in zip(linears.items(), owners, strict=True):
             W = lin.weight[None].float()
-            if name in cap.cross:
-                W = _fp_target(W, cap.acc[name].H, cap.cross_matrix(name), cfg)
-            if name in cap.drift_cross:
-                from .vsraq import drift_target_weight
+            if name in cap.cross or name in cap.drift_cross:  # FP / drift targets (DESIGN 3.5c, 3.5e (ii))
+                from .vsraq import writer_target
 
-                W = drift_target_weight(W, cap.acc[name].H, cap.drift_matrix(name), cfg.drift_beta, cfg.damp_percent)
+                C, D = (cap.cross_matrix(name) if name in cap.cross else None,
+                        cap.drift_matrix(name) if name in cap.drift_cross else None)  # fmt: skip
+                W = writer_target(W, cap.acc[name].H, cfg.damp_percent, C, cfg.fp_target_alpha, D, cfg.drift_beta)
             target, metric = f"{prefix}.{name}", plan.metric_for(name)
             if distributed:
                 qw = solve_shared(dist, W, cap.acc[name].H, cfg, target, fallbacks, None, metric, owner_of=[owner])

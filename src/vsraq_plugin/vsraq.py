@@ -654,34 +654,22 @@ def up_path_matrices(
 
 
 # ---------------------------------------------------------------------------------------------- FP targets
-def drift_target_weight(
-    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, beta: float, damp_percent: float
+def writer_target(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    damp_percent: float,
+    C: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    D: torch.Tensor | None = None,
+    beta: float = 0.0,
 ) -> torch.Tensor:
-    """A residual writer that also cancels part of the stream's drift (DESIGN 3.5e (ii)):
-    ``min ||W' X~ - (W X~ + beta Dr)||^2`` -> ``W' = W + beta D H^-1`` with ``D = Dr X~^T`` (weighted,
-    count-normalised), ``Dr`` the residual stream's drift (FP - quantized) where the writer adds its output.
-    ``W`` ``(B, rows, d)``, ``H`` ``(B, d, d)``, ``D`` ``(B, rows, d)``; ``H`` damped as GPTQ damps it."""
-    Hd = H.double().clone()
-    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
-    dead = diag <= 0
-    diag.add_(damp_percent * diag.mean(-1, keepdim=True))
-    diag.masked_fill_(dead, 1.0)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    ok = (info == 0) & ~dead.all(-1)
-    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
-    delta = torch.cholesky_solve(D.double().transpose(1, 2), L)  # (B, d, rows)
-    delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
-    return (W.double() + beta * delta.transpose(1, 2)).to(W.dtype)
-
-
-def fp_target_weight(
-    W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp_percent: float
-) -> torch.Tensor:
-    """The continuous optimum against a blended target (DESIGN 3.5c):
-    ``min ||W' X~ - (alpha W X + (1 - alpha) W X~)||^2``  ->  ``W' = W + alpha W (C^T - H) H^-1``,
-    with ``H = X~ X~^T`` and ``C = X~ X^T`` (both weighted, count-normalised), X the full-precision stream's
-    inputs and X~ the quantized stream's, token for token. ``W`` ``(B, rows, d)``, ``H``/``C`` ``(B, d, d)``.
-    GPTQ then quantizes ``W'`` with ``H``. ``H`` is damped as GPTQ damps it."""
+    """The continuous optimum of a residual writer against its targets, one factorisation of ``H`` for both:
+    the blended FP target (DESIGN 3.5c) and the stream's drift (3.5e (ii)),
+    ``min ||W' X~ - (alpha W X + (1 - alpha) W X~ + beta Dr)||^2`` -> ``W' = W + (alpha W (C^T - H) + beta D) H^-1``
+    with ``H = X~ X~^T``, ``C = X~ X^T``, ``D = Dr X~^T`` (weighted, count-normalised; X the FP stream's inputs,
+    X~ the quantized stream's, Dr the drift FP - quantized of the residual where the writer adds its output).
+    ``W`` ``(B, rows, d)``, ``H``/``C`` ``(B, d, d)``, ``D`` ``(B, rows, d)``. ``H`` is damped as GPTQ damps it;
+    the products are in ``W``'s precision, the factorisation and solve in float64."""
     Hd = H.double().clone()
     diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
     dead = diag <= 0  # columns no token activates: no target to match
@@ -690,6 +678,27 @@ def fp_target_weight(
     L, info = torch.linalg.cholesky_ex(Hd)
     ok = (info == 0) & ~dead.all(-1)  # a matrix without data (an expert no token reached) keeps its weight
     L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
-    delta = torch.cholesky_solve((C.double() - H.double()) @ W.double().transpose(1, 2), L)  # (B, d, rows)
+    dt = torch.promote_types(W.dtype, torch.float32)
+    rhs = torch.zeros(W.shape[0], W.shape[2], W.shape[1], dtype=dt, device=W.device)  # (B, d, rows)
+    if C is not None and alpha:
+        rhs += alpha * ((C.to(dt) - H.to(dt)) @ W.to(dt).transpose(1, 2))
+    if D is not None and beta:
+        rhs += beta * D.to(dt).transpose(1, 2)
+    delta = torch.cholesky_solve(rhs.double(), L)
     delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
-    return (W.double() + alpha * delta.transpose(1, 2)).to(W.dtype)
+    return (W.double() + delta.transpose(1, 2)).to(W.dtype)
+
+
+def drift_target_weight(
+    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, beta: float, damp_percent: float
+) -> torch.Tensor:
+    """``writer_target`` with the drift term only: ``W' = W + beta D H^-1`` (DESIGN 3.5e (ii))."""
+    return writer_target(W, H, damp_percent, D=D, beta=beta)
+
+
+def fp_target_weight(
+    W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp_percent: float
+) -> torch.Tensor:
+    """``writer_target`` with the blended FP target only: ``W' = W + alpha W (C^T - H) H^-1`` (DESIGN 3.5c);
+    GPTQ then quantizes ``W'`` with ``H``."""
+    return writer_target(W, H, damp_percent, C=C, alpha=alpha)

@@ -585,9 +585,14 @@ def test_fp_target_leaves_a_matrix_without_data_alone():
     C = torch.zeros(2, 4, 4)
     out = fp_target_weight(W, H, C, 1.0, 0.01)
     assert torch.equal(out[0], W[0])  # no token reached matrix 0: unchanged
-    # C = 0: the FP target pulls matrix 1 toward zero output, W' = W + W (0 - I)(1.01 I)^-1 = W (1 - 1 / 1.01)
-    # (float64 inside, one float32 rounding of the result, and one of the reference: a few ulp).
-    torch.testing.assert_close(out[1], W[1] * (1 - 1 / 1.01), rtol=4 * 2.0**-24, atol=0)
+    # C = 0: the FP target pulls matrix 1 toward zero output, W' = W + W (0 - I)(1.01 I)^-1 = W (1 - 1 / 1.01).
+    # The correction is computed in W's precision (float32): a few ulp of the correction's size (~|W|), which the
+    # cancellation W - W / 1.01 leaves as is.
+    ref = W[1].double() * (1 - 1 / 1.01)
+    assert ((out[1].double() - ref).abs() <= 8 * 2.0**-24 * W[1].double().abs()).all()
+    # float64 inputs stay float64 throughout.
+    out64 = fp_target_weight(W.double(), H.double(), C.double(), 1.0, 0.01)
+    torch.testing.assert_close(out64[1], ref, rtol=1e-12, atol=0)
 
 
 def test_drift_target_weight_is_the_least_squares_optimum():
@@ -669,3 +674,28 @@ def test_metric_horizon_and_drift_target_reach_exactly_their_writers():
         i = order.index(first)
         assert same[:i] == order[:i], (changes, same)
         assert first not in same, changes
+
+
+def test_writer_target_redoes_a_failed_float32_factorisation_in_float64(monkeypatch):
+    """A matrix whose float32 Cholesky fails is factorised again in float64 (and only that one), not dropped."""
+    from vsraq_plugin import vsraq as vsraq_module
+
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(2, 50, 6, generator=g)
+    H = X.transpose(1, 2) @ X / 50
+    C = H + 0.05 * torch.randn(2, 6, 6, generator=g)
+    W = torch.randn(2, 3, 6, generator=g)
+    ref = vsraq_module.writer_target(W.double(), H.double(), 0.01, C.double(), 0.7)
+    real = torch.linalg.cholesky_ex
+
+    def flaky(A, *a, **k):
+        L, info = real(A, *a, **k)
+        if A.dtype == torch.float32:  # pretend matrix 1 is not positive definite in float32
+            info = info.clone()
+            info[1] = 3
+        return L, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    out = vsraq_module.writer_target(W, H, 0.01, C, 0.7)
+    assert not torch.allclose(out[1], W[1])  # not left alone
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)

@@ -245,7 +245,11 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         c = adapter.config
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
-        plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
+        from .vsraq import truncate_rank
+
+        # Every kv head's block has rank up to (E - 1) x its query heads: cut to the fast solve's limit (top
+        # directions kept, so the normalisation stands), or the solve would take the exact path at real widths.
+        plan.metrics["v_proj"] = metric(truncate_rank(B, METRIC_RANK), cfg.lambda_metric_v)
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:

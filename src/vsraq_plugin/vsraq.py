@@ -669,24 +669,29 @@ def writer_target(
     with ``H = X~ X~^T``, ``C = X~ X^T``, ``D = Dr X~^T`` (weighted, count-normalised; X the FP stream's inputs,
     X~ the quantized stream's, Dr the drift FP - quantized of the residual where the writer adds its output).
     ``W`` ``(B, rows, d)``, ``H``/``C`` ``(B, d, d)``, ``D`` ``(B, rows, d)``. ``H`` is damped as GPTQ damps it;
-    the products are in ``W``'s precision, the factorisation and solve in float64."""
-    Hd = H.double().clone()
+    the products, factorisation and solve are in ``W``'s precision (at least float32, as GPTQ factorises the
+    same damped ``H``); a matrix whose float32 factorisation fails is redone in float64."""
+    dt = torch.promote_types(W.dtype, torch.float32)
+    Hd = H.to(dt).clone()
     diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
     dead = diag <= 0  # columns no token activates: no target to match
     diag.add_(damp_percent * diag.mean(-1, keepdim=True))
     diag.masked_fill_(dead, 1.0)
     L, info = torch.linalg.cholesky_ex(Hd)
+    if dt != torch.float64 and bool((info != 0).any()):
+        L, info = L.double(), info.clone()
+        redo = (info != 0).nonzero().flatten()
+        L[redo], info[redo] = torch.linalg.cholesky_ex(Hd[redo].double())
     ok = (info == 0) & ~dead.all(-1)  # a matrix without data (an expert no token reached) keeps its weight
     L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
-    dt = torch.promote_types(W.dtype, torch.float32)
     rhs = torch.zeros(W.shape[0], W.shape[2], W.shape[1], dtype=dt, device=W.device)  # (B, d, rows)
     if C is not None and alpha:
         rhs += alpha * ((C.to(dt) - H.to(dt)) @ W.to(dt).transpose(1, 2))
     if D is not None and beta:
         rhs += beta * D.to(dt).transpose(1, 2)
-    delta = torch.cholesky_solve(rhs.double(), L)
+    delta = torch.cholesky_solve(rhs.to(L.dtype), L)
     delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
-    return (W.double() + delta.transpose(1, 2)).to(W.dtype)
+    return (W.to(delta.dtype) + delta.transpose(1, 2)).to(W.dtype)
 
 
 def drift_target_weight(

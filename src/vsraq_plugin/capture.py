@@ -240,30 +240,74 @@ def down_hessians(
     coverage: list[int],
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     exact: bool = False,
+    cross: ExpertCross | None = None,
 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
     """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
     weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
     gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians. Each expert's
-    inputs are computed and folded into its Hessian in turn (never all (token, expert) pairs at once)."""
+    inputs are computed and folded into its Hessian in turn (never all (token, expert) pairs at once). With
+    ``cross`` (FP targets), the same inputs also go into the cross-Gram against the FP stream's (DESIGN 3.5c)."""
     E, two_i, _ = experts.gate_up_proj.shape
     device = experts.gate_up_proj.device
     acc = HessianAccumulator(two_i // 2, E, device=device, exact=exact)
     cov = HessianAccumulator(two_i // 2, len(coverage), device=device, exact=exact) if coverage else None
     gate_up = experts.gate_up_proj.detach().float()
     chunks = pairs if isinstance(pairs, list) else [pairs] * len(routed)  # one triple per routed batch, or shared
-    for (x, idx, w), pair in zip(routed, chunks, strict=True):
+    for b, ((x, idx, w), pair) in enumerate(zip(routed, chunks, strict=True)):
         if pair is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
             tokens, eids, pw = pair
         else:
             tokens, eids = expert_pairs(x, idx)
             pw = w.reshape(-1) if weighted else None
-        acc.add(x, pw, index=eids, rows=tokens, transform=lambda e, xs: expert_gate(experts, gate_up, e, xs))
+        if cross is not None and pair is not None:  # the quantized inputs once, for the Hessians and the cross-Gram
+            cross.add(experts, gate_up, x, b, tokens, eids, pw, acc)
+        else:
+            acc.add(x, pw, index=eids, rows=tokens, transform=lambda e, xs: expert_gate(experts, gate_up, e, xs))
         if cov is not None:
             T = x.shape[0]
             slot = torch.arange(len(coverage), device=x.device).repeat_interleave(T)
             rows = torch.arange(T, device=x.device).repeat(len(coverage))
             cov.add(x, index=slot, rows=rows, transform=lambda j, xs: expert_gate(experts, gate_up, coverage[j], xs))
     return acc, cov
+
+
+class ExpertCross:
+    """Per expert, ``sum w h~ h^T`` of the down projections' inputs, quantized stream (current gate/up) against FP
+    stream (the original gate/up ``fp_gate_up`` on ``x_fp``, the FP hidden states of every routed batch), built in
+    ``down_hessians``' pass: each quantized input is computed once for the Hessian and the cross-Gram (DESIGN
+    3.5c). Exact mode: float64 sums of per-batch float32 terms (``reduce`` over the ranks)."""
+
+    def __init__(self, fp_gate_up: torch.Tensor, x_fp: list[torch.Tensor], exact: bool) -> None:
+        E, two_i, _ = fp_gate_up.shape
+        self.fp_gate_up, self.x_fp = fp_gate_up.detach().float(), x_fp
+        dt = torch.float64 if exact else torch.float32
+        self.S = torch.zeros(E, two_i // 2, two_i // 2, dtype=dt, device=fp_gate_up.device)
+        self.wsum = torch.zeros(E, dtype=torch.float64, device=fp_gate_up.device)
+
+    def add(self, experts, gate_up, x, batch: int, tokens, eids, w, acc: HessianAccumulator) -> None:
+        """One routed batch: per expert, its tokens' quantized inputs into ``acc`` and, with the FP inputs, into S."""
+        xfp = self.x_fp[batch]
+        order = torch.argsort(eids, stable=True)
+        counts = torch.bincount(eids, minlength=self.S.shape[0]).tolist()
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            sel = order[start : start + c]
+            start += c
+            rows, we = tokens[sel], w[sel].float()
+            h_q = expert_gate(experts, gate_up, e, x[rows])
+            acc.add(h_q, we, index=torch.full((c,), e, device=h_q.device))
+            h_fp = expert_gate(experts, self.fp_gate_up, e, xfp[rows].to(h_q.dtype))
+            term = (h_q * we[:, None]).T @ h_fp
+            self.S[e] += term.to(self.S.dtype)
+            self.wsum[e] += float(we.sum())
+
+    def matrix(self, dist=None) -> torch.Tensor:
+        if dist is not None:
+            dist.all_reduce_sum_(self.S)
+            dist.all_reduce_sum_(self.wsum)
+        return (self.S / self.wsum.clamp(min=1e-12)[:, None, None]).float()
 
 
 def expert_cross(

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationError, calibration_windows
-from .capture import LayerRunner, StageCapture, StopForward, down_hessians, expert_cross
+from .capture import ExpertCross, LayerRunner, StageCapture, StopForward, down_hessians, expert_cross
 from .config import QuantConfig
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
@@ -810,6 +810,8 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
                   fp_experts_x, fp_gate_up, cfg: QuantConfig, down_name: str, fallbacks: list[dict]):  # fmt: skip
     """The down projections' weights (or FP targets), Hessians and metric, with the experts' current (quantized)
     gate/up: what the solve of the down stage sees."""
+    targets = fp_experts_x is not None and pairs is not None and fp_gate_up is not None
+    cross = None
     if pairs is not None:
         X, tokens, eids, w = pairs
         if exact:  # the pairs of each calibration batch on that batch's tokens
@@ -818,7 +820,8 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
                 sel = (tokens >= t0) & (tokens < t1)
                 parts.append((X[t0:t1], None, None))
                 chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
-            acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True)
+            cross = ExpertCross(fp_gate_up, fp_experts_x, True) if targets else None
+            acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True, cross=cross)
             acc.reduce(dist)
             if cov is not None:
                 cov.reduce(dist)
@@ -832,8 +835,11 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
     cov_tokens = int(cov.tokens.max()) if cov is not None else 0
     H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, down_name, fallbacks)
     W = experts.down_proj
-    if fp_experts_x is not None and pairs is not None and fp_gate_up is not None:
-        C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), bounds if exact else None, dist)
+    if targets:
+        if cross is not None:
+            C = cross.matrix(dist if dist is not None and dist.active else None)
+        else:
+            C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), None, dist)
         target = _fp_target(W.float(), acc.H, C, cfg)
         keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term

@@ -8,6 +8,7 @@ a wrong row, shift or mask gives errors of the size of the weights themselves, f
 """
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -23,6 +24,30 @@ from vsraq_plugin.packing import dequantize_packed, pack_linear
 from vsraq_plugin.quantizer import rtn
 
 U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+# On a GPU (benchmarks/gpu_check.sh) the kernels are compiled for it, not interpreted: the tests build their
+# tensors on the CPU as here, and every kernel call moves its inputs to the GPU and its result back.
+DEV = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+
+
+def _to(obj, dev: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to(getattr(obj, f.name), dev) for f in dataclasses.fields(obj)
+                                           if f.init})  # fmt: skip
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, dev) for o in obj)
+    return obj
+
+
+def _on_device(fn):
+    if DEV.type == "cpu":
+        return fn
+    return lambda *a, **k: _to(fn(*_to(a, DEV), **_to(k, DEV)), torch.device("cpu"))
+
+
+dequant_gemm, fused_moe = _on_device(dequant_gemm), _on_device(fused_moe)
 
 
 def _layer(out_f, in_f, bits, gs, sym, act_order=False, seed=0):
@@ -209,7 +234,8 @@ def test_quant_experts_layer_makes_two_launches(widths, monkeypatch):
     counter = _CountLaunches(moe_gemm._moe_kernel)
     monkeypatch.setattr(moe_gemm, "_moe_kernel", counter)
     with torch.no_grad():
-        y = layer(x, ids, w)
+        y = _on_device(layer.to(DEV))(x, ids, w)
+    layer.cpu()
     assert len(counter.bits) == 2
     gate_up = torch.cat([layer._dequantize("gate_proj", torch.float64), layer._dequantize("up_proj", torch.float64)], 1)
     ref, bound = _moe_reference(x, ids, w, gate_up, layer._dequantize("down_proj", torch.float64))
@@ -226,8 +252,8 @@ def test_modules_give_the_same_logits_on_the_triton_and_torch_paths(tmp_path):
 
     model = tiny_model("qwen3_moe", seed=2)
     res = quantize_model(model, None, QuantConfig(bits=4, group_size=16, method="rtn"), progress=False)
-    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half()
-    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half().to(DEV)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)).to(DEV)
     modules = [m for m in loaded.modules() if isinstance(m, (QuantLinear, QuantExperts))]
     assert {type(m) for m in modules} == {QuantLinear, QuantExperts}
     outs = {}
@@ -235,9 +261,9 @@ def test_modules_give_the_same_logits_on_the_triton_and_torch_paths(tmp_path):
         for m in modules:
             m.use_triton = flag
         with torch.no_grad():
-            outs[flag] = loaded(input_ids=ids).logits.float()
+            outs[flag] = loaded(input_ids=ids).logits.float().cpu()
     with torch.no_grad():
-        ref = model(input_ids=ids).logits  # fp32 model holding the same dequantized weights
+        ref = model(input_ids=ids.cpu()).logits  # fp32 model holding the same dequantized weights
     scale = ref.abs().max()
     # Both fp16 paths sit within fp16 noise (~8 unit roundoffs over the layers) of the fp32 result and each other.
     assert (outs[True] - ref).abs().max() < 4e-3 * scale
@@ -259,7 +285,7 @@ def test_mixed_width_experts_on_the_triton_path(tmp_path):
         bits=4, group_size=16, method="gptq", bits_budget=3.0, bit_levels=[2, 3, 4], allocation="router-norm"
     )  # the rule uses all three widths in every layer
     res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
-    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half()
+    loaded = load_checkpoint(save_checkpoint(model, res, tmp_path / "q")).half().to(DEV)
     experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
     assert len(experts) == 2 and all(len(set(m.expert_bits)) == 3 for m in experts)  # both layers, mixed
     outs = {}
@@ -267,6 +293,6 @@ def test_mixed_width_experts_on_the_triton_path(tmp_path):
         for m in experts:
             m.use_triton = flag
         with torch.no_grad():
-            outs[flag] = loaded(input_ids=windows[:1, :10]).logits.float()
+            outs[flag] = loaded(input_ids=windows[:1, :10].to(DEV)).logits.float().cpu()
     scale = outs[False].abs().max()
     assert (outs[True] - outs[False]).abs().max() < 4e-3 * scale

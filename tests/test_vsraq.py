@@ -699,3 +699,16 @@ def test_writer_target_redoes_a_failed_float32_factorisation_in_float64(monkeypa
     out = vsraq_module.writer_target(W, H, 0.01, C, 0.7)
     assert not torch.allclose(out[1], W[1])  # not left alone
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_router_cg_stops_with_a_clear_error_on_a_diverged_stream():
+    """A NaN/Inf in the router's inputs (a diverged quantized stream) is a one-line HessianError, not a hang."""
+    from vsraq_plugin.gptq import HessianError
+
+    X, Z, R0, W, _ = _router_problem(5)
+    X = X.clone()
+    X[3, 2] = float("inf")
+    system = RouterSystem(X, R0.shape[0])
+    system.add(Z, W)
+    with pytest.raises(HessianError, match="NaN/Inf"):
+        system.solve(R0, 0.1)

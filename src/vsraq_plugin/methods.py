@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .gptq import _METRIC_MAX_RANK
 from .models import MoEAdapter, MoELayer
 from .quantizer import QuantizedWeight
 from .solve import QuantizationResult, gptq_solve
@@ -25,8 +26,8 @@ from .vsraq import TokenSplit
 # Residual writers: their output goes straight into the residual stream the routers read (DESIGN 3.5b/3.5c).
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
 # A residual writer's metric over several routers is truncated to this many directions: the fast metric solve's
-# limit (``gptq._METRIC_MAX_RANK``), so depth never sends it to the exact solve.
-METRIC_RANK = 256
+# limit, so depth never sends it to the exact solve.
+METRIC_RANK = _METRIC_MAX_RANK
 
 
 @dataclass
@@ -213,7 +214,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         """What a write into the residual stream before the next router sees (DESIGN 3.5e (i)): the next router's
         boundary matrix ``A``, then the ``metric_horizon - 1`` routers after it (FP decisions not known yet)."""
         far = onward[: cfg.metric_horizon - 1]
-        if A is None or not far:
+        if A is None or not far or cfg.lambda_metric <= 0:  # (A_next may exist for the v_proj / gate/up metrics)
             return A
         from .vsraq import horizon_matrix
 
@@ -245,11 +246,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         c = adapter.config
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
-        from .vsraq import truncate_rank
-
-        # Every kv head's block has rank up to (E - 1) x its query heads: cut to the fast solve's limit (top
-        # directions kept, so the normalisation stands), or the solve would take the exact path at real widths.
-        plan.metrics["v_proj"] = metric(truncate_rank(B, METRIC_RANK), cfg.lambda_metric_v)
+        plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:

@@ -346,7 +346,8 @@ def _run(
                            [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
         drift = None
         if cfg.drift_beta > 0 and x_fp is not None and cfg.method == "vsraq":
-            drift = {n: _Diff(x_fp, x_q) for n in adapter.attention_linears(layer) if n.endswith("o_proj")}
+            writers = [n for n in adapter.attention_linears(layer) if n.endswith("o_proj")]
+            drift = {n: _Diff(x_fp, x_q, runner.device) for n in writers}
         quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist,
                        widths, drift)  # fmt: skip
         del fp_inputs, fp_gate_up, ctx
@@ -466,13 +467,15 @@ def _working_bytes(layers: list[MoELayer]) -> int:
 
 
 class _Diff:
-    """``a[i] - b[i]`` on demand: the drift between two streams, batch by batch, without storing it."""
+    """``a[i] - b[i]`` on demand on the compute device: the drift between two streams, batch by batch, without
+    storing it (the streams may live in host memory)."""
 
-    def __init__(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-        self.a, self.b = a, b
+    def __init__(self, a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> None:
+        self.a, self.b, self.device = a, b, device
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.a[i].float() - self.b[i].float()
+        a, b = (t[i].to(self.device, non_blocking=True).float() for t in (self.a, self.b))
+        return a - b
 
 
 def _residual_writers(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Module]:

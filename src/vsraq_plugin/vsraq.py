@@ -8,6 +8,7 @@ for a confident decision).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -284,8 +285,15 @@ class RouterSystem:
         mismatch a factor below ``sqrt(SHIFT_RATIO)``: a condition number of a few, so CG takes tens of steps."""
         cr = c[rows]
         shift = float((cr.min() * cr.max()).sqrt())
+        if not (bool(torch.isfinite(self.G).all()) and math.isfinite(shift)):
+            from .gptq import HessianError
+
+            raise HessianError(
+                "the router re-fit's Gram matrix holds NaN/Inf: the quantized stream reaching this router diverged "
+                "(check the model's weights and the calibration data, or use router_mode='keep')."
+            )
         jitter = 1e-12 * float(torch.diagonal(self.G).mean().clamp(min=1e-30))
-        while True:  # shift ~ 0 on a singular G (ridge 0): a tiny jitter keeps the preconditioner defined
+        for _ in range(30):  # shift ~ 0 on a singular G (ridge 0): a tiny jitter keeps the preconditioner defined
             M = self.G.clone()
             M.diagonal().add_(shift)
             L, info = torch.linalg.cholesky_ex(M)
@@ -293,6 +301,13 @@ class RouterSystem:
             if not int(info):
                 break
             shift, jitter = shift + jitter, jitter * 100
+        else:
+            from .gptq import HessianError
+
+            raise HessianError(
+                "the router re-fit's Gram matrix is not positive definite even with a large shift; use "
+                "router_solve='dense' or router_mode='keep' for this model."
+            )
 
         def op(V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return V @ self.G + self.excess_times(V, rows[idx]) + cr[idx, None] * V
@@ -573,7 +588,8 @@ def uniform_boundary_matrix(router_weight: torch.Tensor, norm_weight: torch.Tens
     if norm_weight is not None:
         D = D * norm_weight.double()[:, None]
     Dc = D - D.mean(1, keepdim=True)
-    return _unit(Dc @ Dc.T)
+    top = torch.linalg.eigvalsh(Dc.T @ Dc)[-1].clamp(min=1e-30)  # ||Dc Dc^T|| from the (E, E) Gram, not (d, d)
+    return (Dc @ Dc.T) / top
 
 
 def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> torch.Tensor:
@@ -584,7 +600,11 @@ def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> tor
     A = A.clone()
     for j, v in enumerate(later, start=1):
         A += decay**j * uniform_boundary_matrix(v.weight.to(A.device), _maybe(v.norm_weight, A.device))
-    return _unit(truncate_rank(A, rank))
+    if A.shape[-1] <= rank:
+        return _unit(A)
+    lam, V = torch.linalg.eigh(A)  # one (d, d) eigendecomposition per layer: the cut and the norm from it
+    lam, V = lam[-rank:].clamp(min=0), V[:, -rank:]
+    return (V * (lam / lam[-1].clamp(min=1e-30))) @ V.T
 
 
 def _maybe(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -678,20 +698,29 @@ def writer_target(
     diag.add_(damp_percent * diag.mean(-1, keepdim=True))
     diag.masked_fill_(dead, 1.0)
     L, info = torch.linalg.cholesky_ex(Hd)
-    if dt != torch.float64 and bool((info != 0).any()):
-        L, info = L.double(), info.clone()
-        redo = (info != 0).nonzero().flatten()
-        L[redo], info[redo] = torch.linalg.cholesky_ex(Hd[redo].double())
+    redo = (info != 0).nonzero().flatten() if dt != torch.float64 else info[:0]
     ok = (info == 0) & ~dead.all(-1)  # a matrix without data (an expert no token reached) keeps its weight
-    L = torch.where(ok[:, None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
-    rhs = torch.zeros(W.shape[0], W.shape[2], W.shape[1], dtype=dt, device=W.device)  # (B, d, rows)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    L[~ok] = eye  # (a failed float32 factorisation is redone in float64 below, that matrix alone)
+    # (B, d, rows), built in place: at DeepSeek-V3's expert widths each such tensor is 15 GB.
     if C is not None and alpha:
-        rhs += alpha * ((C.to(dt) - H.to(dt)) @ W.to(dt).transpose(1, 2))
-    if D is not None and beta:
-        rhs += beta * D.to(dt).transpose(1, 2)
-    delta = torch.cholesky_solve(rhs.to(L.dtype), L)
-    delta = torch.where(ok[:, None, None], delta, torch.zeros_like(delta))
-    return (W.to(delta.dtype) + delta.transpose(1, 2)).to(W.dtype)
+        rhs = torch.matmul(C.to(dt) - H.to(dt), W.to(dt).transpose(1, 2)).mul_(alpha)
+        if D is not None and beta:
+            rhs.add_(D.to(dt).transpose(1, 2), alpha=beta)
+    elif D is not None and beta:
+        rhs = D.to(dt).transpose(1, 2).mul(beta)
+    else:
+        rhs = torch.zeros(W.shape[0], W.shape[2], W.shape[1], dtype=dt, device=W.device)
+    delta = torch.cholesky_solve(rhs, L)
+    if redo.numel():
+        L64, info64 = torch.linalg.cholesky_ex(Hd[redo].double())
+        good = (info64 == 0) & ~dead[redo].all(-1)
+        L64[~good] = eye.double()
+        delta[redo] = torch.cholesky_solve(rhs[redo].double(), L64).to(dt)
+        ok[redo] = good
+    del rhs
+    delta.masked_fill_(~ok[:, None, None], 0.0)
+    return (W.to(dt) + delta.transpose(1, 2)).to(W.dtype)
 
 
 def drift_target_weight(

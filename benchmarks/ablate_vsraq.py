@@ -65,7 +65,7 @@ ROWS: dict[str, dict] = {
     "vsraq full without FP targets": dict(method="vsraq", fp_target_alpha=0.0),
     "vsraq full, next router only in the metric": dict(method="vsraq", metric_horizon=1),
     "vsraq full, FP targets alpha 0.5": dict(method="vsraq", fp_target_alpha=0.5),
-    "vsraq full without drift": dict(method="vsraq", drift_beta=0.0),
+    "vsraq full + drift 0.5": dict(method="vsraq", drift_beta=0.5),
     "vsraq full as of 2026-12-01": dict(method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0),
     "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),

@@ -78,7 +78,7 @@ class QuantConfig:
     fp_target_alpha: float = 1.0  # residual writers' target: alpha * FP + (1 - alpha) * quantized stream (3.5c)
     metric_horizon: int = 8  # MoE routers in the down projections' metric (3.5e (i)); 1: the next router only
     metric_decay: float = 0.5  # weight of the j-th router after the next (uniform expert pairs): decay^j
-    drift_beta: float = 0.5  # o_proj also cancels beta x the residual stream's drift (FP - quantized, 3.5e (ii))
+    drift_beta: float = 0.0  # o_proj also cancels beta x the residual stream's drift (3.5e (ii)); no gain measured
     router_mode: str = "refit"  # refit (16-bit, closed form) | quantize (GPTQ on router) | keep
     # How the router re-fit is solved: "dense" (E Cholesky solves of the (E, d, d) normal equations), "cg"
     # (matrix-free preconditioned conjugate gradients, O(d^2 + E d + nnz) memory) or "auto" (dense up to 256 MiB).

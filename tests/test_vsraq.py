@@ -341,7 +341,8 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
     the re-fitted router with the FP decisions, on the router's real inputs in the quantized model (attention
     quantized upstream: the quantized stream). The reported history starts at the original's agreement; the
     returned router is the best one tried; the run flips decisions (agreement < 1) and the re-fit strictly
-    recovers some; nothing but the router weights leaves the FP values except the quantized targets."""
+    recovers some in at least one layer (a layer where no re-fit beats the original keeps it bit for bit);
+    nothing but the kept routers' weights leaves the FP values except the quantized targets."""
     fp = tiny_model(family, seed=8)
     windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(3))
     m = copy.deepcopy(fp)
@@ -359,7 +360,6 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
         fp_sets = adapter.route(res.fp_router_logits[i], layer.router).indices
         R0 = fp.model.layers[i].mlp.gate.weight
         R = m.model.layers[i].mlp.gate.weight
-        routers.add(f"model.layers.{i}.mlp.gate.weight")
 
         def agreement(W, X=X, fp_sets=fp_sets, layer=layer):
             # count / tokens in float64, as the pipeline reports it (exact sums): equal to the last bit
@@ -377,11 +377,16 @@ def test_vsraq_runs_and_refits_only_the_router_weight(family):
                 last += 1
             assert len(history) in (last + 1, last + 2), (i, history)
             assert agreement(R) == history[last] == max(history), (i, history)
-        assert agreement(R) == max(history) > history[0], (i, history)  # returned: the best, strictly better
+        assert agreement(R) == max(history), (i, history)  # returned: the best one tried
+        if max(history) > history[0]:  # a re-fit was kept: the router changed (checked below)
+            routers.add(f"model.layers.{i}.mlp.gate.weight")
+        else:  # none beat the original: it is kept, bit for bit (and stays FP, checked below)
+            assert torch.equal(R, R0), (i, history)
         if family == "deepseek_v3":  # the selection bias is never touched (DESIGN: margins on selection scores)
             assert torch.equal(
                 fp.model.layers[i].mlp.gate.e_score_correction_bias, m.model.layers[i].mlp.gate.e_score_correction_bias
             )
+    assert routers, "no re-fit recovered any decision: the test would not exercise the re-fit"
     quantized = {n for name in res.weights for n in _parameter_names(m, name)}
     for (n, p), (_, q) in zip(fp.named_parameters(), m.named_parameters(), strict=True):
         if n in routers:

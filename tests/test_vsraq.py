@@ -717,3 +717,36 @@ def test_router_cg_stops_with_a_clear_error_on_a_diverged_stream():
     system.add(Z, W)
     with pytest.raises(HessianError, match="NaN/Inf"):
         system.solve(R0, 0.1)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_v_proj_metric_solved_per_kv_head_equals_the_whole_matrix(family, monkeypatch):
+    """v_proj's metric is block diagonal, one block per kv head (DESIGN 3.5d). Where the whole metric could exceed
+    the fast solve's rank, each kv head's rows are solved as their own matrix; against the exact solve of the whole
+    matrix (rows in sequence, errors fed through M^-1's Cholesky factor: zero across blocks) the blocks' exact
+    solves give the same codes, so the split changes nothing but the cost."""
+    from vsraq_plugin import methods
+
+    fp = tiny_model(family, seed=5)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(6))
+    cfg = QuantConfig(bits=3, group_size=16, metric_solve="exact")
+    whole = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False)
+    solved = []
+    real = methods.vsraq_plan
+
+    def spy(ctx, c):
+        plan = real(ctx, c)
+        solved.append(dict(plan.metric_blocks))
+        return plan
+
+    monkeypatch.setattr(methods, "METRIC_RANK", 8)  # every v_proj metric (32 rows here) now counts as too wide
+    monkeypatch.setattr(methods, "vsraq_plan", spy)
+    split = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False)
+    kv = fp.config.num_key_value_heads
+    assert solved and all(b == {"v_proj": kv} for b in solved)  # every layer took the block path
+    v = [n for n in whole.weights if n.endswith("v_proj")]
+    assert v and whole.weights.keys() == split.weights.keys()
+    for n in whole.weights:
+        a, b = whole.weights[n], split.weights[n]
+        assert a.codes.shape == b.codes.shape and a.scales.shape == b.scales.shape, n
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), n

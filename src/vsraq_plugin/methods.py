@@ -77,6 +77,9 @@ class LayerPlan:
     expert_pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # FP (token, expert, weight)
     fp_targets: bool = False  # residual writers solved against blended FP targets (DESIGN 3.5c)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # output metric by leaf kind (3.5b, 3.5d)
+    # Leaf kinds whose metric is block diagonal in this many equal blocks, solved as that many separate matrices
+    # (v_proj: one block per kv head, so no block exceeds the fast metric solve's rank limit).
+    metric_blocks: dict[str, int] = field(default_factory=dict)
     boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
     split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
@@ -247,6 +250,8 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
         plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
+        if B.shape[-1] > METRIC_RANK:  # the whole metric could exceed the fast solve's rank: solve per kv head
+            plan.metric_blocks["v_proj"] = kv
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:

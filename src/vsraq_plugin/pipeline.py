@@ -734,10 +734,15 @@ def quantize_layer(
                         cap.drift_matrix(name) if name in cap.drift_cross else None)  # fmt: skip
                 W = writer_target(W, cap.acc[name].H, cfg.damp_percent, C, cfg.fp_target_alpha, D, cfg.drift_beta)
             target, metric = f"{prefix}.{name}", plan.metric_for(name)
+            H, nb = cap.acc[name].H, plan.metric_blocks.get(name.rsplit(".", 1)[-1], 1) if metric is not None else 1
+            if nb > 1:  # a block-diagonal metric (v_proj, one block per kv head): the blocks are separate problems
+                W, H, metric = _blocks(W, H, metric, nb)
             if distributed:
-                qw = solve_shared(dist, W, cap.acc[name].H, cfg, target, fallbacks, None, metric, owner_of=[owner])
+                qw = solve_shared(dist, W, H, cfg, target, fallbacks, None, metric, owner_of=[owner] * nb)
             else:
-                qw = solve_batch(W, cap.acc[name].H, cfg, target, fallbacks, metric)
+                qw = solve_batch(W, H, cfg, target, fallbacks, metric)
+            if nb > 1:
+                qw = _join_blocks(qw)
             lin.weight.copy_(qw.weight[0])
             qw.weight = lin.weight.detach()[None]  # the model now holds these values: no second copy
             result.weights[f"{prefix}.{name}"] = qw
@@ -807,6 +812,23 @@ def quantize_layer(
             _store_experts(prefix, experts, qw, None, result)
         else:
             _store_experts(prefix, experts, None, qw, result)
+
+
+def _blocks(W: torch.Tensor, H: torch.Tensor, metric: torch.Tensor, nb: int):
+    """One matrix ``(1, rows, in)`` with a block-diagonal output metric as ``nb`` matrices of ``rows / nb`` rows,
+    sharing the Hessian: GPTQ is separable over rows, and the metric couples only rows of the same block."""
+    r = W.shape[1] // nb
+    Mb = torch.stack([metric[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(nb)])
+    return W.reshape(nb, r, W.shape[2]), H.expand(nb, *H.shape[1:]), Mb
+
+
+def _join_blocks(qw: QuantizedWeight) -> QuantizedWeight:
+    """The inverse of ``_blocks`` on a result: the blocks' rows back into one matrix (same grid, same ``g_idx``)."""
+    if not torch.equal(qw.g_idx, qw.g_idx[:1].expand_as(qw.g_idx)):
+        raise RuntimeError("the blocks of one matrix were given different column orders.")  # one H: never
+    one = lambda t: None if t is None else t.reshape(1, -1, t.shape[-1])  # noqa: E731
+    return QuantizedWeight(one(qw.codes), one(qw.scales), one(qw.zeros), qw.g_idx[:1], one(qw.weight), qw.bits,
+                           qw.group_size, None, one(qw.prequant))  # fmt: skip
 
 
 def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], exact: bool, bounds, dist,

@@ -564,9 +564,9 @@ def test_quantized_router_mode_round_trips(family, tmp_path):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, ref)
 
 
-def test_fp_target_weight_is_the_least_squares_optimum():
+def test_writer_fp_target_is_the_least_squares_optimum():
     """W' from the closed form == lstsq of the blended target on the explicit token matrices (float64)."""
-    from vsraq_plugin.vsraq import fp_target_weight
+    from vsraq_plugin.vsraq import writer_target
 
     g = torch.Generator().manual_seed(1)
     T, d, R = 400, 12, 5
@@ -577,18 +577,18 @@ def test_fp_target_weight_is_the_least_squares_optimum():
         target = alpha * X @ W.T + (1 - alpha) * Xq @ W.T
         ref = torch.linalg.lstsq(Xq, target).solution.T
         H, C = Xq.T @ Xq / T, Xq.T @ X / T
-        got = fp_target_weight(W[None], H[None], C[None], alpha, damp_percent=0.0)[0]
+        got = writer_target(W[None], H[None], 0.0, C[None], alpha)[0]
         assert torch.allclose(got, ref, atol=1e-8)
 
 
 def test_fp_target_leaves_a_matrix_without_data_alone():
-    from vsraq_plugin.vsraq import fp_target_weight
+    from vsraq_plugin.vsraq import writer_target
 
     W = torch.randn(2, 3, 4)
     H = torch.zeros(2, 4, 4)
     H[1] = torch.eye(4)
     C = torch.zeros(2, 4, 4)
-    out = fp_target_weight(W, H, C, 1.0, 0.01)
+    out = writer_target(W, H, 0.01, C, 1.0)
     assert torch.equal(out[0], W[0])  # no token reached matrix 0: unchanged
     # C = 0: the FP target pulls matrix 1 toward zero output, W' = W + W (0 - I)(1.01 I)^-1 = W (1 - 1 / 1.01).
     # The correction is computed in W's precision (float32): a few ulp of the correction's size (~|W|), which the
@@ -596,14 +596,14 @@ def test_fp_target_leaves_a_matrix_without_data_alone():
     ref = W[1].double() * (1 - 1 / 1.01)
     assert ((out[1].double() - ref).abs() <= 8 * 2.0**-24 * W[1].double().abs()).all()
     # float64 inputs stay float64 throughout.
-    out64 = fp_target_weight(W.double(), H.double(), C.double(), 1.0, 0.01)
+    out64 = writer_target(W.double(), H.double(), 0.01, C.double(), 1.0)
     torch.testing.assert_close(out64[1], ref, rtol=1e-12, atol=0)
 
 
-def test_drift_target_weight_is_the_least_squares_optimum():
+def test_writer_drift_target_is_the_least_squares_optimum():
     """W' = W + beta D H^-1 == lstsq of ``W x~ + beta d`` (the writer's own output plus beta x the residual
     stream's drift where it writes) on the explicit token matrices (float64, DESIGN 3.5e (ii))."""
-    from vsraq_plugin.vsraq import drift_target_weight
+    from vsraq_plugin.vsraq import writer_target
 
     g = torch.Generator().manual_seed(3)
     T, d, R = 400, 12, 5
@@ -614,10 +614,10 @@ def test_drift_target_weight_is_the_least_squares_optimum():
     H, D = Xq.T @ Xq / T, drift.T @ Xq / T
     for beta in (0.0, 0.5, 1.0):
         ref = torch.linalg.lstsq(Xq, Xq @ W.T + beta * drift).solution.T
-        got = drift_target_weight(W[None], H[None], D[None], beta, damp_percent=0.0)[0]
+        got = writer_target(W[None], H[None], 0.0, D=D[None], beta=beta)[0]
         assert torch.allclose(got, ref, atol=1e-8), beta
     # A matrix no token reached keeps its weight.
-    out = drift_target_weight(W[None].float(), torch.zeros(1, d, d), D[None].float(), 1.0, 0.01)
+    out = writer_target(W[None].float(), torch.zeros(1, d, d), 0.01, D=D[None].float(), beta=1.0)
     assert torch.equal(out[0], W.float())
 
 

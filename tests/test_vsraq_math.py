@@ -12,11 +12,11 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from vsraq_plugin.vsraq import (
     boundary_matrix,
-    fp_target_weight,
     router_normal_equations,
     router_row_hessians,
     up_path_matrices,
     value_path_matrix,
+    writer_target,
 )
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -278,7 +278,7 @@ def test_damped_fp_target_is_the_ridge_least_squares_optimum():
     W = torch.randn(R, d, generator=g, dtype=torch.float64)
     p = (w / w.sum()).sqrt()[:, None]
     H, C = (p * Xq).T @ (p * Xq), (p * Xq).T @ (p * X)
-    got = fp_target_weight(W[None], H[None], C[None], alpha, damp)[0]
+    got = writer_target(W[None], H[None], damp, C[None], alpha)[0]
     lam = damp * torch.diagonal(H).mean()
     target = alpha * X @ W.T + (1 - alpha) * Xq @ W.T  # (T, R)
     lhs = torch.cat([p * Xq, lam.sqrt() * torch.eye(d, dtype=torch.float64)])

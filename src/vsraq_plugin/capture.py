@@ -154,15 +154,14 @@ class StageCapture:
                 w = self.token_weights[self.calls[name]]
                 self.calls[name] += 1
             self.acc[name].add(args[0].detach(), w)
-            if name in self.fp_inputs:
+            if name in self.fp_inputs or name in self.drift:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 wt = torch.ones(x.shape[0], device=x.device) if w is None else w.reshape(-1).float()
+            if name in self.fp_inputs:
                 term = (x * wt[:, None]).T @ self.fp_inputs[name][self.batch[name]]
                 self.cross[name] += term.double() if self.exact else term
                 self.cross_w[name] += float(wt.sum())
             if name in self.drift:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                wt = torch.ones(x.shape[0], device=x.device) if w is None else w.reshape(-1).float()
                 d = self.drift[name][self.batch[name]].to(x.device).reshape(x.shape[0], -1).float()
                 term = (d * wt[:, None]).T @ x
                 self.drift_cross[name] += term.double() if self.exact else term
@@ -284,8 +283,9 @@ class ExpertCross:
         self.S = torch.zeros(E, two_i // 2, two_i // 2, dtype=dt, device=fp_gate_up.device)
         self.wsum = torch.zeros(E, dtype=torch.float64, device=fp_gate_up.device)
 
-    def add(self, experts, gate_up, x, batch: int, tokens, eids, w, acc: HessianAccumulator) -> None:
-        """One routed batch: per expert, its tokens' quantized inputs into ``acc`` and, with the FP inputs, into S."""
+    def add(self, experts, gate_up, x, batch: int, tokens, eids, w, acc: HessianAccumulator | None = None) -> None:
+        """One routed batch: per expert, its tokens' quantized inputs into ``acc`` (when given) and, with the FP
+        inputs, into S."""
         xfp = self.x_fp[batch]
         order = torch.argsort(eids, stable=True)
         counts = torch.bincount(eids, minlength=self.S.shape[0]).tolist()
@@ -297,7 +297,8 @@ class ExpertCross:
             start += c
             rows, we = tokens[sel], w[sel].float()
             h_q = expert_gate(experts, gate_up, e, x[rows])
-            acc.add(h_q, we, index=torch.full((c,), e, device=h_q.device))
+            if acc is not None:
+                acc.add(h_q, we, index=torch.full((c,), e, device=h_q.device))
             h_fp = expert_gate(experts, self.fp_gate_up, e, xfp[rows].to(h_q.dtype))
             term = (h_q * we[:, None]).T @ h_fp
             self.S[e] += term.to(self.S.dtype)
@@ -310,39 +311,10 @@ class ExpertCross:
         return (self.S / self.wsum.clamp(min=1e-12)[:, None, None]).float()
 
 
-def expert_cross(
-    experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor, bounds=None, dist=None
-) -> torch.Tensor:
-    """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c): quantized stream
-    (current, quantized gate/up) against FP stream (the original gate/up ``fp_gate_up`` on the FP hidden
-    states), same (token, expert, weight) pairs. With ``bounds`` (the token range of every calibration batch),
-    the sums are float64 sums of per-batch float32 terms, reduced over the ranks of ``dist`` (exact sums)."""
+def expert_cross(experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+    """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c) over all the pairs at
+    once, in float32 (the float32-sums mode; exact sums build it batch by batch in ``down_hessians``' pass)."""
     X, tokens, eids, w = pairs
-    gu_q, gu_fp = experts.gate_up_proj.detach().float(), fp_gate_up.detach().float()
-    E, inter = gu_q.shape[0], gu_q.shape[1] // 2
-    if bounds is None:
-        C = torch.zeros(E, inter, inter, device=X.device)
-        for e in range(E):
-            sel = (eids == e).nonzero().flatten()
-            if sel.numel():
-                we = w[sel].float()
-                h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
-                h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
-                C[e] = (h_q * we[:, None]).T @ h_fp / we.sum().clamp(min=1e-12)
-        return C
-    S = torch.zeros(E, inter, inter, dtype=torch.float64, device=X.device)
-    wsum = torch.zeros(E, dtype=torch.float64, device=X.device)
-    for t0, t1 in bounds:
-        in_batch = (tokens >= t0) & (tokens < t1)
-        for e in range(E):
-            sel = (in_batch & (eids == e)).nonzero().flatten()
-            if sel.numel():
-                we = w[sel].float()
-                h_q = expert_gate(experts, gu_q, e, X[tokens[sel]])
-                h_fp = expert_gate(experts, gu_fp, e, x_fp[tokens[sel]])
-                S[e] += (h_q * we[:, None]).T @ h_fp
-                wsum[e] += float(we.sum())
-    if dist is not None:
-        dist.all_reduce_sum_(S)
-        dist.all_reduce_sum_(wsum)
-    return (S / wsum.clamp(min=1e-12)[:, None, None]).float()
+    cross = ExpertCross(fp_gate_up, [x_fp], exact=False)
+    cross.add(experts, experts.gate_up_proj.detach().float(), X, 0, tokens, eids, w)
+    return cross.matrix()

@@ -118,6 +118,11 @@ class Method:
         return False
 
     @property
+    def drift_targets(self) -> bool:
+        """Whether o_proj also cancels the residual stream's drift (DESIGN 3.5e (ii)): it needs the FP stream."""
+        return False
+
+    @property
     def fp_stream(self) -> bool:
         """Whether the full-precision stream is carried layer by layer (FP targets, refinement targets)."""
         return self.fp_targets or self.cfg.refine_steps > 0
@@ -147,6 +152,10 @@ class Vsraq(Method):
     @property
     def fp_targets(self) -> bool:
         return self.cfg.fp_target_alpha > 0
+
+    @property
+    def drift_targets(self) -> bool:
+        return self.cfg.drift_beta > 0
 
     def plan(self, ctx: LayerContext) -> VsraqPlan:
         return vsraq_plan(ctx, self.cfg)
@@ -353,10 +362,3 @@ def gate_up_metric(adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tens
         up_scale[e] = act(g).pow(2).mean(0).sqrt()
         gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
     return metric(up_path_matrices(A, views["down_proj"].detach(), gate_scale, up_scale), lam)
-
-
-def fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """The blended FP target of a residual writer (DESIGN 3.5c), see ``vsraq.fp_target_weight``."""
-    from .vsraq import fp_target_weight
-
-    return fp_target_weight(W, H, C, cfg.fp_target_alpha, cfg.damp_percent)

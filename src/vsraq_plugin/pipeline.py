@@ -49,6 +49,7 @@ from .streaming import (
     resolve_store,
 )
 from .validation import check_quantize_folder, check_quantize_model
+from .vsraq import writer_target
 
 __all__ = [
     "CalibrationError",
@@ -345,7 +346,7 @@ def _run(
                            cfg.exact_sums or dist.active, dist.all_reduce_sum_,
                            [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
         drift = None
-        if cfg.drift_beta > 0 and x_fp is not None and cfg.method == "vsraq":
+        if method.drift_targets and x_fp is not None:
             writers = [n for n in adapter.attention_linears(layer) if n.endswith("o_proj")]
             drift = {n: _Diff(x_fp, x_q, runner.device) for n in writers}
         quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist,
@@ -728,8 +729,6 @@ def quantize_layer(
         for (name, lin), owner in zip(linears.items(), owners, strict=True):
             W = lin.weight[None].float()
             if name in cap.cross or name in cap.drift_cross:  # FP / drift targets (DESIGN 3.5c, 3.5e (ii))
-                from .vsraq import writer_target
-
                 C, D = (cap.cross_matrix(name) if name in cap.cross else None,
                         cap.drift_matrix(name) if name in cap.drift_cross else None)  # fmt: skip
                 W = writer_target(W, cap.acc[name].H, cfg.damp_percent, C, cfg.fp_target_alpha, D, cfg.drift_beta)
@@ -864,8 +863,8 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
         if cross is not None:
             C = cross.matrix(dist if dist is not None and dist.active else None)
         else:
-            C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x), None, dist)
-        target = _fp_target(W.float(), acc.H, C, cfg)
+            C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x))
+        target = writer_target(W.float(), acc.H, cfg.damp_percent, C, cfg.fp_target_alpha)
         keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
         W = torch.where(keep[:, None, None], W.float(), target)
@@ -936,9 +935,3 @@ class _Measured:
                                   qw.group_size, None, pick(qw.prequant))  # fmt: skip
             parts.append((ids, sub))
         return take(parts, widths.numel())
-
-
-def _fp_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    from .methods import fp_target
-
-    return fp_target(W, H, C, cfg)

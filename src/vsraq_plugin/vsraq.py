@@ -78,18 +78,24 @@ def router_normal_equations(
     """
     if split is not None:
         return _sharded_normal_equations(X, Z, W, split)
-    Xf, Wf, Zf = X.float(), W.float(), Z.float()
-    base = Wf.min(dim=1).values  # (T,)
-    extra = Wf - base[:, None]  # (T, E), zero except where a row weighs a token more
-    G = (Xf * base[:, None]).T @ Xf
+    Xf = X.float()
+    G, b, wsum, extra = _batch_terms(Xf, W, Z)
     A = G.expand(W.shape[1], -1, -1).clone()
     for i in range(W.shape[1]):  # one small Gram matrix per row, over its extra-weighted tokens only
         rows = extra[:, i].nonzero().flatten()
         if rows.numel():
             Xi = Xf[rows]
             A[i] += (Xi * extra[rows, i, None]).T @ Xi
-    b = (Wf * Zf).T @ Xf  # (E, d)
-    return A.double(), b.double(), Wf.sum(0).double()
+    return A.double(), b.double(), wsum.double()
+
+
+def _batch_terms(Xf: torch.Tensor, W: torch.Tensor, Z: torch.Tensor):
+    """One batch's float32 terms of the router's normal equations: the shared Gram ``X^T diag(base) X`` (``base`` =
+    each token's smallest row weight), ``b = (W * Z)^T X``, ``sum_t w_t`` and the per-row excess ``W - base``."""
+    Wf, Zf = W.float(), Z.float()
+    base = Wf.min(dim=1).values  # (T,)
+    extra = Wf - base[:, None]  # (T, E), zero except where a row weighs a token more
+    return (Xf * base[:, None]).T @ Xf, (Wf * Zf).T @ Xf, Wf.sum(0), extra
 
 
 def _sharded_normal_equations(X, Z, W, split: TokenSplit):
@@ -103,17 +109,16 @@ def _sharded_normal_equations(X, Z, W, split: TokenSplit):
     for t0, t1 in split.bounds:
         if t1 <= t0:
             continue
-        Xf, Wf, Zf = X[t0:t1].float(), W[t0:t1].float(), Z[t0:t1].float()
-        base = Wf.min(dim=1).values
-        extra = Wf - base[:, None]
-        G += (Xf * base[:, None]).T @ Xf
+        Xf = X[t0:t1].float()
+        g, bb, ws, extra = _batch_terms(Xf, W[t0:t1], Z[t0:t1])
+        G += g
         for i in range(E):
             rows = extra[:, i].nonzero().flatten()
             if rows.numel():
                 Xi = Xf[rows]
                 A[i] += (Xi * extra[rows, i, None]).T @ Xi
-        b += (Wf * Zf).T @ Xf
-        wsum += Wf.sum(0)
+        b += bb
+        wsum += ws
     for t in (G, A, b, wsum):
         split.reduce(t)
     A += G
@@ -158,6 +163,14 @@ class _Batch:
     segments: list[tuple[int, int, int]]
 
 
+def _add_split(acc: torch.Tensor, P: torch.Tensor) -> None:
+    """Add a float64 term as two float32 parts (``acc[0]``: its rounding, ``acc[1]``: the rest), each summed in
+    float64: float64 sums of float32 terms, so the total does not depend on how the batches are split."""
+    hi = P.float()
+    acc[0] += hi
+    acc[1] += (P - hi.double()).float()
+
+
 class RouterSystem:
     """The router's normal equations without the ``(E, d, d)`` tensor: ``A_i = G + X_{S_i}^T diag(e_i) X_{S_i}``.
 
@@ -194,12 +207,11 @@ class RouterSystem:
         for t0, t1 in split.bounds:
             if t1 <= t0:
                 continue
-            Xf, Wf, Zf = Xs[t0:t1].float(), W[t0:t1].float(), Z[t0:t1].float()
-            base = Wf.min(dim=1).values
-            extra = Wf - base[:, None]
-            G += (Xf * base[:, None]).T @ Xf
-            b += (Wf * Zf).T @ Xf
-            wsum += Wf.sum(0)
+            Xf = Xs[t0:t1].float()
+            g, bb, ws, extra = _batch_terms(Xf, W[t0:t1], Z[t0:t1])
+            G += g
+            b += bb
+            wsum += ws
             rows, toks = extra.T.nonzero(as_tuple=True)  # sorted by (row, token)
             weights = extra[toks, rows]
             trace += torch.zeros(self.E, device=Xf.device).index_add_(0, rows, weights * Xf.square().sum(1)[toks])
@@ -241,9 +253,7 @@ class RouterSystem:
                 P[j] = Xi.T @ (batch.weights[e0:e1].double() * (Xi @ V[j]))
                 used = True
             if used:
-                hi = P.float()
-                acc[0] += hi
-                acc[1] += (P - hi.double()).float()
+                _add_split(acc, P)
         self.split.reduce(acc)
         return acc[0] + acc[1]
 
@@ -254,10 +264,7 @@ class RouterSystem:
             for j, e0, e1 in batch.segments:
                 if j == i:
                     Xi = self.X[batch.tokens[e0:e1]].double()
-                    P = (Xi * batch.weights[e0:e1, None].double()).T @ Xi
-                    hi = P.float()
-                    acc[0] += hi
-                    acc[1] += (P - hi.double()).float()
+                    _add_split(acc, (Xi * batch.weights[e0:e1, None].double()).T @ Xi)
         self.split.reduce(acc)
         return acc[0] + acc[1] + self.G
 
@@ -575,18 +582,20 @@ def boundary_matrix(
     P.index_put_((j, j), phi, accumulate=True)
     P.index_put_((i, j), -phi, accumulate=True)
     P.index_put_((j, i), -phi, accumulate=True)
-    D = router_weight.double().T  # (d, E)
-    if norm_weight is not None:
-        D = D * norm_weight.double()[:, None]
+    D = _directions(router_weight, norm_weight)
     return _unit(D @ P @ D.T)
+
+
+def _directions(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """``D = gamma * R^T`` ``(d, E)`` float64: the residual directions a router reads (through its RMSNorm scale)."""
+    D = router_weight.double().T
+    return D if norm_weight is None else D * norm_weight.double()[:, None]
 
 
 def uniform_boundary_matrix(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
     """``A / ||A||`` with every expert pair equally weighted: ``D (E I - 1 1^T) D^T`` (a router whose FP decisions
     are not known yet, DESIGN 3.5e (i))."""
-    D = router_weight.double().T
-    if norm_weight is not None:
-        D = D * norm_weight.double()[:, None]
+    D = _directions(router_weight, norm_weight)
     Dc = D - D.mean(1, keepdim=True)
     top = torch.linalg.eigvalsh(Dc.T @ Dc)[-1].clamp(min=1e-30)  # ||Dc Dc^T|| from the (E, E) Gram, not (d, d)
     return (Dc @ Dc.T) / top
@@ -609,15 +618,6 @@ def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> tor
 
 def _maybe(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
-
-
-def truncate_rank(A: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-``rank`` approximation of a PSD ``A`` (its top eigenpairs); ``A`` itself when it is that small."""
-    if A.shape[-1] <= rank:
-        return A
-    lam, V = torch.linalg.eigh(A)
-    lam, V = lam[-rank:].clamp(min=0), V[:, -rank:]
-    return (V * lam) @ V.T
 
 
 def _unit(A: torch.Tensor) -> torch.Tensor:
@@ -721,18 +721,3 @@ def writer_target(
     del rhs
     delta.masked_fill_(~ok[:, None, None], 0.0)
     return (W.to(dt) + delta.transpose(1, 2)).to(W.dtype)
-
-
-def drift_target_weight(
-    W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, beta: float, damp_percent: float
-) -> torch.Tensor:
-    """``writer_target`` with the drift term only: ``W' = W + beta D H^-1`` (DESIGN 3.5e (ii))."""
-    return writer_target(W, H, damp_percent, D=D, beta=beta)
-
-
-def fp_target_weight(
-    W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, alpha: float, damp_percent: float
-) -> torch.Tensor:
-    """``writer_target`` with the blended FP target only: ``W' = W + alpha W (C^T - H) H^-1`` (DESIGN 3.5c);
-    GPTQ then quantizes ``W'`` with ``H``."""
-    return writer_target(W, H, damp_percent, C=C, alpha=alpha)

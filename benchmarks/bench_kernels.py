@@ -134,18 +134,26 @@ def main() -> int:
             out.index_add_(0, tok, (torch.nn.functional.silu(g) * u) @ Wd.T * w[tok, slot, None])
         return out
 
+    def experts(widths, d, inter, group_size):
+        """Random experts of the given widths (each a gate/up and a down), and their stacked kernel layouts."""
+        gu = [random_weight(2 * inter, d, b, group_size, "cuda") for b in widths]
+        dn = [random_weight(d, inter, b, group_size, "cuda") for b in widths]
+        return gu, dn, stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+
+    def routed(T, E, k, d):
+        """T tokens' activations, top-k expert ids and routing weights."""
+        x = torch.randn(T, d, device="cuda", dtype=torch.float16)
+        ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
+        return x, ids, torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
+
     if "moe" in args.cases:
         print("\n| MoE layer | tokens | ours ms | per-expert dequant loop x | fp16 per-expert loop x", end="")
         print(" | unfused SiLU x | rel err |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, (E, k, d, inter) in MOE.items():
-            gu = [random_weight(2 * inter, d, args.bits, args.group_size, "cuda") for _ in range(E)]
-            dn = [random_weight(d, inter, args.bits, args.group_size, "cuda") for _ in range(E)]
-            gu_s, dn_s = stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+            gu, dn, gu_s, dn_s = experts([args.bits] * E, d, inter, args.group_size)
             for T in args.m:
-                x = torch.randn(T, d, device="cuda", dtype=torch.float16)
-                ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
-                w = torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
+                x, ids, w = routed(T, E, k, d)
                 err = rel_err(fused_moe(x, gu_s, dn_s, ids, w), loop(x, ids, w, gu, dn, False))
                 worst = max(worst, err)
                 t_ours = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))
@@ -161,9 +169,7 @@ def main() -> int:
     if "mixed" in args.cases:
         E, k, d, inter = MOE["qwen3-30b-a3b experts"]
         widths = [args.mixed_widths[e % len(args.mixed_widths)] for e in range(E)]
-        gu = [random_weight(2 * inter, d, b, args.group_size, "cuda") for b in widths]
-        dn = [random_weight(d, inter, b, args.group_size, "cuda") for b in widths]
-        gu_s, dn_s = stack_experts([g for g, _ in gu]), stack_experts([g for g, _ in dn])
+        gu, dn, gu_s, dn_s = experts(widths, d, inter, args.group_size)
         per_width = []  # how mixed layers ran before: experts grouped by width, one launch pair per group
         for b in sorted(set(widths)):
             members = [e for e in range(E) if widths[e] == b]
@@ -191,9 +197,7 @@ def main() -> int:
         print(f" | uniform W{args.bits} ms | one pair / uniform | rel err |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for T in args.m:
-            x = torch.randn(T, d, device="cuda", dtype=torch.float16)
-            ids = torch.randn(T, E, device="cuda").topk(k, dim=-1).indices
-            w = torch.softmax(torch.randn(T, k, device="cuda"), -1).half()
+            x, ids, w = routed(T, E, k, d)
             err = rel_err(fused_moe(x, gu_s, dn_s, ids, w), loop(x, ids, w, gu, dn, False))
             worst = max(worst, err)
             t_one = triton.testing.do_bench(lambda: fused_moe(x, gu_s, dn_s, ids, w))

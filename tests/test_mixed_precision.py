@@ -247,7 +247,7 @@ def test_baseline_allocations_meet_the_budget_exactly(allocation):
     assert res.summary["expert_bits_scores"].split(" ")[0] in ("random", "routed")
 
 
-def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_path):
+def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     """``budget_scope="model"``: the model's mean width is within the budget (not each layer's), the allocation is
     deterministic, and a run interrupted after layer 0 resumes to the same widths and codes."""
     import copy
@@ -272,7 +272,14 @@ def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path,
                        on_layer_done=crash)  # fmt: skip
+    import vsraq_plugin.pipeline as pipeline
+
+    def no_prepass(*_a, **_k):
+        raise AssertionError("a resumed run must reuse its model-scope shares, not run the pre-pass again")
+
+    monkeypatch.setattr(pipeline, "_model_budgets", no_prepass)
     resumed = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path)
     assert resumed.summary["expert_bits"] == widths
+    assert resumed.summary["expert_layer_budgets"] == shares
     for name, qw in straight.weights.items():
         assert torch.equal(qw.codes, resumed.weights[name].codes), name

@@ -252,3 +252,34 @@ def test_a_folder_that_does_not_match_its_config_is_refused(tmp_path):
     assert not (tmp_path / "q").exists() and [p.name for p in tmp_path.iterdir()] == ["fp"]
     with pytest.raises(ModelSourceError, match=r"no config\.json"):
         ModelSource(tmp_path)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streamed_vsraq_holds_one_layer_of_experts(family, tmp_path, monkeypatch):
+    """The look-ahead to the next router reads that layer without its routed experts: a streamed VSRAQ run never
+    holds two layers' experts at once (at DeepSeek-V3 widths one layer's are ~45 GB in float32), and the layer
+    it reads so has real attention and router weights (the look-ahead's logits equal the in-memory run's: the
+    codes of ``test_streamed_equals_in_memory_on_every_family``)."""
+    from vsraq_plugin.streaming import StreamedLayers
+
+    model = tiny_model(family, seed=2)
+    model.save_pretrained(tmp_path / "fp")
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    peak, partial = [0], [0]
+    onload = StreamedLayers.onload
+
+    def counting(self, index, experts=True):
+        layer = onload(self, index, experts)
+        real = [lay for lay in self.layers if lay.is_moe and not lay.experts.gate_up_proj.is_meta]
+        peak[0] = max(peak[0], len(real))
+        if layer.is_moe and not experts:
+            partial[0] += 1
+            assert layer.experts.gate_up_proj.is_meta and layer.experts.down_proj.is_meta
+            assert not layer.router.weight.is_meta
+            assert not any(p.is_meta for p in layer.attention.parameters())
+        return layer
+
+    monkeypatch.setattr(StreamedLayers, "onload", counting)
+    cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
+    assert partial[0] >= 1 and peak[0] == 1

@@ -305,11 +305,16 @@ def _run(
         state = ResumeState(work_dir, fingerprint(cfg, all_windows, parts), dist)
         first = state.completed()
     x_fp = list(x_q) if fp_stream else None
+    restored = state.summary() if first else {}
     if widths.mode == "measured" and cfg.budget_scope == "model":  # every layer's share first (the cheap pre-pass)
-        widths.budgets, means = _model_budgets(store, runner, cfg, runner.inputs, dist)
-        result.summary["expert_layer_budgets"] = means  # each MoE layer's mean width allowance
+        if "expert_layer_budget_params" in restored:  # a resumed run keeps its shares: no second pre-pass
+            widths.budgets = restored["expert_layer_budget_params"]
+        else:
+            widths.budgets, means = _model_budgets(store, runner, cfg, runner.inputs, dist)
+            result.summary["expert_layer_budgets"] = means  # each MoE layer's mean width allowance
+            result.summary["expert_layer_budget_params"] = widths.budgets  # the same in width x parameters
     if first:
-        result.summary.update(state.summary())
+        result.summary.update(restored)
         for i in range(first):  # the finished layers: into the model (in memory) or the checkpoint (streamed)
             weights, router = state.load_layer(i, cfg)
             layer = store.onload(i)
@@ -516,7 +521,7 @@ def _lookahead_logits(store, runner: LayerRunner, index: int, hidden: list[torch
     """The FP router logits of the next MoE layer after ``index`` on the FP stream ``hidden`` (its input), by a
     forward stopped at that router (dense layers in between run whole). Each layer is onloaded for this only."""
     for nxt in range(index + 1, len(store.layers)):
-        layer = store.onload(nxt)
+        layer = store.onload(nxt, experts=False)  # a MoE layer without its experts: the forward stops at the router
         try:
             if not layer.is_moe:
                 hidden = runner.run(layer.layer, hidden)
@@ -546,7 +551,7 @@ def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResu
     if layer.index + 1 < len(store.layers) and store.layers[layer.index + 1].is_moe:
         logits = result.fp_router_logits.get(layer.index + 1)
         if logits is not None:
-            nxt = store.onload(layer.index + 1)  # in full precision: it has not been quantized yet
+            nxt = store.onload(layer.index + 1, experts=False)  # full precision, up to its router
     try:
         report = refine_block(runner, adapter, layer, nxt, x_q, fp_out, result.weights, logits, cfg, progress)
     finally:

@@ -87,9 +87,11 @@ class ResumeState:
     def summary(self) -> dict:
         data = json.loads((self.dir / "progress.json").read_text())
         keep = ("fallbacks", "layer_seconds", "layer_comm_bytes", "router_agreement")
-        keep += ("expert_bits", "expert_bits_scores", "expert_damage")
+        keep += ("expert_bits", "expert_bits_scores", "expert_damage", "router_cg")
+        keep += ("expert_layer_budgets", "expert_layer_budget_params")  # budget_scope="model": the pre-pass's
         out = {k: v for k, v in data["summary"].items() if k in keep}
-        for k in ("expert_bits", "expert_damage"):  # JSON made the layer indices strings
+        for k in ("expert_bits", "expert_damage", "router_cg", "expert_layer_budgets", "expert_layer_budget_params"):
+            # JSON made the layer indices strings
             if isinstance(out.get(k), dict):
                 out[k] = {int(i): v for i, v in out[k].items()}
         return out

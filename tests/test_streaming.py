@@ -283,3 +283,18 @@ def test_streamed_vsraq_holds_one_layer_of_experts(family, tmp_path, monkeypatch
     cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
     quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
     assert partial[0] >= 1 and peak[0] == 1
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_in_memory_onload_without_experts_moves_all_but_the_experts(family):
+    """``InMemoryLayers.onload(i, experts=False)`` moves every tensor of the layer but its routed experts' to the
+    solve device (here the meta device stands in for a GPU: what moved is what became meta)."""
+    from vsraq_plugin.streaming import InMemoryLayers
+
+    model = tiny_model(family, seed=2)
+    store = InMemoryLayers(model, torch.device("meta"))
+    index = next(i for i, lay in enumerate(store.layers) if lay.is_moe)
+    layer = store.onload(index, experts=False)
+    inside = {id(t) for t in [*layer.experts.parameters(), *layer.experts.buffers()]}
+    tensors = [*layer.layer.parameters(), *layer.layer.buffers()]
+    assert inside and all(t.is_meta == (id(t) not in inside) for t in tensors)

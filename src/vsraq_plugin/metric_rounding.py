@@ -116,10 +116,11 @@ def metric_objective(e: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_plane_plan(G: torch.Tensor, block: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """The blocked nearest plane's row blocks and feedback matrices, for ``round_column``'s start: block ``[a, b)``
+    """The blocked nearest plane's row blocks and feedback rows, for ``round_column``'s start: block ``[a, b)``
     rounds ``w + G_[a,b) (I + K_a)^-1 z_a`` at once, with ``K_a = G_{>=a}^T G_{>=a}`` and ``z_a`` the running
     ``G^T e`` of the rows before it — the rows' continuous optimum with the earlier rows fixed (the nearest plane's
-    fed value, exact for a block of one row). Returns the bounds and ``(I + K_a)^-1`` ``(blocks, N or 1, k, k)``."""
+    fed value, exact for a block of one row). Returns the bounds and ``F`` ``(N or 1, rows, k)``, each block's rows
+    ``G_[a,b) (I + K_a)^-1`` (one product per block for the column, not two; ``F`` is the size of ``G``)."""
     R, k = G.shape[-2], G.shape[-1]
     Gs = G[:1] if G.shape[0] > 1 and G.stride(0) == 0 else G
     bounds = [(a, min(a + block, R)) for a in range(0, R, block)]
@@ -127,7 +128,9 @@ def nearest_plane_plan(G: torch.Tensor, block: int) -> tuple[list[tuple[int, int
     grams = torch.stack([Gd[:, a:b].transpose(1, 2) @ Gd[:, a:b] for a, b in bounds])  # (C, N, k, k)
     K = grams.flip(0).cumsum(0).flip(0)
     eye = torch.eye(k, dtype=torch.float64, device=G.device)
-    return bounds, torch.linalg.inv(eye + K).to(G.dtype)
+    P = torch.linalg.inv(eye + K)
+    F = torch.cat([Gd[:, a:b] @ P[i] for i, (a, b) in enumerate(bounds)], dim=1)
+    return bounds, F.to(G.dtype)
 
 
 def default_plan(G: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor] | None:
@@ -140,24 +143,32 @@ def default_plan(G: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor] 
 
 def _blocked_nearest_plane(w, scale, zero, maxq, G, plan):
     """Codes of the blocked nearest plane (``nearest_plane_plan``), and the column's ``e`` and ``G^T e``."""
-    bounds, Pc = plan
-    shared = G.shape[0] > 1 and G.stride(0) == 0
+    bounds, F = plan
+    one = G.shape[0] == 1 or G.stride(0) == 0  # one G for the batch (shared, or a batch of one): plain products
     z = w.new_zeros(w.shape[0], G.shape[-1])
     code = torch.empty_like(w)
     e = torch.empty_like(w)
-    for (a, b), P in zip(bounds, Pc, strict=True):
-        Gb = G[0, a:b] if shared else G[:, a:b]
-        if shared:
-            fed = torch.addmm(w[:, a:b], z @ P[0], Gb.T)
+    for a, b in bounds:
+        if one:
+            fed = torch.addmm(w[:, a:b], z, F[0, a:b].T)
         else:
-            fed = w[:, a:b] + torch.bmm(Gb, torch.bmm(P, z[:, :, None]))[..., 0]
-        s = scale[:, a:b]
-        c = nearest_codes(fed, s, zero[:, a:b], maxq)
-        code[:, a:b] = c
-        err = w[:, a:b] - s * (c - zero[:, a:b])
-        e[:, a:b] = err
-        z = torch.addmm(z, err, Gb) if shared else z + torch.bmm(err[:, None, :], Gb)[:, 0]
+            fed = w[:, a:b] + torch.bmm(F[:, a:b], z[:, :, None])[..., 0]
+        s, zb, cb, err = scale[:, a:b], zero[:, a:b], code[:, a:b], e[:, a:b]
+        torch.div(fed, s, out=cb).round_().add_(zb).clamp_(0, maxq)  # nearest_codes(fed, ...), in place
+        torch.addcmul(w[:, a:b], s, cb - zb, value=-1, out=err)
+        z = torch.addmm(z, err, G[0, a:b]) if one else z + torch.bmm(err[:, None, :], G[:, a:b])[:, 0]
     return code, e, z
+
+
+def _sparse_matvec(x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``_matvec`` for an ``x`` that is zero on most rows (a pass's moves: well under 1 % of the rows at real
+    widths): only the rows some matrix moves are read from ``G``."""
+    rows = x.abs().amax(0).nonzero().flatten()
+    if rows.numel() * 8 > x.shape[-1]:
+        return _matvec(x, G)
+    if G.shape[0] == 1 or G.stride(0) == 0:
+        return x[:, rows] @ G[0, rows]
+    return torch.bmm(x[:, None, rows], G[:, rows])[:, 0]
 
 
 def round_column(
@@ -221,7 +232,7 @@ def round_column(
         threshold = (tau * best).clamp_(min=tiny)[:, None]
         step = (gain - threshold).sign_().clamp_(min=0).mul_(d)  # gain = threshold only at tau = 1: the best
         de = step * scale
-        dz = _matvec(de, G)
+        dz = _sparse_matvec(de, G)
         change = torch.linalg.vecdot(de, torch.add(de, c, alpha=-2)) + torch.linalg.vecdot(dz, dz)
         single = change >= 0
         if bool(single.any()):

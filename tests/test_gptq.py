@@ -171,6 +171,20 @@ def test_batched_solve_equals_per_matrix_loop(desc_act):
         torch.testing.assert_close(err_b[b], err_s[0])
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_without_error_same_solve(chunked, monkeypatch):
+    """``with_error=False`` (the pipeline's call) skips only the loss: same codes and damping, error None, in one
+    batch and in cache-sized chunks."""
+    if chunked:
+        monkeypatch.setattr(gptq_module, "_LA_CHUNK_BYTES", 64 * 64 * 4)  # one matrix per chunk
+    W = torch.randn(3, 20, 64)
+    H = torch.stack([_hessian(_correlated(200, 64, seed=s)) for s in range(3)])
+    full, err, damp = gptq_quantize(W, H, 4, 16, sym=False, block_size=32)
+    bare, none, damp2 = gptq_quantize(W, H, 4, 16, sym=False, block_size=32, with_error=False)
+    assert none is None and torch.equal(full.codes, bare.codes) and torch.equal(damp, damp2)
+    torch.testing.assert_close(err, hessian_error(W, full.weight, H), rtol=1e-5, atol=0)
+
+
 def test_row_hessians_equal_shared_hessian_when_identical():
     """GPTQ is separable over rows: per-row Hessians that are all equal give the shared-Hessian solve."""
     W = torch.randn(2, 6, 32)

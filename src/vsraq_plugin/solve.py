@@ -51,6 +51,7 @@ def gptq_solve(
         None if metric is None else metric.expand(W.shape[0], W.shape[1], W.shape[1]),
         cfg.refine_steps > 0,  # refinement starts from the values the solver rounded
         cfg.metric_solve,
+        with_error=False,
     )
     return qw
 
@@ -133,7 +134,8 @@ def solve_batch(
     """GPTQ on a batch; matrices whose Hessian is unusable fall back to RTN (reported), never NaN or a crash.
     ``metric``: an output metric ``(rows, rows)`` shared by the batch or ``(B, rows, rows)`` (DESIGN 3.5b)."""
     B = W.shape[0]
-    dead = torch.diagonal(H, dim1=-2, dim2=-1).eq(0).all(-1) | ~torch.isfinite(H).all(-1).all(-1)
+    # A matrix's float64 sum is finite exactly when all its entries are (all_finite), without a bool copy of H.
+    dead = torch.diagonal(H, dim1=-2, dim2=-1).eq(0).all(-1) | ~torch.isfinite(H.sum((-2, -1), dtype=torch.float64))
     solved = (~dead).nonzero().flatten()
     parts = []
     if solved.numel():

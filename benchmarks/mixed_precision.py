@@ -5,7 +5,8 @@ Budgets (default): an average of 3.0 bits over {2,3,4}, 2.5 over {2,3} and 3.5 o
 then per budget the measured allocation (each expert's solve loss at every width x its routing mass, exact
 knapsack; ``measured+fragility``: vsraq's damage weight with the next router's fragility), the seed paper's
 router-norm + max-variance rule, random allocation (mean of ``--seeds`` seeds) and frequency allocation (most-routed
-experts widest). Columns: top-k set agreement, perplexity, KL to FP. Then the issue's targets, checked. One thread.
+experts widest); with ``--width-per-projection`` also measured rows whose experts' down projections get their own
+widths. Columns: top-k set agreement, perplexity, KL to FP. Then the issue's targets, checked. One thread.
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py [--fixture benchmarks/fixtures/tiny-qwen3-moe]
 """
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true", help="only uniform and measured rows")
     ap.add_argument("--scopes", default="layer,model", help="budget scopes of the measured rows")
     ap.add_argument("--json", type=Path, help="write every row here (JSON lines) as it finishes")
+    ap.add_argument("--width-per-projection", action="store_true", help="also measured rows with widths per projection")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -74,6 +76,7 @@ def main() -> None:
         m = evaluate(fp, {label: model}, ev, progress=False)[label]
         row = {k: m[k] for k in KEYS} | {"method": method, "label": label, "seconds": seconds}
         row["expert_bits"] = res.summary.get("expert_bits")
+        row["expert_down_bits"] = res.summary.get("expert_down_bits")
         print(
             f"  [{method}] {label}: agreement {100 * m['topk_set_agreement']:.2f} %, ppl {m['perplexity']:.3f}, "
             f"KL {m['kl']:.5f} ({seconds:.0f} s)",
@@ -100,6 +103,10 @@ def main() -> None:
             for scope in args.scopes.split(","):
                 name = "measured" if scope == "layer" else "measured (model scope)"
                 rows.append((f"{name} {tag}", run(method, f"{name} {tag}", cfg.replace(budget_scope=scope))))
+                if args.width_per_projection:
+                    label = f"{name} per projection {tag}"
+                    per_proj = cfg.replace(budget_scope=scope, width_per_projection=True)
+                    rows.append((label, run(method, label, per_proj)))
                 if method == "vsraq":
                     label = f"{name}+fragility {tag}"
                     frag = cfg.replace(budget_scope=scope, allocation_weight="fragility")

@@ -236,6 +236,27 @@ def test_mixed_precision_from_the_command_line(tmp_path, capsys):
     assert "nearest reachable budgets" in capsys.readouterr().err
 
 
+def test_width_per_projection_from_the_command_line(tmp_path, capsys):
+    """``--width-per-projection``: the checkpoint's meta, the printed widths and the eval report carry down's widths
+    beside gate/up's, and the budget holds over both parts; without a budget the flag is refused."""
+    q = tmp_path / "q"
+    common = ["quantize", "tiny-mixtral", "--method", "gptq", "--group-size", "64", "--n-samples", "4", "--seq-len",
+              "64", "--threads", "1", "--width-per-projection"]  # fmt: skip
+    assert main([*common, "--bits-budget", "2.5", "--bit-levels", "2,3", "--out", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "widths per projection (gate/up, down)" in out
+    meta = json.loads((q / "config.json").read_text())["quantization_config"]["meta"]["vsraq"]
+    assert meta["width_per_projection"] is True and meta["expert_down_bits"].keys() == meta["expert_bits"].keys()
+    for layer, gu in meta["expert_bits"].items():
+        dn = meta["expert_down_bits"][layer]
+        assert f"layer {layer}: {gu} (gate/up), down {dn}" in out
+        assert 2 * sum(gu) + sum(dn) <= 2.5 * 3 * len(gu)  # gate/up has twice down's parameters
+    report = _eval_on_fixture(q, tmp_path / "rep", windows=2)
+    assert report["models"][str(q)]["expert_down_bits"] == meta["expert_down_bits"]
+    assert main([*common, "--out", str(tmp_path / "bad")]) == 2
+    assert "width_per_projection=True" in capsys.readouterr().err
+
+
 def test_demo_runs_every_method(tmp_path, capsys):
     rc = main(
         [

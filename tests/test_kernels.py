@@ -208,21 +208,32 @@ def test_width_table_matches_the_constant_width_kernel_bit_for_bit():
         assert torch.equal(fused_moe(x, gu, dn, ids, w), fused_moe(x, gu_t, dn_t, ids, w))
 
 
-@pytest.mark.parametrize("widths", [[2, 3, 4, 8], [4]], ids=["mixed-2-3-4-8", "uniform-4"])
-def test_quant_experts_layer_makes_two_launches(widths, monkeypatch):
+@pytest.mark.parametrize(
+    ("widths", "down_widths"),
+    [([2, 3, 4, 8], None), ([4], None), ([2, 3, 4, 8], [4]), ([4], [8, 2, 3])],
+    ids=["mixed-2-3-4-8", "uniform-4", "per-projection-mixed-gate-up", "per-projection-mixed-down"],
+)
+def test_quant_experts_layer_makes_two_launches(widths, down_widths, monkeypatch):
     """A ``QuantExperts`` layer on the Triton path: exactly two kernel launches (gate/up, down) whether its
-    experts share one width or not, and the output of the float64 reference of its dequantized experts."""
+    experts share one width or not, also when down's widths differ from gate/up's (one width table per stack), and
+    the output of the float64 reference of the experts dequantized from the tensors loaded into it."""
     from tiny_models import tiny_model
     from vsraq_plugin.nn import QuantExperts
 
     experts_fp = tiny_model("mixtral", seed=1).model.layers[0].mlp.experts  # 8 experts, d = inter = 64
     E = experts_fp.gate_up_proj.shape[0]
     bits = [widths[e % len(widths)] for e in range(E)]
-    layer = QuantExperts(experts_fp, bits if len(widths) > 1 else widths[0], group_size=32)
-    for e, b in enumerate(bits):
+    downs = bits if down_widths is None else [down_widths[e % len(down_widths)] for e in range(E)]
+    width = lambda ws: ws if len(set(ws)) > 1 else ws[0]  # noqa: E731
+    layer = QuantExperts(experts_fp, width(bits), 32, None if down_widths is None else width(downs))
+    ref_w = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    for e in range(E):
         for i, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+            b = downs[e] if proj == "down_proj" else bits[e]
             q = rtn(torch.randn(64, 64, generator=torch.Generator().manual_seed(100 * e + i)), b, 32, False)
-            layer.load_expert(proj, e, *pack_linear(q.codes, q.scales, q.zeros, q.g_idx, b).state_dict().values())
+            packed = pack_linear(q.codes, q.scales, q.zeros, q.g_idx, b).state_dict()
+            layer.load_expert(proj, e, *packed.values())
+            ref_w[proj].append(dequantize_packed(*packed.values(), b, 64, 64, torch.float64))
     layer.use_triton = True
     T, top_k = 7, 2
     g = torch.Generator().manual_seed(3)
@@ -236,9 +247,12 @@ def test_quant_experts_layer_makes_two_launches(widths, monkeypatch):
     with torch.no_grad():
         y = _on_device(layer.to(DEV))(x, ids, w)
     layer.cpu()
-    assert len(counter.bits) == 2
-    gate_up = torch.cat([layer._dequantize("gate_proj", torch.float64), layer._dequantize("up_proj", torch.float64)], 1)
-    ref, bound = _moe_reference(x, ids, w, gate_up, layer._dequantize("down_proj", torch.float64))
+    # Two launches; BITS=0 (a width table) exactly for the stacks whose experts' container widths differ.
+    assert counter.bits == [
+        0 if len({container_bits(b) for b in ws}) > 1 else container_bits(ws[0]) for ws in (bits, downs)
+    ]
+    gate_up = torch.cat([torch.stack(ref_w["gate_proj"]), torch.stack(ref_w["up_proj"])], 1)
+    ref, bound = _moe_reference(x, ids, w, gate_up, torch.stack(ref_w["down_proj"]))
     _check(y, ref, bound, torch.float16)
 
 

@@ -235,6 +235,7 @@ def test_measured_allocation_solves_each_width_once_and_reloads(tmp_path, monkey
     loaded = load_checkpoint(out)
     experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
     assert [m.expert_bits for m in experts] == [widths[i] for i in range(2)]
+    assert "expert_down_bits" not in res.summary and all(m.down_bits == m.expert_bits for m in experts)
     with torch.no_grad():
         assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
 
@@ -283,3 +284,263 @@ def test_model_scope_budget_holds_over_the_model_and_resumes_bit_for_bit(tmp_pat
     assert resumed.summary["expert_layer_budgets"] == shares
     for name, qw in straight.weights.items():
         assert torch.equal(qw.codes, resumed.weights[name].codes), name
+
+
+# ---------------------------------------------------------------------------------------------- widths per projection
+@pytest.mark.parametrize("seed", range(6))
+def test_per_part_allocation_is_the_exact_optimum_of_brute_force(seed):
+    """Widths per projection: each expert's gate/up (2x the parameters) and its down are separate items of one
+    knapsack. Against brute force over every (gate/up, down) width of every expert, at several budgets."""
+    import itertools
+
+    from vsraq_plugin.mixed_precision import allocate_parts, budget_bit_params
+
+    g = torch.Generator().manual_seed(seed)
+    E, levels, p = 3, [2, 3, 4], 16  # down: p parameters, gate/up: 2p
+    falls = torch.tensor([16.0, 4.0, 1.0])
+    d_gu = (torch.rand(E, 1, generator=g) * falls ** (2 * torch.rand(E, 1, generator=g))).double()
+    d_dn = (torch.rand(E, 1, generator=g) * falls ** (2 * torch.rand(E, 1, generator=g))).double()
+    params = [2 * p] * E + [p] * E
+    damage = torch.cat([d_gu, d_dn])
+
+    def total(c):
+        return sum(float(damage[i, levels.index(c[i])]) for i in range(2 * E))
+
+    differ = False
+    for budget in (2.0, 2.4, 2.75, 3.0, 3.3, 3.7, 4.0):
+        cap = budget_bit_params(budget, params)
+        gu, dn = allocate_parts([d_gu, d_dn], levels, cap, [[2 * p] * E, [p] * E])
+        widths = [*gu.tolist(), *dn.tolist()]
+        assert sum(b * n for b, n in zip(widths, params, strict=True)) <= budget * sum(params) + 1e-9
+        best = min(
+            total(c)
+            for c in itertools.product(levels, repeat=2 * E)
+            if sum(b * n for b, n in zip(c, params, strict=True)) <= cap
+        )
+        assert total(widths) == pytest.approx(best, rel=1e-12), budget
+        differ |= gu.tolist() != dn.tolist()
+    assert differ  # the case covers an expert whose down gets another width than its gate/up
+
+
+def _per_projection(budget: float, levels: list[int], **kw):
+    """tiny-mixtral (seed 5), gptq, widths per projection; every GPTQ solve recorded as (W, H, bits, result)."""
+    import vsraq_plugin.solve as solve_mod
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    calls = []
+    real = solve_mod.gptq_quantize
+
+    def recording(W, H, bits, *args):
+        out = real(W, H, bits, *args)
+        calls.append((W.clone(), H.clone(), bits, out[0]))
+        return out
+
+    model = tiny_model("mixtral", seed=5)
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=budget, bit_levels=levels,
+                      width_per_projection=True, **kw)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(solve_mod, "gptq_quantize", recording)
+        res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
+    return model, windows, res, calls
+
+
+@pytest.fixture(scope="module")
+def per_projection_run():
+    return _per_projection(2.4, [2, 3, 4])  # widths of every kind: gate/up = down (2, 3) and gate/up 3, down 2
+
+
+def _part_params(model) -> tuple[int, int]:
+    experts = model.model.layers[0].mlp.experts
+    return experts.gate_up_proj[0].numel(), experts.down_proj[0].numel()
+
+
+def test_width_per_projection_allocation_holds_the_budget_and_is_optimal(per_projection_run):
+    """Each layer: the experts' down widths differ from their gate/up's for some expert, width x parameters summed
+    over both parts of every expert is within the budget, the widths are stored per projection, and no exchange of
+    one or two parts' widths lowers the recorded damage within the budget (the knapsack's optimum is that stable)."""
+    import itertools
+
+    from grid_checks import assert_model_holds_the_grid
+
+    model, _, res, _ = per_projection_run
+    s = res.summary
+    assert s["expert_bits_scores"].endswith("widths per projection (gate/up, down)")
+    p_gu, p_dn = _part_params(model)
+    assert (p_gu, p_dn) == (2 * 64 * 64, 64 * 64)
+    levels = [2, 3, 4]
+    for i in range(2):
+        gu, dn = s["expert_bits"][i], s["expert_down_bits"][i]
+        assert any(a != b for a, b in zip(gu, dn, strict=True)), i
+        cap = 2.4 * 8 * (p_gu + p_dn)
+        spent = sum(gu) * p_gu + sum(dn) * p_dn
+        assert cap - p_dn < spent <= cap  # within the budget, less left than the cheapest step (a down by one bit)
+        for proj, want in (("gate_proj", gu), ("up_proj", gu), ("down_proj", dn)):
+            qw = res.weights[f"model.layers.{i}.mlp.experts.{proj}"]
+            got = qw.bits_per_matrix.tolist() if qw.bits_per_matrix is not None else [qw.bits] * 8
+            assert got == want, (i, proj)
+            for e, b in enumerate(want):
+                assert int(qw.codes[e].max()) <= 2**b - 1 and int(qw.codes[e].max()) >= 2 ** (b - 1), (i, proj, e)
+        total = torch.tensor(s["expert_damage"][i], dtype=torch.float64)
+        down = torch.tensor(s["expert_down_damage"][i], dtype=torch.float64)
+        damage = torch.cat([total - down, down])  # gate/up's and down's damage, item by item
+        widths = gu + dn
+        params = [p_gu] * 8 + [p_dn] * 8
+        value = sum(float(damage[k, levels.index(widths[k])]) for k in range(16))
+        for a, b in itertools.combinations(range(16), 2):
+            for wa, wb in itertools.product(levels, repeat=2):
+                c = list(widths)
+                c[a], c[b] = wa, wb
+                if sum(x * n for x, n in zip(c, params, strict=True)) <= cap:
+                    alt = sum(float(damage[k, levels.index(c[k])]) for k in range(16))
+                    assert alt >= value * (1 - 1e-12), (i, a, b, wa, wb)
+    assert_model_holds_the_grid(model, res)  # codes, per-projection grids, weights and the model agree bit for bit
+
+
+def test_down_with_its_own_width_is_solved_again_on_the_chosen_gate_up(per_projection_run):
+    """An expert whose down width differs from its gate/up's: its stored down codes come from one more solve whose
+    Hessian is the one of the down inputs the quantized model really gives it (rebuilt here from the routed tokens
+    and the stored gate/up), not the measured pass's (gate/up at the down's width)."""
+    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.solve import dequantize_grid
+
+    model, windows, res, calls = per_projection_run
+    gu, dn = res.summary["expert_bits"][0], res.summary["expert_down_bits"][0]
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            model(input_ids=windows[i : i + 2])
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
+    idx = torch.cat([i for _, i, _ in seen])
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    again = [e for e in range(8) if gu[e] != dn[e]]
+    e = max(again, key=lambda k: int(counts[k]))
+    assert int(counts[e]) >= 16  # no coverage blending in its Hessian
+    qw = {p: res.weights[f"model.layers.0.mlp.experts.{p}"] for p in ("gate_proj", "up_proj")}
+    q_gu = torch.cat([dequantize_grid(q.codes, q.scales, q.zeros, q.g_idx)[e] for q in qw.values()])
+    h = expert_gate(experts, q_gu[None].double(), 0, X[(idx == e).any(-1)]).double()
+    H = h.T @ h / h.shape[0]
+    # Layer 0's down solves (8 experts of (64, 64); attention's are single matrices), up to layer 1's first gate/up
+    # solve: one per width, then the experts solved again, one call per down width.
+    layer_1 = [n for n, c in enumerate(calls) if c[0].shape[1:] == (128, 64)][3]
+    downs = [c for c in calls[:layer_1] if c[0].shape[1:] == (64, 64) and c[0].shape[0] > 1]
+    measured = {c[2]: c for c in downs[:3]}
+    redo = [e2 for e2 in again if dn[e2] == dn[e]]
+    (call,) = [c for c in downs[3:] if c[2] == dn[e]]
+    assert call[0].shape[0] == len(redo)
+    k = redo.index(e)
+    rel = lambda A: float((A.double() - H).norm() / H.norm())  # noqa: E731
+    assert rel(call[1][k]) < 1e-5
+    assert rel(measured[dn[e]][1][e]) > 0.1  # the measured pass's Hessian (gate/up at the down's width) differs
+    stored = res.weights["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(stored.codes[e], call[3].codes[k])
+
+
+def test_width_per_projection_checkpoint_reloads_with_the_same_logits(per_projection_run, tmp_path):
+    """GPTQ v1 with `dynamic` overrides that give every expert projection its width (read here as a GPTQ loader
+    reads them: the module name against the patterns), the plugin's loader rebuilds the per-projection widths and
+    the same logits; a block that gives gate and up different widths is refused (they run as one fused weight)."""
+    import json
+    import re
+
+    from vsraq_plugin.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from vsraq_plugin.nn import QuantExperts
+
+    model, windows, res, _ = per_projection_run
+    gu, dn = res.summary["expert_bits"], res.summary["expert_down_bits"]
+    out = save_checkpoint(model, res, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4
+    assert qc["meta"]["vsraq"]["width_per_projection"] is True
+    assert {int(i): w for i, w in qc["meta"]["vsraq"]["expert_down_bits"].items()} == dn
+    dyn = qc["dynamic"]
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's original names
+    for i in range(2):
+        for e in range(8):
+            for proj, leaf in names.items():
+                module = f"model.layers.{i}.block_sparse_moe.experts.{e}.{leaf}"
+                hits = [v["bits"] for k, v in dyn.items() if re.match(k.removeprefix("+:"), module)]
+                assert len(hits) <= 1, module  # the entries never overlap: no order to depend on
+                assert (hits[0] if hits else 4) == (dn if proj == "down_proj" else gu)[i][e], module
+    whole = sum(g == d != 4 for i in range(2) for g, d in zip(gu[i], dn[i], strict=True))
+    split = sum((g != 4) + (d != 4) for i in range(2) for g, d in zip(gu[i], dn[i], strict=True) if g != d)
+    assert whole and split and len(dyn) == whole + split  # both kinds of entry, and nothing else
+    loaded = load_checkpoint(out)
+    experts = [m for m in loaded.modules() if isinstance(m, QuantExperts)]
+    assert [m.expert_bits for m in experts] == [gu[i] for i in range(2)]
+    assert [m.down_bits for m in experts] == [dn[i] for i in range(2)]
+    tf = save_checkpoint(model, res, tmp_path / "tf", key_layout="transformers")  # gptqmodel's names
+    tf_dyn = json.loads((tf / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert len(tf_dyn) == len(dyn) and all(r"\.mlp\.experts\." in k for k in tf_dyn)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+        assert torch.equal(logits, loaded(input_ids=windows).logits)
+        assert torch.equal(logits, load_checkpoint(tf)(input_ids=windows).logits)
+    up = r"+:^model\.layers\.0\.block_sparse_moe\.experts\.0\.w3$"
+    config["quantization_config"]["dynamic"] = {up: {"bits": 8}, **dyn}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="gate_proj at 2 bits and up_proj at 8"):
+        load_checkpoint(out)
+
+
+def test_model_scope_with_widths_per_projection_shares_the_budget_by_part(monkeypatch):
+    """``budget_scope="model"`` with widths per projection: the pre-pass's knapsack has the same items as the layers'
+    (each expert's gate/up and its down), the model's width x parameters over both parts is within the budget, and
+    each layer spends no more than its share."""
+    import vsraq_plugin.mixed_precision as mp
+
+    items = []
+    real = mp.allocate_measured
+
+    def spy(damage, levels, cap, params=None):
+        items.append(list(params))
+        return real(damage, levels, cap, params)
+
+    monkeypatch.setattr(mp, "allocate_measured", spy)
+    model, _, res, _ = _per_projection(2.75, [2, 3, 4], budget_scope="model")
+    p_gu, p_dn = _part_params(model)
+    assert items[0] == ([p_gu] * 8 + [p_dn] * 8) * 2  # the pre-pass: both MoE layers, two items per expert
+    assert items[1:] == [[p_gu] * 8 + [p_dn] * 8] * 2  # each layer's own allocation
+    gu, dn = res.summary["expert_bits"], res.summary["expert_down_bits"]
+    spent = {i: sum(gu[i]) * p_gu + sum(dn[i]) * p_dn for i in range(2)}
+    assert sum(spent.values()) <= 2.75 * 16 * (p_gu + p_dn)
+    shares = res.summary["expert_layer_budget_params"]
+    assert all(spent[i] <= shares[i] for i in range(2)) and sum(shares.values()) <= 2.75 * 16 * (p_gu + p_dn)
+
+
+def test_width_per_projection_resumes_bit_for_bit(per_projection_run, tmp_path):
+    """A per-projection run interrupted after layer 0 resumes to the same widths of both parts, the same recorded
+    damages and the same codes as the run that went straight through."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.pipeline import quantize_model
+
+    _, windows, straight, _ = per_projection_run
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=2.4, bit_levels=[2, 3, 4],
+                      width_per_projection=True)  # fmt: skip
+
+    def crash(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_model("mixtral", seed=5), windows, cfg, batch_size=2, progress=False, work_dir=tmp_path,
+                       on_layer_done=crash)  # fmt: skip
+    resumed = quantize_model(tiny_model("mixtral", seed=5), windows, cfg, batch_size=2, progress=False,
+                             work_dir=tmp_path)  # fmt: skip
+    for key in ("expert_bits", "expert_down_bits", "expert_damage", "expert_down_damage"):
+        assert resumed.summary[key] == straight.summary[key], key
+    assert straight.weights.keys() == resumed.weights.keys()
+    for name, qw in straight.weights.items():
+        assert torch.equal(qw.codes, resumed.weights[name].codes), name
+        assert torch.equal(qw.scales, resumed.weights[name].scales), name
+        widths = [
+            None if q.bits_per_matrix is None else q.bits_per_matrix.tolist() for q in (qw, resumed.weights[name])
+        ]
+        assert widths[0] == widths[1] and qw.bits == resumed.weights[name].bits, name

@@ -75,15 +75,25 @@ def _linear_targets(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Linear
     return {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}
 
 
-def dynamic_overrides(adapter: MoEAdapter, expert_bits: dict, base_bits: int, layout: str = "original") -> dict:
+def dynamic_overrides(
+    adapter: MoEAdapter, expert_bits: dict, base_bits: int, layout: str = "original", down_bits: dict | None = None
+) -> dict:
     """GPTQ ``dynamic`` entries (module-name regex -> settings) for every expert whose width differs from
-    ``bits``: the form gptqmodel and vLLM read for per-module widths."""
+    ``bits``: the form gptqmodel and vLLM read for per-module widths. ``down_bits`` (widths per projection): an
+    expert whose down has another width than its gate/up gets one entry for gate/up and one for down instead."""
     out = {}
     for layer_index, widths in sorted(expert_bits.items(), key=lambda kv: int(kv[0])):
-        for e, b in enumerate(widths):
-            if b != base_bits:
+        downs = widths if down_bits is None else down_bits[layer_index]
+        for e, (b, b_down) in enumerate(zip(widths, downs, strict=True)):
+            if b == b_down and b != base_bits:  # the whole expert
                 prefix = _expert_key(adapter, int(layer_index), e, "gate_proj", layout).rsplit(".", 1)[0]
                 out["+:^" + re.escape(prefix) + r"\."] = {"bits": int(b)}
+            elif b != b_down:
+                name = {p: re.escape(_expert_key(adapter, int(layer_index), e, p, layout)) for p in EXPERT_PROJECTIONS}
+                if b != base_bits:
+                    out[f"+:^(?:{name['gate_proj']}|{name['up_proj']})$"] = {"bits": int(b)}
+                if b_down != base_bits:
+                    out[f"+:^{name['down_proj']}$"] = {"bits": int(b_down)}
     return out
 
 
@@ -107,6 +117,8 @@ def quantization_config(
         if "expert_bits" in summary:
             vsraq["expert_bits"] = summary["expert_bits"]
             vsraq["expert_bits_scores"] = summary.get("expert_bits_scores")
+        if "expert_down_bits" in summary:
+            vsraq["expert_down_bits"] = summary["expert_down_bits"]
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -119,7 +131,7 @@ def quantization_config(
         "damp_percent": config.damp_percent,
         "lm_head": False,
         "dynamic": (
-            dynamic_overrides(adapter, summary["expert_bits"], config.bits, layout)
+            dynamic_overrides(adapter, summary["expert_bits"], config.bits, layout, summary.get("expert_down_bits"))
             if summary and "expert_bits" in summary and adapter is not None
             else (config.dynamic or None)
         ),
@@ -733,12 +745,19 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     i = slot.layer_index
     E = slot.experts.gate_up_proj.shape[0]
     dyn = qcfg.get("dynamic")
-    widths = [  # the dynamic block may name experts in either layout
-        dynamic_bits(dyn, _expert_key(adapter, i, e, "gate_proj", "transformers"),
-                     dynamic_bits(dyn, adapter.expert_key(i, e, "gate_proj"), bits))
-        for e in range(E)
-    ]  # fmt: skip
-    qe = QuantExperts(slot.experts, widths, group_size)
+    widths = {  # per projection (an override may name one projection or the whole expert), in either layout
+        proj: [dynamic_bits(dyn, _expert_key(adapter, i, e, proj, "transformers"),
+                            dynamic_bits(dyn, adapter.expert_key(i, e, proj), bits)) for e in range(E)]
+        for proj in EXPERT_PROJECTIONS
+    }  # fmt: skip
+    if widths["gate_proj"] != widths["up_proj"]:
+        e = next(e for e in range(E) if widths["gate_proj"][e] != widths["up_proj"][e])
+        raise CheckpointError(
+            f"{source.origin}: layer {i} expert {e} has gate_proj at {widths['gate_proj'][e]} bits and up_proj at "
+            f"{widths['up_proj'][e]} (the `dynamic` overrides); vsraq runs gate and up as one fused weight of one "
+            "width per expert, so it cannot load this checkpoint."
+        )
+    qe = QuantExperts(slot.experts, widths["gate_proj"], group_size, widths["down_proj"])
     for proj in EXPERT_PROJECTIONS:
         for e in range(E):
             keys = (  # original names (vsraq, vLLM); transformers-5 names (gptqmodel); the mix AutoRound writes
@@ -748,7 +767,7 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
             )
             parts = {b: source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES}
             fin, fout = qe._shapes[proj]
-            check_gptq_tensors(source.origin, keys[0], parts, fin, fout, widths[e], group_size, CheckpointError)
+            check_gptq_tensors(source.origin, keys[0], parts, fin, fout, widths[proj][e], group_size, CheckpointError)
             qe.load_expert(proj, e, *(parts[b] for b in QUANT_SUFFIXES))
     return qe
 

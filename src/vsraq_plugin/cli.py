@@ -235,6 +235,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         allocation_weight=args.allocation_weight,
         budget_scope=args.budget_scope,
+        width_per_projection=args.width_per_projection,
         bits=args.bits,
         group_size=args.group_size,
         sym=not args.asym,
@@ -297,8 +298,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"  fallback: {f['target']}[{f['index']}] -> {f['action']} ({f['reason']})")
     if "expert_bits" in result.summary:
         print(f"bits per expert ({result.summary['expert_bits_scores']}):")
+        downs = result.summary.get("expert_down_bits", {})
         for layer, widths in result.summary["expert_bits"].items():
-            print(f"  layer {layer}: {widths}")
+            down = f" (gate/up), down {downs[layer]}" if layer in downs else ""
+            print(f"  layer {layer}: {widths}{down}")
     return 0
 
 
@@ -349,13 +352,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report["dtype"] = args.dtype
     for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
         meta = _quantization_meta(Path(path))
-        if "expert_bits" in meta:
-            report["models"][name]["expert_bits"] = meta["expert_bits"]
+        for key in ("expert_bits", "expert_down_bits"):
+            if key in meta:
+                report["models"][name][key] = meta[key]
     paths = write_report(report, out)
     print(markdown_table(report))
     for name, m in report["models"].items():
+        downs = m.get("expert_down_bits") or {}
         for layer, widths in (m.get("expert_bits") or {}).items():
-            print(f"{name}: layer {layer} bits per expert {widths}")
+            down = f", down {downs[layer]}" if layer in downs else ""
+            print(f"{name}: layer {layer} bits per expert {widths}{down}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -482,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--budget-scope", default="layer",
         help="measured: the budget holds per MoE layer (layer) or over all routed experts of the model (model)",
+    )  # fmt: skip
+    q.add_argument(
+        "--width-per-projection", action="store_true",
+        help="measured: an expert's down projection gets its own width, apart from its gate/up (default: one width "
+        "per expert)",
     )  # fmt: skip
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
     q.add_argument(

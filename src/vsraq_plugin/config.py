@@ -107,6 +107,9 @@ class QuantConfig:
     # measured: the budget holds per MoE layer ("layer") or over all routed experts of the model ("model": per-layer
     # budgets from a cheap full-precision pre-pass, then the exact allocation per layer under its share).
     budget_scope: str = "layer"
+    # measured: gate/up and down of an expert get their own widths (one knapsack over both parts of every expert)
+    # instead of one width per expert; gate and up keep one width (they are one fused matrix in the solve).
+    width_per_projection: bool = False
     allocation_seed: int = 0  # random allocation
     promote_factor: float = 2.0  # max-variance promotion threshold, x the layer's median (router-norm)
 
@@ -218,6 +221,14 @@ class QuantConfig:
             raise ConfigError(
                 f"budget_scope='model' balances measured damages across layers; use it with allocation='measured', "
                 f"not {self.allocation!r}."
+            )
+        if not isinstance(self.width_per_projection, bool):
+            raise ConfigError(f"width_per_projection={self.width_per_projection!r} must be True or False.")
+        if self.width_per_projection and (self.bits_budget is None or self.allocation != "measured"):
+            raise ConfigError(
+                "width_per_projection=True splits the measured allocation's widths between gate/up and down; use it "
+                f"with a bits_budget and allocation='measured' (got bits_budget={self.bits_budget}, "
+                f"allocation={self.allocation!r})."
             )
         if self.allocation_weight == "fragility" and (self.method != "vsraq" or self.lambda_expert <= 0):
             raise ConfigError(

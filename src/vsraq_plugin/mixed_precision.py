@@ -6,6 +6,10 @@ Allocations (``QuantConfig.allocation``):
   routing mass it receives; then the exact minimum of the summed damage under the budget (``knapsack``: a
   multiple-choice knapsack solved by dynamic programming, not greedily). The pipeline measures the damages
   with one batched solve per width and keeps the chosen width's codes (nothing is solved twice).
+  ``width_per_projection``: each expert's gate/up and its down are separate items of the knapsack (``allocate_parts``),
+  each with its own damage and parameter count, so an expert's down can get another width than its gate/up. Down's
+  loss at a width is measured on gate/up at that width (an approximation when the chosen widths differ); such a
+  down is then solved once more on the chosen gate/up.
 - ``router-norm``: the seed paper's rule below.
 - ``random`` / ``frequency``: baselines (a seeded permutation; the experts that receive the most calibration
   tokens get the widest level), with the rule's exact level counts.
@@ -179,6 +183,16 @@ def allocate_measured(
     cost = torch.tensor([[b * p // g for b in levels] for p in params], dtype=torch.long)
     pick = knapsack(damage, cost, int(max_bit_params) // g)
     return torch.tensor(levels, dtype=torch.long)[pick]
+
+
+def allocate_parts(
+    damages: list[torch.Tensor], levels: list[int], max_bit_params: int, params: list[list[int]]
+) -> list[torch.Tensor]:
+    """Widths for several parts of every item (e.g. each expert's gate/up and its down): one exact knapsack over all
+    parts' items, ``damages[p]`` ``(N_p, len(levels))`` and ``params[p]`` (``N_p``) per part, subject to
+    ``sum width x params <= max_bit_params`` over every part. Returns the widths per part."""
+    flat = allocate_measured(torch.cat(damages), levels, max_bit_params, [int(x) for ps in params for x in ps])
+    return list(flat.split([d.shape[0] for d in damages]))
 
 
 def budget_bit_params(budget: float, params: list[int]) -> int:

@@ -39,7 +39,16 @@ from .mixed_precision import expert_damage
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
-from .solve import QuantizationResult, solve_batch, solve_shared, split_rows, take, weight_to, with_coverage
+from .solve import (
+    QuantizationResult,
+    rows_of,
+    solve_batch,
+    solve_shared,
+    split_rows,
+    take,
+    weight_to,
+    with_coverage,
+)
 from .streaming import (
     InMemoryLayers,
     ModelSource,
@@ -136,8 +145,10 @@ def quantize_model(
     re-run with the same model, data and config resumes after the last finished layer, bit for bit.
     With ``config.bits_budget``, each MoE layer's experts get widths by ``config.allocation`` (``mixed_precision``):
     ``measured`` solves the layer's experts once per candidate width and keeps, per expert, the width of the exact
-    least-damage allocation under the budget; ``router-norm`` scores with ``router_init`` (every router's weight
-    at initialisation by layer index, when given); ``expert_bits`` imposes an allocation instead. Inside a process group
+    least-damage allocation under the budget (``width_per_projection``: per expert and projection, gate/up and down;
+    a down whose width differs from its gate/up's is solved once more on the chosen gate/up); ``router-norm`` scores
+    with ``router_init`` (every router's weight at initialisation by layer index, when given); ``expert_bits``
+    imposes an allocation instead. Inside a process group
     (``torchrun``; or ``dist``) the work is shared by the ranks (``distributed.py``), every rank ends with the
     same quantized model.
     """
@@ -397,7 +408,8 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
     Layer-by-layer quantization cannot see a later layer's measured damages before it commits an earlier one, so
     the shares come from a cheap pre-pass: the full-precision model run once over the calibration tokens, and for
     every expert and width the round-to-nearest damage ``sum_t g_t (||E_gu x_t||^2 + ||E_down h_t||^2)`` (gate
-    weights ``g``, FP down inputs ``h``). The exact knapsack over all experts of the model on these damages gives
+    weights ``g``, FP down inputs ``h``; with ``width_per_projection`` its two terms are two items, gate/up and down,
+    as in the layer's own allocation). The exact knapsack over all items of the model on these damages gives
     each layer its total; each layer then allocates exactly, on its measured damages, under its total. The
     totals sum to at most the model's budget, so the model's mean width (weighted by parameters) is within it.
     Deterministic: same data, same shares. Returns the totals and the same as mean widths, by layer index."""
@@ -425,7 +437,8 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             E = gu.shape[0]
             err_gu = {b: gu - rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
             err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
-            d = torch.zeros(E, len(levels), dtype=torch.float64)
+            # Per expert and width: the gate/up and down damages as two items (width_per_projection), or their sum.
+            d = torch.zeros(2 if cfg.width_per_projection else 1, E, len(levels), dtype=torch.float64)
             for x, idx, w in seen:
                 x = x.reshape(-1, x.shape[-1]).float()
                 for e in range(E):
@@ -437,25 +450,27 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     xs = x[rows]
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
-                        sq = (xs @ err_gu[b][e].T).pow(2).sum(-1) + (h @ err_dn[b][e].T).pow(2).sum(-1)
-                        d[e, j] += float((g * sq.double()).sum())
+                        sq = ((xs @ err_gu[b][e].T).pow(2).sum(-1), (h @ err_dn[b][e].T).pow(2).sum(-1))
+                        for p, term in enumerate(sq if cfg.width_per_projection else (sq[0] + sq[1],)):
+                            d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:
                 d = d.to(gu.device)
                 dist.all_reduce_sum_(d)
                 d = d.cpu()
-            damages.append(d)
-            params += [gu[0].numel() + dn[0].numel()] * E
-            owners.append((layer.index, E))
+            damages += list(d)  # the same items as the layer's own allocation
+            sizes = [gu[0].numel(), dn[0].numel()] if len(d) == 2 else [gu[0].numel() + dn[0].numel()]
+            params += [n for n in sizes for _ in range(E)]
+            owners.append((layer.index, d.shape[0] * E))
         finally:
             store.offload(layer.index)
     if not damages:
         return {}, {}
     widths = allocate_measured(torch.cat(damages), levels, budget_bit_params(cfg.bits_budget, params), params)
     budgets, means, i = {}, {}, 0
-    for index, E in owners:
-        budgets[index] = sum(int(widths[i + e]) * params[i + e] for e in range(E))
-        means[index] = budgets[index] / sum(params[i : i + E])
-        i += E
+    for index, n in owners:
+        budgets[index] = sum(int(widths[i + k]) * params[i + k] for k in range(n))
+        means[index] = budgets[index] / sum(params[i : i + n])
+        i += n
     return budgets, means
 
 
@@ -564,14 +579,15 @@ def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResu
 
 
 class _ExpertWidths:
-    """Per MoE layer, the width of every expert (DESIGN 6). Rule-based allocations (``router-norm``, ``random``) come
-    from the layer's original weights when it is first onloaded (a streamed model never holds more than one layer);
-    ``frequency`` and ``measured`` are decided inside the layer (``quantize_layer``), from its calibration tokens
-    and, for ``measured``, from one solve per candidate width."""
+    """Per MoE layer, the width of every expert (DESIGN 6; measured with ``width_per_projection``: of its gate/up and
+    of its down). Rule-based allocations (``router-norm``, ``random``) come from the layer's original weights when it
+    is first onloaded (a streamed model never holds more than one layer); ``frequency`` and ``measured`` are decided
+    inside the layer (``quantize_layer``), from its calibration tokens and, for ``measured``, from one solve per
+    candidate width."""
 
     SCORES: ClassVar[dict[str, str]] = {
         "measured": "measured damage: solve loss tr(E H E^T) (gate/up + down) x routing mass ({weight}), exact "
-        "knapsack under the budget per {scope}",
+        "knapsack under the budget per {scope}{parts}",
         "random": "random (seed {seed})",
         "frequency": "routed calibration tokens (most-routed experts widest)",
     }
@@ -591,17 +607,18 @@ class _ExpertWidths:
             return None
         return self.cfg.allocation
 
-    def record(self, index: int, widths: torch.Tensor, damage: torch.Tensor | None = None) -> None:
+    def record(self, index: int, widths: torch.Tensor, **per_layer: torch.Tensor) -> None:
+        """Layer ``index``'s widths (gate/up's: ``expert_bits``) and the other per-layer lists (``expert_damage``,
+        and with widths per projection ``expert_down_bits`` and ``expert_down_damage``) into the summary."""
         summary = self.result.summary
-        summary.setdefault("expert_bits", {})[index] = widths.tolist()
-        summary["expert_bits"] = dict(sorted(summary["expert_bits"].items()))
-        if damage is not None:
-            summary.setdefault("expert_damage", {})[index] = damage.tolist()
-            summary["expert_damage"] = dict(sorted(summary["expert_damage"].items()))
+        for key, value in {"expert_bits": widths, **per_layer}.items():
+            summary.setdefault(key, {})[index] = value.tolist()
+            summary[key] = dict(sorted(summary[key].items()))
         c = self.cfg
         summary["expert_bits_scores"] = self.SCORES[c.allocation].format(
-            weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed
-        )
+            weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed,
+            parts=", widths per projection (gate/up, down)" if c.width_per_projection else "",
+        )  # fmt: skip
 
     def budget(self, index: int, params: list[int]) -> int:
         """The layer's budget in width x parameters (``measured``)."""
@@ -619,12 +636,27 @@ class _ExpertWidths:
         self.record(index, widths)
         return widths
 
-    def measured(self, index: int, damage: torch.Tensor, params: list[int]) -> torch.Tensor:
-        from .mixed_precision import allocate_measured
+    def measured(
+        self, index: int, measured: _Measured, gate_up_params: int, down_params: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact allocation of one layer's measured damages: the widths of every expert's gate/up and of its down
+        (the same unless ``width_per_projection``, where each expert's two parts are separate knapsack items)."""
+        from .mixed_precision import allocate_parts
 
-        widths = allocate_measured(damage, self.cfg.bit_levels, self.budget(index, params), params)
-        self.record(index, widths, damage)
-        return widths
+        E = measured.mass.numel()
+        damage = measured.damage()
+        if self.cfg.width_per_projection:
+            down = measured.damage("down")
+            parts, params = [measured.damage("gate_up"), down], [[gate_up_params] * E, [down_params] * E]
+        else:
+            parts, params = [damage], [[gate_up_params + down_params] * E]
+        budget = self.budget(index, [p for ps in params for p in ps])
+        widths = allocate_parts(parts, self.cfg.bit_levels, budget, params)
+        if self.cfg.width_per_projection:
+            self.record(index, widths[0], expert_damage=damage, expert_down_bits=widths[1], expert_down_damage=down)
+        else:
+            self.record(index, widths[0], expert_damage=damage)
+        return widths[0], widths[-1]
 
     def of(self, layer: MoELayer) -> torch.Tensor | None:
         if self.given is not None:
@@ -801,11 +833,26 @@ def quantize_layer(
                 qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
                 measured.add("down", width, qw, expert_damage(W, qw.weight, H), sub)
                 del W, H
-            params = [experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()] * experts.gate_up_proj.shape[0]
-            widths = allocator.measured(layer.index, measured.damage(), params)
-            fallbacks.extend(measured.fallbacks(widths))
-            gate_up, down = measured.select("gate_up", widths), measured.select("down", widths)
-            _store_experts(prefix, experts, gate_up, down, result)
+            gu_bits, dn_bits = allocator.measured(layer.index, measured, experts.gate_up_proj[0].numel(),
+                                                  experts.down_proj[0].numel())  # fmt: skip
+            fallbacks.extend(measured.fallbacks(gu_bits, dn_bits))
+            _store_experts(prefix, experts, measured.select("gate_up", gu_bits), None, result)
+            # Widths per projection: a down whose width differs from its gate/up's was solved (and measured) on
+            # gate/up at its own width; it is solved once more on the chosen gate/up, the inputs it will really see.
+            again = []
+            redo = (dn_bits != gu_bits).nonzero().flatten()
+            if redo.numel():
+                W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
+                                             fp_gate_up, cfg, down_name, [])  # fmt: skip
+                for width in sorted(set(dn_bits[redo].tolist())):
+                    ids = redo[dn_bits[redo] == width]
+                    sub, dev = [], ids.to(W.device)
+                    qw = solve_shared(dist, W[dev], H[dev], cfg, down_name, sub, torch.full((ids.numel(),), width),
+                                      rows_of(metric, dev))  # fmt: skip
+                    fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
+                    again.append((ids, qw))
+                del W, H
+            _store_experts(prefix, experts, None, measured.select("down", dn_bits, again), result)
             continue
         else:
             name = down_name
@@ -918,21 +965,35 @@ class _Measured:
     def add(self, part: str, width: int, qw: QuantizedWeight, loss: torch.Tensor, fallbacks: list[dict]) -> None:
         self.results[part][width], self.losses[part][width], self.sub[part][width] = qw, loss, fallbacks
 
-    def damage(self) -> torch.Tensor:
-        """``(E, levels)``: routing mass x (gate/up loss + down loss) per expert and width."""
-        loss = torch.stack([self.losses["gate_up"][b] + self.losses["down"][b] for b in self.levels], dim=1)
+    def damage(self, part: str | None = None) -> torch.Tensor:
+        """``(E, levels)``: routing mass x the solve loss of ``part`` ("gate_up", "down"; None: both summed) per
+        expert and width."""
+        if part is None:
+            loss = torch.stack([self.losses["gate_up"][b] + self.losses["down"][b] for b in self.levels], dim=1)
+        else:
+            loss = torch.stack([self.losses[part][b] for b in self.levels], dim=1)
         return self.mass[:, None] * loss
 
-    def fallbacks(self, widths: torch.Tensor) -> list[dict]:
-        """The solves' fallbacks of the widths each expert got."""
+    def fallbacks(self, gate_up: torch.Tensor, down: torch.Tensor) -> list[dict]:
+        """The solves' fallbacks of the widths each expert's gate/up and down got (a down solved again on the chosen
+        gate/up, its width differing from theirs, reports that solve's instead)."""
+        kept = {"gate_up": gate_up, "down": torch.where(down == gate_up, down, 0)}
         return [f for part in ("gate_up", "down") for b in self.levels for f in self.sub[part][b]
-                if int(widths[f["index"]]) == b]  # fmt: skip
+                if int(kept[part][f["index"]]) == b]  # fmt: skip
 
-    def select(self, part: str, widths: torch.Tensor) -> QuantizedWeight:
-        """One batch from the chosen width of every expert (``take``: per-matrix widths when they differ)."""
-        parts = []
+    def select(
+        self, part: str, widths: torch.Tensor, again: list[tuple[torch.Tensor, QuantizedWeight]] = ()
+    ) -> QuantizedWeight:
+        """One batch from the chosen width of every expert (``take``: per-matrix widths when they differ); the experts
+        of ``again`` (indices, a result of one width) were solved once more and are taken from there."""
+        parts = list(again)
+        solved = torch.zeros(widths.numel(), dtype=torch.bool)
+        for ids, _ in again:
+            solved[ids] = True
         for b in sorted(set(widths.tolist())):
-            ids = (widths == b).nonzero().flatten()
+            ids = ((widths == b) & ~solved).nonzero().flatten()
+            if not ids.numel():
+                continue
             qw = self.results[part][b]
             dev = ids.to(qw.codes.device)
             pick = lambda t, d=dev: None if t is None else t[d]  # noqa: E731

@@ -87,10 +87,11 @@ class ResumeState:
     def summary(self) -> dict:
         data = json.loads((self.dir / "progress.json").read_text())
         keep = ("fallbacks", "layer_seconds", "layer_comm_bytes", "router_agreement")
-        keep += ("expert_bits", "expert_bits_scores", "expert_damage", "router_cg")
-        keep += ("expert_layer_budgets", "expert_layer_budget_params")  # budget_scope="model": the pre-pass's
+        per_layer = ("expert_bits", "expert_damage", "expert_down_bits", "expert_down_damage", "router_cg")
+        per_layer += ("expert_layer_budgets", "expert_layer_budget_params")  # budget_scope="model": the pre-pass's
+        keep += ("expert_bits_scores", *per_layer)
         out = {k: v for k, v in data["summary"].items() if k in keep}
-        for k in ("expert_bits", "expert_damage", "router_cg", "expert_layer_budgets", "expert_layer_budget_params"):
+        for k in per_layer:
             # JSON made the layer indices strings
             if isinstance(out.get(k), dict):
                 out[k] = {int(i): v for i, v in out[k].items()}

@@ -20,16 +20,21 @@ EXPERTS_IMPLEMENTATION = "vsraq"
 
 
 class QuantExperts(nn.Module):
-    def __init__(self, experts: nn.Module, bits: int | list[int], group_size: int) -> None:
+    def __init__(
+        self, experts: nn.Module, bits: int | list[int], group_size: int, down_bits: int | list[int] | None = None
+    ) -> None:
+        """``bits``: the experts' width (one, or one per expert) for gate/up, and for down unless ``down_bits``
+        gives down its own (widths per projection)."""
         super().__init__()
         E, two_i, d = experts.gate_up_proj.shape
         inter = two_i // 2
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, d, inter
-        # Mixed precision: one width per expert; buffers are sized for the widest and each expert uses the
-        # first packed rows its width needs.
-        self.expert_bits = [bits] * E if isinstance(bits, int) else [int(b) for b in bits]
-        self.bits, self.group_size = max(self.expert_bits), group_size
-        bits = self.bits
+        # Mixed precision: one width per expert and projection (gate and up share one); each projection's buffers
+        # are sized for its widest expert and each expert uses the first packed rows its width needs.
+        per_expert = lambda b: [b] * E if isinstance(b, int) else [int(x) for x in b]  # noqa: E731
+        self.expert_bits = per_expert(bits)
+        self.down_bits = self.expert_bits if down_bits is None else per_expert(down_bits)
+        self.bits, self.group_size = max(self.expert_bits + self.down_bits), group_size
         # What transformers' experts implementations read from the module.
         self.config = experts.config
         self.act_fn = experts.act_fn
@@ -48,18 +53,23 @@ class QuantExperts(nn.Module):
         shapes = {"gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}  # (in, out)
         for proj, (fin, fout) in shapes.items():
             groups = 1 if group_size == -1 else fin // group_size
+            bits = max(self.widths(proj))
             self.register_buffer(f"{proj}_qweight", torch.zeros(E, packed_rows(fin, bits), fout, dtype=torch.int32))
             self.register_buffer(f"{proj}_qzeros", torch.zeros(E, groups, packed_rows(fout, bits), dtype=torch.int32))
             self.register_buffer(f"{proj}_scales", torch.zeros(E, groups, fout, dtype=torch.float16))
             self.register_buffer(f"{proj}_g_idx", torch.zeros(E, fin, dtype=torch.int32))
         self._shapes = shapes
 
+    def widths(self, proj: str) -> list[int]:
+        """The width of every expert's ``proj`` (``gate_proj``, ``up_proj``: ``expert_bits``; ``down_proj``)."""
+        return self.down_bits if proj == "down_proj" else self.expert_bits
+
     def _dequantize(self, proj: str, dtype: torch.dtype) -> torch.Tensor:
         fin, fout = self._shapes[proj]
         q, z = getattr(self, f"{proj}_qweight"), getattr(self, f"{proj}_qzeros")
         s, g = getattr(self, f"{proj}_scales"), getattr(self, f"{proj}_g_idx")
         out = []
-        for e, b in enumerate(self.expert_bits):
+        for e, b in enumerate(self.widths(proj)):
             qe, ze = q[e][: packed_rows(fin, b)], z[e][:, : packed_rows(fout, b)]
             out.append(dequantize_packed(qe, ze, s[e], g[e], b, fin, fout, dtype))
         return torch.stack(out)
@@ -74,7 +84,7 @@ class QuantExperts(nn.Module):
     def expert_tensors(self, proj: str, e: int) -> dict[str, torch.Tensor]:
         """One expert's GPTQ v1 tensors at its own width (the inverse of ``load_expert``)."""
         fin, fout = self._shapes[proj]
-        b = self.expert_bits[e]
+        b = self.widths(proj)[e]
         return {
             "qweight": getattr(self, f"{proj}_qweight")[e][: packed_rows(fin, b)].contiguous(),
             "qzeros": getattr(self, f"{proj}_qzeros")[e][:, : packed_rows(fout, b)].contiguous(),
@@ -107,14 +117,15 @@ class QuantExperts(nn.Module):
 
     def kernel_weights(self):
         """The stacked kernel layouts of every expert, gate and up fused along N, and down, built once at first
-        use: one launch each, whatever the experts' widths (mixed widths carry a per-expert width table)."""
+        use: one launch each, whatever the experts' widths (mixed widths carry a per-expert width table per stack,
+        so down's widths may differ from gate/up's)."""
         if getattr(self, "_kernel_weights", None) is None:
             from ..kernels.layout import KernelWeight, to_kernel_layout
             from ..kernels.moe_gemm import stack_experts
 
             def layout(proj: str, e: int) -> KernelWeight:
                 fin, fout = self._shapes[proj]
-                b = self.expert_bits[e]
+                b = self.widths(proj)[e]
                 return to_kernel_layout(
                     getattr(self, f"{proj}_qweight")[e][: packed_rows(fin, b)],
                     getattr(self, f"{proj}_qzeros")[e][:, : packed_rows(fout, b)],
@@ -171,10 +182,11 @@ class QuantExperts(nn.Module):
             self._compute_dtype = None
 
     def extra_repr(self) -> str:
-        bits = self.expert_bits if len(set(self.expert_bits)) > 1 else self.bits
+        bits = self.expert_bits if len(set(self.expert_bits)) > 1 else self.expert_bits[0]
+        down = "" if self.down_bits == self.expert_bits else f", down_bits={self.down_bits}"
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, bits={bits}, group_size={self.group_size}"
+            f"intermediate_dim={self.intermediate_dim}, bits={bits}{down}, group_size={self.group_size}"
         )
 
 

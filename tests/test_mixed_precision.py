@@ -211,9 +211,9 @@ def test_measured_allocation_solves_each_width_once_and_reloads(tmp_path, monkey
     calls = []
     real = solve_mod.gptq_quantize
 
-    def counted(W, H, bits, *args):
+    def counted(W, H, bits, *args, **kwargs):
         calls.append((W.shape, bits))
-        return real(W, H, bits, *args)
+        return real(W, H, bits, *args, **kwargs)
 
     monkeypatch.setattr(solve_mod, "gptq_quantize", counted)
     model, _, windows, res = _tiny_measured(2.75, [2, 3, 4])
@@ -332,8 +332,8 @@ def _per_projection(budget: float, levels: list[int], **kw):
     calls = []
     real = solve_mod.gptq_quantize
 
-    def recording(W, H, bits, *args):
-        out = real(W, H, bits, *args)
+    def recording(W, H, bits, *args, **kwargs):
+        out = real(W, H, bits, *args, **kwargs)
         calls.append((W.clone(), H.clone(), bits, out[0]))
         return out
 
@@ -358,8 +358,8 @@ def _part_params(model) -> tuple[int, int]:
 
 
 def test_width_per_projection_allocation_holds_the_budget_and_is_optimal(per_projection_run):
-    """Each layer: the experts' down widths differ from their gate/up's for some expert, width x parameters summed
-    over both parts of every expert is within the budget, the widths are stored per projection, and no exchange of
+    """Some expert's down width differs from its gate/up's; each layer: width x parameters summed over both parts
+    of every expert is within the budget, the widths are stored per projection, and no exchange of
     one or two parts' widths lowers the recorded damage within the budget (the knapsack's optimum is that stable)."""
     import itertools
 
@@ -371,9 +371,9 @@ def test_width_per_projection_allocation_holds_the_budget_and_is_optimal(per_pro
     p_gu, p_dn = _part_params(model)
     assert (p_gu, p_dn) == (2 * 64 * 64, 64 * 64)
     levels = [2, 3, 4]
+    assert any(a != b for i in range(2) for a, b in zip(s["expert_bits"][i], s["expert_down_bits"][i], strict=True))
     for i in range(2):
         gu, dn = s["expert_bits"][i], s["expert_down_bits"][i]
-        assert any(a != b for a, b in zip(gu, dn, strict=True)), i
         cap = 2.4 * 8 * (p_gu + p_dn)
         spent = sum(gu) * p_gu + sum(dn) * p_dn
         assert cap - p_dn < spent <= cap  # within the budget, less left than the cheapest step (a down by one bit)
@@ -425,14 +425,15 @@ def test_down_with_its_own_width_is_solved_again_on_the_chosen_gate_up(per_proje
     q_gu = torch.cat([dequantize_grid(q.codes, q.scales, q.zeros, q.g_idx)[e] for q in qw.values()])
     h = expert_gate(experts, q_gu[None].double(), 0, X[(idx == e).any(-1)]).double()
     H = h.T @ h / h.shape[0]
-    # Layer 0's down solves (8 experts of (64, 64); attention's are single matrices), up to layer 1's first gate/up
-    # solve: one per width, then the experts solved again, one call per down width.
+    # Layer 0's down solves (8 experts of (64, 64)), up to layer 1's first gate/up solve: one per width, then the
+    # experts solved again, one call per down width, on their original down weights (attention's single (64, 64)
+    # matrices hold other weights).
     layer_1 = [n for n, c in enumerate(calls) if c[0].shape[1:] == (128, 64)][3]
-    downs = [c for c in calls[:layer_1] if c[0].shape[1:] == (64, 64) and c[0].shape[0] > 1]
-    measured = {c[2]: c for c in downs[:3]}
+    downs = [c for c in calls[:layer_1] if c[0].shape[1:] == (64, 64)]
+    measured = {c[2]: c for c in [c for c in downs if c[0].shape[0] == 8][:3]}
+    fp_down = next(iter(measured.values()))[0]
     redo = [e2 for e2 in again if dn[e2] == dn[e]]
-    (call,) = [c for c in downs[3:] if c[2] == dn[e]]
-    assert call[0].shape[0] == len(redo)
+    (call,) = [c for c in downs if c[2] == dn[e] and c[0].shape[0] == len(redo) and torch.equal(c[0], fp_down[redo])]
     k = redo.index(e)
     rel = lambda A: float((A.double() - H).norm() / H.norm())  # noqa: E731
     assert rel(call[1][k]) < 1e-5
@@ -544,3 +545,42 @@ def test_width_per_projection_resumes_bit_for_bit(per_projection_run, tmp_path):
             None if q.bits_per_matrix is None else q.bits_per_matrix.tolist() for q in (qw, resumed.weights[name])
         ]
         assert widths[0] == widths[1] and qw.bits == resumed.weights[name].bits, name
+
+
+def test_gate_up_output_loss_against_a_per_token_reference():
+    """Gate/up's damage in the residual stream (widths per projection): against a float64 loop over the (token,
+    expert) pairs with the family's SiLU gate written out, ``w ||W_down (silu(g~) u~ - silu(g) u)||^2 / sum w``, over
+    two batches; an expert no pair reaches gets 0."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.mixed_precision import gate_up_output_loss
+    from vsraq_plugin.quantizer import rtn
+
+    experts = tiny_model("mixtral", seed=3).model.layers[0].mlp.experts
+    gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    E, two_i, d = gu.shape
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for n in (30, 17):
+        X = torch.randn(n, d, generator=g)
+        tokens = torch.randint(0, n, (40,), generator=g)
+        eids = torch.randint(0, E - 1, (40,), generator=g)  # expert E - 1 receives nothing
+        batches.append((X, tokens, eids, torch.rand(40, generator=g)))
+    gate_ups = {b: rtn(gu.float(), b, 16, False).weight for b in (2, 3)}
+    got = gate_up_output_loss(experts, gu, gate_ups, dn, batches)
+    inter = two_i // 2
+    for b, q in gate_ups.items():
+        num, den = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+        for X, tokens, eids, w in batches:
+            for t, e, wt in zip(tokens.tolist(), eids.tolist(), w.double().tolist(), strict=True):
+                x = X[t].double()
+
+                def h(W, x=x, e=e):
+                    out = W[e].double() @ x
+                    return torch.nn.functional.silu(out[:inter]) * out[inter:]
+
+                num[e] += wt * float((dn[e].double() @ (h(q) - h(gu))).pow(2).sum())
+                den[e] += wt
+        want = num / den.clamp(min=1e-300)
+        assert want[-1] == 0 and got[b][-1] == 0
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-12)
+    assert (got[2][:-1] > got[3][:-1]).all()  # narrower, more damage (rtn on random weights)

@@ -7,9 +7,11 @@ Allocations (``QuantConfig.allocation``):
   multiple-choice knapsack solved by dynamic programming, not greedily). The pipeline measures the damages
   with one batched solve per width and keeps the chosen width's codes (nothing is solved twice).
   ``width_per_projection``: each expert's gate/up and its down are separate items of the knapsack (``allocate_parts``),
-  each with its own damage and parameter count, so an expert's down can get another width than its gate/up. Down's
-  loss at a width is measured on gate/up at that width (an approximation when the chosen widths differ); such a
-  down is then solved once more on the chosen gate/up.
+  each with its own damage and parameter count, so an expert's down can get another width than its gate/up. Both
+  damages are measured in the residual stream: down's solve loss, and gate/up's error carried through the gate and
+  the original down (``gate_up_output_loss``; its own solve loss is in another space). Down's loss at a width is
+  measured on gate/up at that width (an approximation when the chosen widths differ); such a down is then solved
+  once more on the chosen gate/up.
 - ``router-norm``: the seed paper's rule below.
 - ``random`` / ``frequency``: baselines (a seeded permutation; the experts that receive the most calibration
   tokens get the widest level), with the rule's exact level counts.
@@ -117,6 +119,44 @@ def expert_damage(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Te
     loss GPTQ minimises, on the (normalised) Hessian it was solved with."""
     E = (W.double() - Q.double()).to(H.device)
     return ((E @ H.double()) * E).sum(dim=(-2, -1)).cpu()
+
+
+def gate_up_output_loss(
+    experts, fp_gate_up: torch.Tensor, gate_ups: dict[int, torch.Tensor], down: torch.Tensor, batches, dist=None
+) -> dict[int, torch.Tensor]:
+    """Per width ``b`` and expert ``e``, gate/up's error where down's solve loss is measured, the residual stream:
+    ``sum_t w_t ||W_down,e (h_b,t - h_t)||^2 / sum_t w_t``, ``h`` the expert's down input ``gate(x W_gu^T)`` with
+    the original gate/up, ``h_b`` with width b's (``gate_ups[b]``), ``W_down`` the original down. Gate/up's own
+    solve loss is in its output space (before the gate and down), so it cannot be weighed against down's in one
+    knapsack (``width_per_projection``); this can. ``batches``: ``(X, tokens, eids, w)`` with ``X[tokens]`` the
+    (token, expert) pairs' inputs and ``w`` their weights, as down's Hessians weigh them. Float64 sums, reduced
+    over the ranks of a distributed run."""
+    from .capture import expert_gate
+
+    E = fp_gate_up.shape[0]
+    dev = fp_gate_up.device
+    num = {b: torch.zeros(E, dtype=torch.float64, device=dev) for b in gate_ups}
+    den = torch.zeros(E, dtype=torch.float64, device=dev)
+    fp, dn = fp_gate_up.detach().float(), down.detach().float()
+    for X, tokens, eids, w in batches:
+        order = torch.argsort(eids, stable=True)
+        counts = torch.bincount(eids, minlength=E).tolist()
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            sel = order[start : start + c]
+            start += c
+            xs, ws = X[tokens[sel]].float(), w[sel].double()
+            h = expert_gate(experts, fp, e, xs)
+            den[e] += ws.sum()
+            for b, gu in gate_ups.items():
+                diff = (expert_gate(experts, gu.float(), e, xs) - h) @ dn[e].T
+                num[b][e] += (ws * diff.pow(2).sum(-1).double()).sum()
+    if dist is not None and dist.active:
+        for t in (*num.values(), den):
+            dist.all_reduce_sum_(t)
+    return {b: (n / den.clamp(min=1e-300)).cpu() for b, n in num.items()}
 
 
 def knapsack(damage: torch.Tensor, cost: torch.Tensor, capacity: int) -> torch.Tensor:

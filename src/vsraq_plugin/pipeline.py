@@ -30,12 +30,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationError, calibration_windows
-from .capture import ExpertCross, LayerRunner, StageCapture, StopForward, down_hessians, expert_cross
+from .capture import (
+    ExpertCross,
+    LayerRunner,
+    StageCapture,
+    StopForward,
+    down_hessians,
+    expert_cross,
+    expert_pairs,
+)
 from .config import QuantConfig
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
 from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
-from .mixed_precision import expert_damage
+from .mixed_precision import expert_damage, gate_up_output_loss
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
@@ -409,10 +417,11 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
     the shares come from a cheap pre-pass: the full-precision model run once over the calibration tokens, and for
     every expert and width the round-to-nearest damage ``sum_t g_t (||E_gu x_t||^2 + ||E_down h_t||^2)`` (gate
     weights ``g``, FP down inputs ``h``; with ``width_per_projection`` its two terms are two items, gate/up and down,
-    as in the layer's own allocation). The exact knapsack over all items of the model on these damages gives
-    each layer its total; each layer then allocates exactly, on its measured damages, under its total. The
-    totals sum to at most the model's budget, so the model's mean width (weighted by parameters) is within it.
-    Deterministic: same data, same shares. Returns the totals and the same as mean widths, by layer index."""
+    as in the layer's own allocation, gate/up's measured in the residual stream, ``||W_down (h~_t - h_t)||^2``).
+    The exact knapsack over all items of the model on these damages gives each layer its total; each layer then
+    allocates exactly, on its measured damages, under its total. The totals sum to at most the model's budget, so
+    the model's mean width (weighted by parameters) is within it. Deterministic: same data, same shares. Returns
+    the totals and the same as mean widths, by layer index."""
     from .capture import expert_gate, routing_args
     from .mixed_precision import allocate_measured, budget_bit_params
 
@@ -435,7 +444,7 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             experts = layer.experts
             gu, dn = experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
             E = gu.shape[0]
-            err_gu = {b: gu - rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
+            q_gu = {b: rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
             err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
             # Per expert and width: the gate/up and down damages as two items (width_per_projection), or their sum.
             d = torch.zeros(2 if cfg.width_per_projection else 1, E, len(levels), dtype=torch.float64)
@@ -450,7 +459,11 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     xs = x[rows]
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
-                        sq = ((xs @ err_gu[b][e].T).pow(2).sum(-1), (h @ err_dn[b][e].T).pow(2).sum(-1))
+                        if cfg.width_per_projection:  # gate/up's error in the residual stream, as down's
+                            gate_up_sq = ((expert_gate(experts, q_gu[b], e, xs) - h) @ dn[e].T).pow(2).sum(-1)
+                        else:
+                            gate_up_sq = (xs @ (gu[e] - q_gu[b][e]).T).pow(2).sum(-1)
+                        sq = (gate_up_sq, (h @ err_dn[b][e].T).pow(2).sum(-1))
                         for p, term in enumerate(sq if cfg.width_per_projection else (sq[0] + sq[1],)):
                             d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:
@@ -822,6 +835,15 @@ def quantize_layer(
                     full = torch.full((acc.num_matrices,), width, dtype=torch.long)
                     qw = solve_shared(dist, W.float(), H, cfg, name, sub, full, metric)
                     measured.add("gate_up", width, qw, expert_damage(W, qw.weight, H), sub)
+                if cfg.width_per_projection:  # gate/up's damage in the residual stream, where down's is measured
+                    if pairs is not None:
+                        batches = [pairs]
+                    else:
+                        batches = [(x, *expert_pairs(x, idx), w.reshape(-1) if plan.weighted_experts
+                                    else torch.ones(idx.numel(), device=x.device)) for x, idx, w in routed]  # fmt: skip
+                    gate_ups = {b: measured.results["gate_up"][b].weight for b in measured.levels}
+                    out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist)
+                    measured.losses["gate_up"].update(out)
                 continue
         elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
             for width in measured.levels:

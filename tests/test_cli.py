@@ -222,6 +222,7 @@ def test_mixed_precision_from_the_command_line(tmp_path, capsys):
         str(q),
         "--threads",
         "1",
+        "--no-width-per-projection",  # one width per expert (per projection is test_width_per_projection_...)
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -231,7 +232,7 @@ def test_mixed_precision_from_the_command_line(tmp_path, capsys):
     assert all(sorted(w) == [2, 2, 2, 2, 3, 3, 3, 3] for w in meta["expert_bits"].values())
     report = _eval_on_fixture(q, tmp_path / "rep", windows=2)
     assert report["models"][str(q)]["expert_bits"] == meta["expert_bits"]
-    bad = [*args[:-4], "--bits-budget", "2.2", "--allocation", "router-norm", "--out", str(tmp_path / "bad")]
+    bad = [*args[:-5], "--bits-budget", "2.2", "--allocation", "router-norm", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2  # the rule needs exact level counts; the measured allocation takes any budget (<=)
     assert "nearest reachable budgets" in capsys.readouterr().err
 

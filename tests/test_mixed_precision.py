@@ -165,7 +165,7 @@ def test_measured_damage_is_the_solve_loss_times_the_routing_mass():
     from vsraq_plugin.solve import dequantize_grid
 
     levels = [2, 3, 4]
-    model, fp, windows, res = _tiny_measured(2.5, levels)
+    model, fp, windows, res = _tiny_measured(2.5, levels, width_per_projection=False)  # one width per expert
     experts = model.model.layers[0].mlp.experts
     seen = []
     handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
@@ -216,7 +216,7 @@ def test_measured_allocation_solves_each_width_once_and_reloads(tmp_path, monkey
         return real(W, H, bits, *args, **kwargs)
 
     monkeypatch.setattr(solve_mod, "gptq_quantize", counted)
-    model, _, windows, res = _tiny_measured(2.75, [2, 3, 4])
+    model, _, windows, res = _tiny_measured(2.75, [2, 3, 4], width_per_projection=False)
     expert_calls = sorted((s[1], b) for s, b in calls if s[0] == 8)  # the 8 experts of a layer, batched
     assert expert_calls == sorted([(128, b) for b in (2, 3, 4)] * 2 + [(64, b) for b in (2, 3, 4)] * 2)
     widths = res.summary["expert_bits"]

@@ -490,9 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured: the budget holds per MoE layer (layer) or over all routed experts of the model (model)",
     )  # fmt: skip
     q.add_argument(
-        "--width-per-projection", action="store_true",
-        help="measured: an expert's down projection gets its own width, apart from its gate/up (default: one width "
-        "per expert)",
+        "--width-per-projection", action=argparse.BooleanOptionalAction, default=None,
+        help="measured: an expert's down projection gets its own width, apart from its gate/up (the default with "
+        "the measured allocation; --no-width-per-projection: one width per expert)",
     )  # fmt: skip
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
     q.add_argument(

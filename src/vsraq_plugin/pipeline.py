@@ -447,7 +447,7 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             q_gu = {b: rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
             err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
             # Per expert and width: the gate/up and down damages as two items (width_per_projection), or their sum.
-            d = torch.zeros(2 if cfg.width_per_projection else 1, E, len(levels), dtype=torch.float64)
+            d = torch.zeros(2 if cfg.per_projection else 1, E, len(levels), dtype=torch.float64)
             for x, idx, w in seen:
                 x = x.reshape(-1, x.shape[-1]).float()
                 for e in range(E):
@@ -459,12 +459,12 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     xs = x[rows]
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
-                        if cfg.width_per_projection:  # gate/up's error in the residual stream, as down's
+                        if cfg.per_projection:  # gate/up's error in the residual stream, as down's
                             gate_up_sq = ((expert_gate(experts, q_gu[b], e, xs) - h) @ dn[e].T).pow(2).sum(-1)
                         else:
                             gate_up_sq = (xs @ (gu[e] - q_gu[b][e]).T).pow(2).sum(-1)
                         sq = (gate_up_sq, (h @ err_dn[b][e].T).pow(2).sum(-1))
-                        for p, term in enumerate(sq if cfg.width_per_projection else (sq[0] + sq[1],)):
+                        for p, term in enumerate(sq if cfg.per_projection else (sq[0] + sq[1],)):
                             d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:
                 d = d.to(gu.device)
@@ -630,7 +630,7 @@ class _ExpertWidths:
         c = self.cfg
         summary["expert_bits_scores"] = self.SCORES[c.allocation].format(
             weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed,
-            parts=", widths per projection (gate/up, down)" if c.width_per_projection else "",
+            parts=", widths per projection (gate/up, down)" if c.per_projection else "",
         )  # fmt: skip
 
     def budget(self, index: int, params: list[int]) -> int:
@@ -658,14 +658,14 @@ class _ExpertWidths:
 
         E = measured.mass.numel()
         damage = measured.damage()
-        if self.cfg.width_per_projection:
+        if self.cfg.per_projection:
             down = measured.damage("down")
             parts, params = [measured.damage("gate_up"), down], [[gate_up_params] * E, [down_params] * E]
         else:
             parts, params = [damage], [[gate_up_params + down_params] * E]
         budget = self.budget(index, [p for ps in params for p in ps])
         widths = allocate_parts(parts, self.cfg.bit_levels, budget, params)
-        if self.cfg.width_per_projection:
+        if self.cfg.per_projection:
             self.record(index, widths[0], expert_damage=damage, expert_down_bits=widths[1], expert_down_damage=down)
         else:
             self.record(index, widths[0], expert_damage=damage)
@@ -835,7 +835,7 @@ def quantize_layer(
                     full = torch.full((acc.num_matrices,), width, dtype=torch.long)
                     qw = solve_shared(dist, W.float(), H, cfg, name, sub, full, metric)
                     measured.add("gate_up", width, qw, expert_damage(W, qw.weight, H), sub)
-                if cfg.width_per_projection:  # gate/up's damage in the residual stream, where down's is measured
+                if cfg.per_projection:  # gate/up's damage in the residual stream, where down's is measured
                     if pairs is not None:
                         batches = [pairs]
                     else:

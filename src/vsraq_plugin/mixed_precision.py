@@ -5,13 +5,13 @@ Allocations (``QuantConfig.allocation``):
   (the solve's own loss ``tr(E H E^T)``, ``E = W - Q`` on the expert's Hessian, gate/up plus down) times the
   routing mass it receives; then the exact minimum of the summed damage under the budget (``knapsack``: a
   multiple-choice knapsack solved by dynamic programming, not greedily). The pipeline measures the damages
-  with one batched solve per width and keeps the chosen width's codes (nothing is solved twice).
-  ``width_per_projection``: each expert's gate/up and its down are separate items of the knapsack (``allocate_parts``),
-  each with its own damage and parameter count, so an expert's down can get another width than its gate/up. Both
-  damages are measured in the residual stream: down's solve loss, and gate/up's error carried through the gate and
-  the original down (``gate_up_output_loss``; its own solve loss is in another space). Down's loss at a width is
-  measured on gate/up at that width (an approximation when the chosen widths differ); such a down is then solved
-  once more on the chosen gate/up.
+  with one batched solve per width and keeps the chosen width's codes (only a down whose width differs from its
+  gate/up's is solved again). ``width_per_projection`` (the default of ``measured``): each expert's gate/up and
+  its down are separate items of the knapsack (``allocate_parts``), each with its own damage and parameter count,
+  so an expert's down can get another width than its gate/up. Both damages are measured in the residual stream:
+  down's solve loss, and gate/up's error carried through the gate and the original down (``gate_up_output_loss``;
+  its own solve loss is in another space). Down's loss at a width is measured on gate/up at that width (an
+  approximation when the chosen widths differ); such a down is then solved once more on the chosen gate/up.
 - ``router-norm``: the seed paper's rule below.
 - ``random`` / ``frequency``: baselines (a seeded permutation; the experts that receive the most calibration
   tokens get the widest level), with the rule's exact level counts.

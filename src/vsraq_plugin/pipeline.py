@@ -976,7 +976,8 @@ def _routing_mass(routed: list, E: int, dist: Dist | None, weighted: bool) -> to
 
 class _Measured:
     """The measured allocation of one MoE layer (DESIGN 6): every width's solved experts (kept: the chosen width's
-    codes are used as they are, nothing is solved twice), their solve losses and the solves' fallbacks."""
+    codes are used as they are; a down whose width differs from its gate/up's is solved again), their solve losses
+    and the solves' fallbacks."""
 
     def __init__(self, levels: list[int], mass: torch.Tensor) -> None:
         self.levels, self.mass = levels, mass

@@ -232,6 +232,17 @@ def expert_gate(experts: nn.Module, gate_up: torch.Tensor, e: int, xs: torch.Ten
     return gate_fn(out) if gate_fn is not None else (lambda g, u: experts.act_fn(g) * u)(*out.chunk(2, dim=-1))
 
 
+def expert_groups(eids: torch.Tensor, num_experts: int):
+    """``(e, sel)`` for every expert ``e`` with samples: ``sel`` the indices of its samples in ``eids``, in their
+    original order (one sort for all experts, no per-expert mask over the samples)."""
+    order = torch.argsort(eids, stable=True)
+    start = 0
+    for e, c in enumerate(torch.bincount(eids, minlength=num_experts).tolist()):
+        if c:
+            yield e, order[start : start + c]
+            start += c
+
+
 def down_hessians(
     experts: nn.Module,
     routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -287,14 +298,8 @@ class ExpertCross:
         """One routed batch: per expert, its tokens' quantized inputs into ``acc`` (when given) and, with the FP
         inputs, into S."""
         xfp = self.x_fp[batch]
-        order = torch.argsort(eids, stable=True)
-        counts = torch.bincount(eids, minlength=self.S.shape[0]).tolist()
-        start = 0
-        for e, c in enumerate(counts):
-            if not c:
-                continue
-            sel = order[start : start + c]
-            start += c
+        for e, sel in expert_groups(eids, self.S.shape[0]):
+            c = sel.numel()
             rows, we = tokens[sel], w[sel].float()
             h_q = expert_gate(experts, gate_up, e, x[rows])
             if acc is not None:

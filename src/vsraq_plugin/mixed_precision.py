@@ -131,27 +131,21 @@ def gate_up_output_loss(
     knapsack (``width_per_projection``); this can. ``batches``: ``(X, tokens, eids, w)`` with ``X[tokens]`` the
     (token, expert) pairs' inputs and ``w`` their weights, as down's Hessians weigh them. Float64 sums, reduced
     over the ranks of a distributed run."""
-    from .capture import expert_gate
+    from .capture import expert_gate, expert_groups
 
     E = fp_gate_up.shape[0]
     dev = fp_gate_up.device
     num = {b: torch.zeros(E, dtype=torch.float64, device=dev) for b in gate_ups}
     den = torch.zeros(E, dtype=torch.float64, device=dev)
     fp, dn = fp_gate_up.detach().float(), down.detach().float()
+    quantized = {b: gu.detach().float() for b, gu in gate_ups.items()}
     for X, tokens, eids, w in batches:
-        order = torch.argsort(eids, stable=True)
-        counts = torch.bincount(eids, minlength=E).tolist()
-        start = 0
-        for e, c in enumerate(counts):
-            if not c:
-                continue
-            sel = order[start : start + c]
-            start += c
+        for e, sel in expert_groups(eids, E):
             xs, ws = X[tokens[sel]].float(), w[sel].double()
             h = expert_gate(experts, fp, e, xs)
             den[e] += ws.sum()
-            for b, gu in gate_ups.items():
-                diff = (expert_gate(experts, gu.float(), e, xs) - h) @ dn[e].T
+            for b, gu in quantized.items():
+                diff = (expert_gate(experts, gu, e, xs) - h) @ dn[e].T
                 num[b][e] += (ws * diff.pow(2).sum(-1).double()).sum()
     if dist is not None and dist.active:
         for t in (*num.values(), den):

@@ -989,8 +989,9 @@ class _Measured:
         self.results[part][width], self.losses[part][width], self.sub[part][width] = qw, loss, fallbacks
 
     def damage(self, part: str | None = None) -> torch.Tensor:
-        """``(E, levels)``: routing mass x the solve loss of ``part`` ("gate_up", "down"; None: both summed) per
-        expert and width."""
+        """``(E, levels)``: routing mass x the recorded loss of ``part`` ("gate_up", "down"; None: both summed) per
+        expert and width (gate/up's: its solve loss, or with widths per projection its loss in the residual
+        stream, ``gate_up_output_loss``)."""
         if part is None:
             loss = torch.stack([self.losses["gate_up"][b] + self.losses["down"][b] for b in self.levels], dim=1)
         else:

@@ -6,7 +6,9 @@ expert intermediate 768, top-8) with ``--experts`` experts (16 by default: the l
 with fewer experts, so a layer fits a CPU run), saved in bf16 in several shards, at each ``--layers`` depth.
 Every quantization runs in its own process; its peak RSS comes from ``wait4`` (that process alone) and its wall
 time from the parent. Printed: peak RSS and wall time per tool and depth, the RSS ratio between the deepest and
-the shallowest model (1.0 = flat in depth), and the bf16 size of each model for scale.
+the shallowest model (1.0 = flat in depth), and the bf16 size of each model for scale. ``--expert-chunk 0 4``
+adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time (same codes) and
+prints its peak RSS and wall time as ratios to the one-chunk run.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --layers 4 8 --methods gptq vsraq \
         --gptqmodel-python /tmp/gqvenv/bin/python
@@ -101,6 +103,13 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="auto", help="vsraq quantize --device")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--expert-chunk",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="vsraq quantize --expert-chunk values, a row each (e.g. 0 4: one chunk vs 4 experts at a time)",
+    )
     ap.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.7: adds it as a row")
     ap.add_argument("--work", type=Path, help="folder for the models and checkpoints (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path("bench_scale.json"))
@@ -117,15 +126,17 @@ def main() -> int:
             sizes[depth] = make_model(model_dir, depth, args.experts)
         else:
             sizes[depth] = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-        for method in args.methods:
-            out = work / f"q-{method}-{depth}L"
+        for method, chunk in [(m, c) for m in args.methods for c in args.expert_chunk]:
+            out = work / f"q-{method}-{chunk}-{depth}L"
             shutil.rmtree(out, ignore_errors=True)
             cmd = [*vsraq, "quantize", str(model_dir), "--method", method, "--bits", str(args.bits)]
             cmd += ["--group-size", str(args.group_size), "--n-samples", str(args.n_samples), "--seq-len"]
             cmd += [str(args.seq_len), "--device", args.device, "--threads", str(args.threads), "--out", str(out)]
+            cmd += ["--expert-chunk", str(chunk)]
             r = measure(cmd, env, work)
-            rows.append({"tool": f"vsraq quantize --method {method}", "layers": depth, **r})
-            print(f"{depth} layers, {method}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+            tool = f"vsraq quantize --method {method}" + (f" --expert-chunk {chunk}" if chunk else "")
+            rows.append({"tool": tool, "layers": depth, **r})
+            print(f"{depth} layers, {tool}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
         if args.gptqmodel_python:
             from safetensors.torch import save_file
             from transformers import AutoTokenizer
@@ -158,6 +169,12 @@ def main() -> int:
         print(f"| {r['tool']} | {r['layers']} | {mb:.0f} | {r['seconds']:.0f} | {r['seconds'] / r['layers']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x | {gpu} |")  # fmt: skip
     lo, hi = min(args.layers), max(args.layers)
+    for r in rows:  # the same tool one chunk of experts at a time (same codes, less memory)
+        if " --expert-chunk " in r["tool"]:
+            name = r["tool"].split(" --expert-chunk ")[0]
+            base = next(b for b in rows if b["tool"] == name and b["layers"] == r["layers"])
+            print(f"{r['tool']} ({r['layers']} layers): peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.3f}x, "
+                  f"wall {r['seconds'] / base['seconds']:.3f}x of one chunk")  # fmt: skip
     ratios = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         a = next(r for r in rows if r["tool"] == tool and r["layers"] == lo)

@@ -32,6 +32,8 @@ def test_round_trip_preserves_every_field():
         ({"router_mode": "train"}, "router_mode"),
         ({"fp_target_alpha": 1.5}, "fp_target_alpha"),
         ({"dynamic": {"x": {"bits": 6}}}, "dynamic"),
+        ({"expert_chunk": -1}, "expert_chunk"),
+        ({"expert_chunk": 2.5}, "expert_chunk"),
         ({"width_per_projection": True}, "width_per_projection"),  # no bits_budget
         ({"width_per_projection": 1, "bits_budget": 3.0, "bit_levels": [2, 4]}, "width_per_projection"),
         (

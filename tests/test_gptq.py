@@ -119,6 +119,42 @@ def test_scatter_accumulation_equals_per_expert_loop():
         assert acc.tokens[e] == int(m.sum())
 
 
+def test_one_expert_at_a_time_touches_only_that_expert():
+    """Adding one expert's samples rescales and updates that expert's Hessian only (``capture.ExpertCross`` adds an
+    expert at a time: rescaling all E per call cost O(E^2 d^2) per batch, 3.3 s at 128 experts of width 768), and
+    equals adding the batch in one call, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widest(TorchDispatchMode):
+        widest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.widest = max(self.widest, out.numel())
+            return out
+
+    E, d = 6, 8
+    x = torch.randn(60, d, generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, E, (60,), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(60, generator=torch.Generator().manual_seed(2))
+    at_once, one_by_one = HessianAccumulator(d, E), HessianAccumulator(d, E)
+    for part in (slice(0, 30), slice(30, 60)):
+        at_once.add(x[part], w[part], index=idx[part])
+        for e in range(E):
+            m = idx[part] == e
+            if e == 2 and part.start == 30:
+                xs, ws, ids = x[part][m], w[part][m], idx[part][m]
+                mode = Widest()
+                with mode:
+                    one_by_one.add(xs, ws, index=ids)
+                assert 0 < mode.widest <= max(d * d, xs.numel())  # never a (E, d, d) temporary or pass
+            else:
+                one_by_one.add(x[part][m], w[part][m], index=idx[part][m])
+    assert torch.equal(at_once.H, one_by_one.H)
+    assert torch.equal(at_once.weight_sum, one_by_one.weight_sum)
+
+
 def test_matrices_without_tokens_stay_zero_and_recover_later():
     """A matrix that no token (or only zero weights) reached holds an all-zero Hessian, not NaN, and tokens that
     reach it in a later call give exactly its own Hessian (streaming over calibration batches): an expert

@@ -298,3 +298,47 @@ def test_in_memory_onload_without_experts_moves_all_but_the_experts(family):
     inside = {id(t) for t in [*layer.experts.parameters(), *layer.experts.buffers()]}
     tensors = [*layer.layer.parameters(), *layer.layer.buffers()]
     assert inside and all(t.is_meta == (id(t) not in inside) for t in tensors)
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "exact"),
+    [
+        ("mixtral", "gptq", True),
+        ("mixtral", "vsraq", True),
+        ("deepseek_v3", "vsraq", True),
+        ("qwen2_moe", "vsraq", False),
+    ],
+)
+def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, monkeypatch):
+    """``expert_chunk``: a layer's routed experts get their Hessians built and solved a chunk at a time, so no
+    accumulator ever holds more than a chunk's Hessians (DeepSeek-V3's 256 gate/up ones are 105 GB in float64),
+    and the codes, grids and fallback notes (starved experts on these few tokens) are those of one chunk."""
+    from vsraq_plugin.gptq import HessianAccumulator
+
+    windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
+    runs, sizes = {}, []
+    init = HessianAccumulator.__init__
+
+    def spy(self, in_features, num_matrices=1, *args, **kwargs):
+        sizes.append(num_matrices)
+        init(self, in_features, num_matrices, *args, **kwargs)
+
+    monkeypatch.setattr(HessianAccumulator, "__init__", spy)
+    for chunk in (0, 3):
+        sizes.clear()
+        model = tiny_model(family, seed=2)
+        cfg = QuantConfig(bits=3, group_size=16, method=method, device="cpu", exact_sums=exact, expert_chunk=chunk)
+        res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
+        runs[chunk] = res, max(sizes)
+    (full, widest), (chunked, chunk_widest) = runs[0], runs[3]
+    assert widest == model.config.num_local_experts if family == "mixtral" else widest > 3
+    assert chunk_widest == 3
+    assert full.weights.keys() == chunked.weights.keys()
+    for name, qw in full.weights.items():
+        other = chunked.weights[name]
+        for attr in ("codes", "scales", "zeros", "g_idx", "weight"):
+            assert torch.equal(getattr(qw, attr), getattr(other, attr)), (name, attr)
+    notes = full.summary["fallbacks"]
+    assert any(f["action"] == "all-token coverage" for f in notes)  # the chunks' local indices mapped back
+    key = lambda f: json.dumps(f, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, notes)) == sorted(map(key, chunked.summary["fallbacks"]))

@@ -91,8 +91,9 @@ class LayerRunner:
 
 class StageCapture:
     """Forward-pre hooks for one true-sequential stage: each named linear's inputs stream into its own
-    Hessian accumulator; with ``experts``, the routed expert inputs are scattered into per-expert Hessians
-    and kept (the down projections' inputs are derived from them later). Once every hooked module has
+    Hessian accumulator; with ``experts``, the routed expert inputs are kept (``routed``: the experts' Hessians
+    are built from them afterwards, a chunk of experts at a time, ``expert_hessians``) and summed into one
+    all-token Hessian (coverage for starved experts). Once every hooked module has
     fired in a forward, the forward is cut short: the rest of the layer is not needed for this stage."""
 
     def __init__(
@@ -136,8 +137,7 @@ class StageCapture:
         self.experts, self.weighted = experts, weighted
         self.routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if experts is not None:
-            E, _, d = experts.gate_up_proj.shape
-            self.expert_acc = HessianAccumulator(d, E, device=device, exact=exact)
+            d = experts.gate_up_proj.shape[-1]
             self.all_tokens = HessianAccumulator(d, device=device, exact=exact)
             self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
@@ -174,8 +174,6 @@ class StageCapture:
     def _experts_hook(self, _module, args, kwargs):
         x, idx, w = routing_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
-        tokens, eids = expert_pairs(x, idx)
-        self.expert_acc.add(x, w.reshape(-1) if self.weighted else None, index=eids, rows=tokens)
         self.all_tokens.add(x)
         self.routed.append((x, idx, w))
         self._done("experts")
@@ -193,7 +191,6 @@ class StageCapture:
         for acc in self.acc.values():
             acc.reduce(dist)
         if self.experts is not None:
-            self.expert_acc.reduce(dist)
             self.all_tokens.reduce(dist)
         for n in self.cross:
             dist.all_reduce_sum_(self.cross[n])
@@ -243,6 +240,41 @@ def expert_groups(eids: torch.Tensor, num_experts: int):
             start += c
 
 
+def in_chunk(
+    tokens: torch.Tensor, eids: torch.Tensor, w: torch.Tensor | None, chunk: slice | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The (token, expert, weight) samples of the experts in ``chunk`` (all of them for None), expert ids made
+    local to the chunk; the samples keep their order, so every expert's sums are the same as unchunked."""
+    if chunk is None:
+        return tokens, eids, w
+    keep = (eids >= chunk.start) & (eids < chunk.stop)
+    return tokens[keep], eids[keep] - chunk.start, None if w is None else w[keep]
+
+
+def expert_hessians(
+    routed: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    chunk: slice,
+    weighted: bool = False,
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    exact: bool = False,
+) -> HessianAccumulator:
+    """Per-expert Hessians of the gate/up inputs of the experts in ``chunk``, from the inputs the gate/up stage
+    recorded, one term per calibration batch: the (token, expert) pairs of the batch's routing (gate-weighted
+    with ``weighted``) or, with ``pairs``, explicit (token, expert, weight) triples per batch (VSRAQ's FP
+    decisions). Only the chunk's Hessians are ever held (all of DeepSeek-V3's: 256 x 7168^2 float64, 105 GB)."""
+    x0 = routed[0][0]
+    acc = HessianAccumulator(x0.shape[-1], chunk.stop - chunk.start, device=x0.device, exact=exact)
+    for b, (x, idx, w) in enumerate(routed):
+        if pairs is not None:
+            tokens, eids, pw = pairs[b]
+        else:
+            tokens, eids = expert_pairs(x, idx)
+            pw = w.reshape(-1) if weighted else None
+        tokens, eids, pw = in_chunk(tokens, eids, pw, chunk)
+        acc.add(x, pw, index=eids, rows=tokens)
+    return acc
+
+
 def down_hessians(
     experts: nn.Module,
     routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -251,17 +283,20 @@ def down_hessians(
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     exact: bool = False,
     cross: ExpertCross | None = None,
+    chunk: slice | None = None,
 ) -> tuple[HessianAccumulator, HessianAccumulator | None]:
     """Per-expert Hessians of the down projections' inputs, computed with the current (quantized) gate/up
     weights from the routed inputs recorded in the gate/up stage (the router's input does not change when
     gate/up do, so no re-run is needed). ``coverage`` experts also get all-token Hessians. Each expert's
     inputs are computed and folded into its Hessian in turn (never all (token, expert) pairs at once). With
-    ``cross`` (FP targets), the same inputs also go into the cross-Gram against the FP stream's (DESIGN 3.5c)."""
+    ``cross`` (FP targets), the same inputs also go into the cross-Gram against the FP stream's (DESIGN 3.5c).
+    ``chunk``: only those experts (``coverage`` and ``cross`` then local to the chunk)."""
     E, two_i, _ = experts.gate_up_proj.shape
+    lo, hi = (0, E) if chunk is None else (chunk.start, chunk.stop)
     device = experts.gate_up_proj.device
-    acc = HessianAccumulator(two_i // 2, E, device=device, exact=exact)
+    acc = HessianAccumulator(two_i // 2, hi - lo, device=device, exact=exact)
     cov = HessianAccumulator(two_i // 2, len(coverage), device=device, exact=exact) if coverage else None
-    gate_up = experts.gate_up_proj.detach().float()
+    gate_up = experts.gate_up_proj.detach()[lo:hi].float()
     chunks = pairs if isinstance(pairs, list) else [pairs] * len(routed)  # one triple per routed batch, or shared
     for b, ((x, idx, w), pair) in enumerate(zip(routed, chunks, strict=True)):
         if pair is not None:  # explicit (token, expert, weight) triples (VSRAQ's FP decisions)
@@ -269,6 +304,7 @@ def down_hessians(
         else:
             tokens, eids = expert_pairs(x, idx)
             pw = w.reshape(-1) if weighted else None
+        tokens, eids, pw = in_chunk(tokens, eids, pw, chunk)
         if cross is not None and pair is not None:  # the quantized inputs once, for the Hessians and the cross-Gram
             cross.add(experts, gate_up, x, b, tokens, eids, pw, acc)
         else:
@@ -316,10 +352,15 @@ class ExpertCross:
         return (self.S / self.wsum.clamp(min=1e-12)[:, None, None]).float()
 
 
-def expert_cross(experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor) -> torch.Tensor:
+def expert_cross(
+    experts: nn.Module, fp_gate_up: torch.Tensor, pairs, x_fp: torch.Tensor, chunk: slice | None = None
+) -> torch.Tensor:
     """Per expert, ``C = sum w h~ h^T / sum w`` of the down projections' inputs (DESIGN 3.5c) over all the pairs at
-    once, in float32 (the float32-sums mode; exact sums build it batch by batch in ``down_hessians``' pass)."""
+    once, in float32 (the float32-sums mode; exact sums build it batch by batch in ``down_hessians``' pass).
+    ``chunk``: only those experts (``fp_gate_up`` then holds only theirs)."""
     X, tokens, eids, w = pairs
+    chunk = slice(0, fp_gate_up.shape[0]) if chunk is None else chunk
+    tokens, eids, w = in_chunk(tokens, eids, w, chunk)
     cross = ExpertCross(fp_gate_up, [x_fp], exact=False)
-    cross.add(experts, experts.gate_up_proj.detach().float(), X, 0, tokens, eids, w)
+    cross.add(experts, experts.gate_up_proj.detach()[chunk].float(), X, 0, tokens, eids, w)
     return cross.matrix()

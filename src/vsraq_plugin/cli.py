@@ -250,6 +250,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
         exact_sums=not args.float32_sums,
+        expert_chunk=args.expert_chunk,
     )
     parse_size(args.max_shard_size)
     # Everything a run is given, checked before the long work: output, model folder, weights' headers, tokenizer,
@@ -522,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the calibration activations live between layers (auto: on the device when they fit)",
     )
     q.add_argument("--max-shard-size", default="5GB", help="largest checkpoint shard, e.g. 5GB, 500MB")
+    q.add_argument(
+        "--expert-chunk",
+        type=int,
+        default=0,
+        help="routed experts whose Hessians are built and solved together (bounds their memory; the codes do not "
+        "change); 0 (default): as many as fit in 8 GiB of Hessians",
+    )
     q.add_argument(
         "--float32-sums",
         action="store_true",

@@ -126,6 +126,11 @@ class QuantConfig:
     # does not depend on how batches are split over ranks (distributed runs equal one process, bit for bit).
     # False: float32 running sums (half the accumulator memory; results differ in the last bits).
     exact_sums: bool = True
+    # Routed experts whose Hessians are built and solved together (a chunk at a time, so only that chunk's
+    # Hessians are held: DeepSeek-V3's 256 gate/up Hessians are 105 GB in float64). 0 (default): as many as fit in
+    # 8 GiB of Hessian sums. The codes do not depend on it. The measured allocation (``bits_budget``) and the
+    # gate/up metric (``lambda_metric_up``) still solve all experts of a layer at once.
+    expert_chunk: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -242,6 +247,11 @@ class QuantConfig:
             raise ConfigError(f"device={self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"offload={self.offload!r} is unknown; use one of {OFFLOAD_MODES}.")
+        if not isinstance(self.expert_chunk, int) or isinstance(self.expert_chunk, bool) or self.expert_chunk < 0:
+            raise ConfigError(
+                f"expert_chunk={self.expert_chunk!r} must be an int >= 0: experts solved together, 0 for automatic "
+                "(8 GiB of Hessians)."
+            )
         if not isinstance(self.dynamic, dict):
             raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")
         for pattern, override in self.dynamic.items():

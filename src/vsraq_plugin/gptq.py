@@ -135,9 +135,10 @@ class HessianAccumulator:
             # One Gram matrix per non-empty group, no padding, folded into H at once: no (E, d, d) temporary
             # beside H (at real widths that is E x 16 MiB) and no (samples, d) copy of all groups.
             new_sum = self.weight_sum + wsum
-            if not self.exact:
-                keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
-                self._H.mul_(keep.float()[:, None, None])
+            # Only the matrices this call reaches are rescaled (the others' factor is exactly 1): a caller that
+            # adds one expert at a time (``capture.ExpertCross``) then costs O(d^2) per call, not O(E d^2).
+            keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
+            keep = keep.float().tolist()
             scale = torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()  # no weight: zeros / 1
             start = 0
             for e, c in enumerate(counts.tolist()):
@@ -150,7 +151,7 @@ class HessianAccumulator:
                     if self.exact:
                         self._S[e].add_(seg.T @ seg)
                     else:
-                        self._H[e].add_((seg.T @ seg).div_(scale[e]))
+                        self._H[e].mul_(keep[e]).add_((seg.T @ seg).div_(scale[e]))
                     start += c
             self.weight_sum = new_sum
             self.tokens += count

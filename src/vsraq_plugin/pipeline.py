@@ -37,7 +37,9 @@ from .capture import (
     StopForward,
     down_hessians,
     expert_cross,
+    expert_hessians,
     expert_pairs,
+    to_store,
 )
 from .config import QuantConfig
 from .distributed import SINGLE, Dist
@@ -365,7 +367,7 @@ def _run(
                 ahead = _lookahead_logits(store, runner, index, x_fp_next)
                 result.fp_router_logits.update({i: dist.all_gather_cat(z) for i, z in ahead.items()})
             if method.fp_targets and layer.is_moe:
-                fp_gate_up = layer.experts.gate_up_proj.detach().clone()  # the FP experts' down inputs need it
+                fp_gate_up = _host_copy(layer.experts.gate_up_proj.detach())  # the FP experts' down inputs need it
         ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
                            cfg.exact_sums or dist.active, dist.all_reduce_sum_,
                            [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
@@ -800,31 +802,38 @@ def quantize_layer(
         experts = layer.experts
 
         down_name = f"{prefix}.mlp.experts.down_proj"
+        E = experts.gate_up_proj.shape[0]
         if expert_stage == "gate_up":
             routed = cap.routed
-            acc = cap.expert_acc
             plan.align_router(adapter, layer, routed, cfg, result)
             if plan.expert_pairs is not None:  # experts see the FP decisions, weighted (DESIGN 3.5)
                 X = torch.cat([x for x, _, _ in routed])
                 tokens, eids, w = plan.expert_pairs
                 pairs = (X, tokens, eids, w)
-                acc = HessianAccumulator(X.shape[1], acc.num_matrices, device=X.device, exact=exact)
-                if exact:  # one term per calibration batch, as every other sum
-                    for t0, t1 in bounds:
-                        sel = (tokens >= t0) & (tokens < t1)
-                        acc.add(X, w[sel], index=eids[sel], rows=tokens[sel])
-                    acc.reduce(dist)
-                else:
-                    acc.add(X, w, index=eids, rows=tokens)
-            starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             name = f"{prefix}.mlp.experts.gate_up_proj"
-            H = with_coverage(acc, cap.all_tokens.H, int(cap.all_tokens.tokens[0]), starved, name, fallbacks)
+            cov_H, cov_n = cap.all_tokens.H, int(cap.all_tokens.tokens[0])
             W = experts.gate_up_proj
             metric = plan.gate_up_metric(adapter, experts, pairs, cfg)
             mode = allocator.mode if allocator is not None and layer.is_moe else None
             if mode == "frequency":
-                expert_bits = allocator.frequency(layer.index, _routing_mass(routed, acc.num_matrices, dist, False))
-            elif mode == "measured":  # one batched solve per candidate width; the allocation waits for down's
+                expert_bits = allocator.frequency(layer.index, _routing_mass(routed, E, dist, False))
+            if mode != "measured":  # a chunk of experts at a time: only its Hessians are held (expert_chunk)
+                parts = []
+                for ch in _expert_chunks(E, W.shape[-1], exact, cfg):
+                    acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
+                    local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
+                    starved += [ch.start + e for e in local]
+                    sub: list[dict] = []
+                    H = with_coverage(acc, cov_H, cov_n, local, name, sub)
+                    bits = None if expert_bits is None else expert_bits[ch]
+                    parts.append(_chunk_solve(dist, W, ch, H, cfg, name, sub, bits, rows_of(metric, ch), fallbacks))
+                    del acc, H
+                _store_experts(prefix, experts, _join_chunks(parts, W), None, result)
+                continue
+            acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, slice(0, E))
+            starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
+            H = with_coverage(acc, cov_H, cov_n, starved, name, fallbacks)
+            if mode == "measured":  # one batched solve per candidate width; the allocation waits for down's
                 if cfg.allocation_weight == "fragility" and pairs is not None:
                     mass = acc.weight_sum.double().cpu()  # gate weight x next router's fragility (+ near misses)
                 else:
@@ -876,15 +885,90 @@ def quantize_layer(
                 del W, H
             _store_experts(prefix, experts, None, measured.select("down", dn_bits, again), result)
             continue
-        else:
-            name = down_name
+        parts = []
+        for ch in _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg):
+            sub = []
             W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
-                                         fp_gate_up, cfg, down_name, fallbacks)  # fmt: skip
-        qw = solve_shared(dist, W.float(), H, cfg, name, fallbacks, expert_bits, metric)
-        if expert_stage == "gate_up":
-            _store_experts(prefix, experts, qw, None, result)
+                                         fp_gate_up, cfg, down_name, sub, ch)  # fmt: skip
+            bits = None if expert_bits is None else expert_bits[ch]
+            parts.append(_chunk_solve(dist, experts.down_proj, ch, H, cfg, down_name, sub, bits, metric, fallbacks, W))
+            del W, H
+        _store_experts(prefix, experts, None, _join_chunks(parts, experts.down_proj), result)
+
+
+# Auto ``expert_chunk``: the experts whose Hessians are built and solved together hold at most this many bytes of
+# Hessian sums (Qwen3-30B-A3B's 128 gate/up Hessians in float64: 4.3 GB, one chunk; DeepSeek-V3's 105 GB: 20 of
+# 411 MB each per chunk).
+EXPERT_HESSIAN_BYTES = 8 << 30
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in host memory (pinned beside a GPU): the experts' FP gate/up for FP targets, moved to the
+    device a chunk of experts at a time (DeepSeek-V3: 30 GB in float32 that the device need not hold)."""
+    return t.clone() if t.device.type == "cpu" else to_store(t, torch.device("cpu"))
+
+
+def _expert_chunks(E: int, d_in: int, exact: bool, cfg: QuantConfig) -> list[slice]:
+    """The experts of a layer in chunks whose Hessians (``d_in``-wide, float64 sums when ``exact``) are built and
+    solved together: ``cfg.expert_chunk`` experts, or (0) as many as ``EXPERT_HESSIAN_BYTES`` holds."""
+    size = cfg.expert_chunk or max(1, EXPERT_HESSIAN_BYTES // (d_in * d_in * (8 if exact else 4)))
+    return [slice(a, min(a + size, E)) for a in range(0, E, size)]
+
+
+def _gate_up_hessians(routed, pairs, weighted: bool, exact: bool, bounds, dist, ch: slice) -> HessianAccumulator:
+    """The gate/up Hessians of the experts in ``ch``, reduced over the ranks: from the routing recorded in the
+    gate/up stage, or with ``pairs`` from VSRAQ's FP (token, expert, weight) triples, one term per calibration batch
+    in exact mode (float32 running sums: the pairs in one term)."""
+    if pairs is None:
+        acc = expert_hessians(routed, ch, weighted, exact=exact)
+    else:
+        X, tokens, eids, w = pairs
+        if exact:
+            per_batch = []
+            for t0, t1 in bounds:
+                sel = (tokens >= t0) & (tokens < t1)
+                per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
+            acc = expert_hessians([(X[t0:t1], None, None) for t0, t1 in bounds], ch, pairs=per_batch, exact=True)
         else:
-            _store_experts(prefix, experts, None, qw, result)
+            acc = expert_hessians([(X, None, None)], ch, pairs=[(tokens, eids, w)])
+    if exact:
+        acc.reduce(dist)
+    return acc
+
+
+def _chunk_solve(dist, param: torch.Tensor, ch: slice, H, cfg: QuantConfig, name: str, sub: list[dict],
+                 bits, metric, fallbacks: list[dict], W: torch.Tensor | None = None):  # fmt: skip
+    """Solve the experts ``ch`` of ``param`` (or the targets ``W`` of that chunk), write the result into ``param``
+    and return the codes and grids without the float32 weight (the model holds it): ``(chunk, result)``.
+    ``sub``'s fallbacks (chunk-local indices) go into ``fallbacks`` with the layer's expert indices."""
+    W = param[ch].float() if W is None else W
+    qw = solve_shared(dist, W, H, cfg, name, sub, bits, metric)
+    param[ch].copy_(qw.weight)
+    qw.weight = param.detach()[ch]
+    fallbacks.extend({**f, "index": ch.start + f["index"]} for f in sub)
+    return ch, qw
+
+
+def _join_chunks(parts: list[tuple[slice, QuantizedWeight]], param: torch.Tensor) -> QuantizedWeight:
+    """The chunks' results as one result over all experts; the weight is ``param``, which already holds them."""
+    if len(parts) == 1:
+        return parts[0][1]
+    E = param.shape[0]
+    qws = []
+    for ch, qw in parts:
+        ids = torch.arange(ch.start, ch.stop)
+        if qw.bits_per_matrix is None:
+            qws.append((ids, qw))
+            continue
+        for width in sorted(set(qw.bits_per_matrix.tolist())):  # a mixed chunk: one part per width
+            sel = (qw.bits_per_matrix == width).nonzero().flatten()
+            pre = None if qw.prequant is None else qw.prequant[sel]
+            one = QuantizedWeight(qw.codes[sel], qw.scales[sel], qw.zeros[sel], qw.g_idx[sel], qw.weight[sel],
+                                  width, qw.group_size, None, pre)  # fmt: skip
+            qws.append((ids[sel], one))
+    joined = take(qws, E)
+    joined.weight = param.detach()
+    return joined
 
 
 def _blocks(W: torch.Tensor, H: torch.Tensor, metric: torch.Tensor, nb: int):
@@ -905,10 +989,15 @@ def _join_blocks(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], exact: bool, bounds, dist,
-                  fp_experts_x, fp_gate_up, cfg: QuantConfig, down_name: str, fallbacks: list[dict]):  # fmt: skip
+                  fp_experts_x, fp_gate_up, cfg: QuantConfig, down_name: str, fallbacks: list[dict],
+                  ch: slice | None = None):  # fmt: skip
     """The down projections' weights (or FP targets), Hessians and metric, with the experts' current (quantized)
-    gate/up: what the solve of the down stage sees."""
+    gate/up: what the solve of the down stage sees. ``ch``: only those experts (indices in ``fallbacks`` local
+    to the chunk)."""
+    ch = slice(0, experts.down_proj.shape[0]) if ch is None else ch
+    starved = [e - ch.start for e in starved if ch.start <= e < ch.stop]
     targets = fp_experts_x is not None and pairs is not None and fp_gate_up is not None
+    fp_chunk = fp_gate_up[ch].to(experts.down_proj.device) if targets else None  # (kept in host memory)
     cross = None
     if pairs is not None:
         X, tokens, eids, w = pairs
@@ -918,45 +1007,47 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
                 sel = (tokens >= t0) & (tokens < t1)
                 parts.append((X[t0:t1], None, None))
                 chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
-            cross = ExpertCross(fp_gate_up, fp_experts_x, True) if targets else None
-            acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True, cross=cross)
+            cross = ExpertCross(fp_chunk, fp_experts_x, True) if targets else None
+            acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True, cross=cross, chunk=ch)
             acc.reduce(dist)
             if cov is not None:
                 cov.reduce(dist)
         else:
-            acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w))
+            acc, cov = down_hessians(experts, [(X, None, None)], False, starved, pairs=(tokens, eids, w), chunk=ch)
     else:
-        acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved, exact=exact)
+        acc, cov = down_hessians(experts, routed, plan.weighted_experts, starved, exact=exact, chunk=ch)
         acc.reduce(dist)
         if cov is not None:
             cov.reduce(dist)
     cov_tokens = int(cov.tokens.max()) if cov is not None else 0
     H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, down_name, fallbacks)
-    W = experts.down_proj
+    W = experts.down_proj[ch]
     if targets:
         if cross is not None:
             C = cross.matrix(dist if dist is not None and dist.active else None)
         else:
-            C = expert_cross(experts, fp_gate_up, pairs, torch.cat(fp_experts_x))
+            C = expert_cross(experts, fp_chunk, pairs, torch.cat(fp_experts_x), ch)
         target = writer_target(W.float(), acc.H, cfg.damp_percent, C, cfg.fp_target_alpha)
         keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
         keep[starved] = True  # their Hessians mix in all-token coverage: no matching cross term
         W = torch.where(keep[:, None, None], W.float(), target)
-    return W.float(), H, plan.metric_for("down_proj")
+    return W.float(), H, rows_of(plan.metric_for("down_proj"), ch)
 
 
 def _store_experts(prefix: str, experts: nn.Module, gate_up: QuantizedWeight | None, down: QuantizedWeight | None,
                    result: QuantizationResult) -> None:  # fmt: skip
     """The experts' solved gate/up and/or down into the model (no second copy) and the results by checkpoint name."""
     if gate_up is not None:
-        experts.gate_up_proj.copy_(gate_up.weight)
+        if gate_up.weight.data_ptr() != experts.gate_up_proj.data_ptr():  # (chunked solves wrote it already)
+            experts.gate_up_proj.copy_(gate_up.weight)
         gate_up.weight = experts.gate_up_proj.detach()  # the model now holds these values: no second copy
         inter = experts.gate_up_proj.shape[1] // 2
         gate, up = split_rows(gate_up, [inter, inter])
         result.weights[f"{prefix}.mlp.experts.gate_proj"] = gate
         result.weights[f"{prefix}.mlp.experts.up_proj"] = up
     if down is not None:
-        experts.down_proj.copy_(down.weight)
+        if down.weight.data_ptr() != experts.down_proj.data_ptr():
+            experts.down_proj.copy_(down.weight)
         down.weight = experts.down_proj.detach()
         result.weights[f"{prefix}.mlp.experts.down_proj"] = down
 

@@ -48,7 +48,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def fingerprint(config: QuantConfig, windows: torch.Tensor | None, parts: list[bytes]) -> str:
     """A hash of the settings that change the result, the calibration windows and the model (``parts``)."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("offload",)}  # storage only, not results
+    memory_only = ("offload", "expert_chunk")  # where and how much is held, not what comes out
+    settings = {k: v for k, v in config.to_dict().items() if k not in memory_only}
     h.update(json.dumps(settings, sort_keys=True).encode())
     if windows is not None:
         h.update(windows.cpu().numpy().tobytes())

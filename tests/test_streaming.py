@@ -301,18 +301,20 @@ def test_in_memory_onload_without_experts_moves_all_but_the_experts(family):
 
 
 @pytest.mark.parametrize(
-    ("family", "method", "exact"),
+    ("family", "method", "exact", "extra"),
     [
-        ("mixtral", "gptq", True),
-        ("mixtral", "vsraq", True),
-        ("deepseek_v3", "vsraq", True),
-        ("qwen2_moe", "vsraq", False),
+        ("mixtral", "gptq", True, {}),
+        ("mixtral", "vsraq", True, {}),
+        ("deepseek_v3", "vsraq", True, {}),
+        ("qwen2_moe", "vsraq", False, {}),
+        ("olmoe", "vsraq", True, {"lambda_metric_up": 64.0}),
     ],
 )
-def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, monkeypatch):
+def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, extra, monkeypatch):
     """``expert_chunk``: a layer's routed experts get their Hessians built and solved a chunk at a time, so no
     accumulator ever holds more than a chunk's Hessians (DeepSeek-V3's 256 gate/up ones are 105 GB in float64),
-    and the codes, grids and fallback notes (starved experts on these few tokens) are those of one chunk."""
+    and the codes, grids and fallback notes (starved experts on these few tokens) are those of one chunk. The
+    gate/up metric (``lambda_metric_up``, ``(E, 2I, 2I)``) is built per chunk too."""
     from vsraq_plugin.gptq import HessianAccumulator
 
     windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -324,12 +326,25 @@ def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, 
         init(self, in_features, num_matrices, *args, **kwargs)
 
     monkeypatch.setattr(HessianAccumulator, "__init__", spy)
+    from vsraq_plugin import vsraq as vsraq_math
+
+    metrics, up_path = [], vsraq_math.up_path_matrices
+
+    def up_spy(A, down, *args):
+        metrics.append(down.shape[0])
+        return up_path(A, down, *args)
+
+    monkeypatch.setattr(vsraq_math, "up_path_matrices", up_spy)
     for chunk in (0, 3):
         sizes.clear()
+        metrics.clear()
         model = tiny_model(family, seed=2)
-        cfg = QuantConfig(bits=3, group_size=16, method=method, device="cpu", exact_sums=exact, expert_chunk=chunk)
+        cfg = QuantConfig(
+            bits=3, group_size=16, method=method, device="cpu", exact_sums=exact, expert_chunk=chunk, **extra
+        )
         res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
         runs[chunk] = res, max(sizes)
+        assert bool(metrics) == ("lambda_metric_up" in extra) and all(m <= (chunk or 99) for m in metrics)
     (full, widest), (chunked, chunk_widest) = runs[0], runs[3]
     assert widest == model.config.num_local_experts if family == "mixtral" else widest > 3
     assert chunk_widest == 3

@@ -91,7 +91,9 @@ class LayerPlan:
     def fp_target(self, name: str) -> bool:
         return self.fp_targets and name.endswith(RESIDUAL_WRITERS)
 
-    def gate_up_metric(self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig) -> torch.Tensor | None:
+    def gate_up_metric(
+        self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig, chunk: slice | None = None
+    ) -> torch.Tensor | None:
         return None
 
     def align_router(self, adapter, layer, routed, cfg, result) -> None:
@@ -177,12 +179,14 @@ def method_for(cfg: QuantConfig) -> Method:
 class VsraqPlan(LayerPlan):
     """The VSRAQ terms for one layer, from the FP router logits (DESIGN 3.3-3.6)."""
 
-    def gate_up_metric(self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig) -> torch.Tensor | None:
+    def gate_up_metric(
+        self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig, chunk: slice | None = None
+    ) -> torch.Tensor | None:
         if self.boundary_next is None or pairs is None:
             return None
         if self.split is not None and self.split.local != slice(0, pairs[0].shape[0]):
             raise NotImplementedError("lambda_metric_up is not distributed yet; set it to 0 under torchrun.")
-        return gate_up_metric(adapter, experts, pairs, self.boundary_next, cfg.lambda_metric_up)
+        return gate_up_metric(adapter, experts, pairs, self.boundary_next, cfg.lambda_metric_up, chunk)
 
     def align_router(self, adapter, layer, routed, cfg, result) -> None:
         align_router(adapter, layer, routed, cfg, self, result)
@@ -339,26 +343,29 @@ def router_name(layer: MoELayer) -> str:
     return f"model.layers.{layer.index}.mlp.{child}"
 
 
-def gate_up_metric(adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float) -> torch.Tensor:
+def gate_up_metric(
+    adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float, chunk: slice | None = None
+) -> torch.Tensor:
     """Per-expert output metric of the fused gate/up rows (DESIGN 3.5d), from the FP expert weights and the
-    tokens the FP router sends to each expert."""
+    tokens the FP router sends to each expert; ``chunk``: only those experts' (the metric is ``(E, 2I, 2I)``)."""
+    from .capture import expert_groups, in_chunk
     from .vsraq import metric, up_path_matrices
 
     X, tokens, eids, _ = pairs
     views = adapter.expert_weights(experts)
-    E, inter = views["gate_proj"].shape[0], views["gate_proj"].shape[1]
+    chunk = slice(0, views["gate_proj"].shape[0]) if chunk is None else chunk
+    tokens, eids, _ = in_chunk(tokens, eids, None, chunk)
+    E, inter = chunk.stop - chunk.start, views["gate_proj"].shape[1]
     gate_scale = torch.zeros(E, inter, device=X.device)
     up_scale = torch.zeros(E, inter, device=X.device)
     act = experts.act_fn
-    for e in range(E):
-        x = X[tokens[eids == e]].float()
-        if x.shape[0] == 0:
-            continue
-        g = x @ views["gate_proj"][e].float().T
-        u = x @ views["up_proj"][e].float().T
+    for e, sel in expert_groups(eids, E):
+        x = X[tokens[sel]].float()
+        g = x @ views["gate_proj"][chunk.start + e].float().T
+        u = x @ views["up_proj"][chunk.start + e].float().T
         with torch.enable_grad():  # act'(g) by autograd: any activation the family uses
             gg = g.clone().requires_grad_(True)
             (d_act,) = torch.autograd.grad(act(gg).sum(), gg)
         up_scale[e] = act(g).pow(2).mean(0).sqrt()
         gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
-    return metric(up_path_matrices(A, views["down_proj"].detach(), gate_scale, up_scale), lam)
+    return metric(up_path_matrices(A, views["down_proj"][chunk].detach(), gate_scale, up_scale), lam)

@@ -813,7 +813,6 @@ def quantize_layer(
             name = f"{prefix}.mlp.experts.gate_up_proj"
             cov_H, cov_n = cap.all_tokens.H, int(cap.all_tokens.tokens[0])
             W = experts.gate_up_proj
-            metric = plan.gate_up_metric(adapter, experts, pairs, cfg)
             mode = allocator.mode if allocator is not None and layer.is_moe else None
             if mode == "frequency":
                 expert_bits = allocator.frequency(layer.index, _routing_mass(routed, E, dist, False))
@@ -826,13 +825,15 @@ def quantize_layer(
                     sub: list[dict] = []
                     H = with_coverage(acc, cov_H, cov_n, local, name, sub)
                     bits = None if expert_bits is None else expert_bits[ch]
-                    parts.append(_chunk_solve(dist, W, ch, H, cfg, name, sub, bits, rows_of(metric, ch), fallbacks))
-                    del acc, H
+                    metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)  # (lambda_metric_up > 0)
+                    parts.append(_chunk_solve(dist, W, ch, H, cfg, name, sub, bits, metric, fallbacks))
+                    del acc, H, metric
                 _store_experts(prefix, experts, _join_chunks(parts, W), None, result)
                 continue
             acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, slice(0, E))
             starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
             H = with_coverage(acc, cov_H, cov_n, starved, name, fallbacks)
+            metric = plan.gate_up_metric(adapter, experts, pairs, cfg)
             if mode == "measured":  # one batched solve per candidate width; the allocation waits for down's
                 if cfg.allocation_weight == "fragility" and pairs is not None:
                     mass = acc.weight_sum.double().cpu()  # gate weight x next router's fragility (+ near misses)

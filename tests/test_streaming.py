@@ -308,13 +308,16 @@ def test_in_memory_onload_without_experts_moves_all_but_the_experts(family):
         ("deepseek_v3", "vsraq", True, {}),
         ("qwen2_moe", "vsraq", False, {}),
         ("olmoe", "vsraq", True, {"lambda_metric_up": 64.0}),
+        ("mixtral", "vsraq", True, {"bits_budget": 3.0, "bit_levels": [2, 4]}),  # measured, widths per projection
+        ("qwen2_moe", "gptq", True, {"bits_budget": 2.5, "bit_levels": [2, 3], "width_per_projection": False}),
     ],
 )
 def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, extra, monkeypatch):
     """``expert_chunk``: a layer's routed experts get their Hessians built and solved a chunk at a time, so no
     accumulator ever holds more than a chunk's Hessians (DeepSeek-V3's 256 gate/up ones are 105 GB in float64),
     and the codes, grids and fallback notes (starved experts on these few tokens) are those of one chunk. The
-    gate/up metric (``lambda_metric_up``, ``(E, 2I, 2I)``) is built per chunk too."""
+    gate/up metric (``lambda_metric_up``, ``(E, 2I, 2I)``) is built per chunk too, and the measured allocation
+    (``bits_budget``) solves every chunk at every width and chooses the same widths."""
     from vsraq_plugin.gptq import HessianAccumulator
 
     windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -353,6 +356,13 @@ def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, 
         other = chunked.weights[name]
         for attr in ("codes", "scales", "zeros", "g_idx", "weight"):
             assert torch.equal(getattr(qw, attr), getattr(other, attr)), (name, attr)
+    assert ("expert_bits" in full.summary) == ("bits_budget" in extra)
+    for key in ("expert_bits", "expert_down_bits"):
+        assert full.summary.get(key) == chunked.summary.get(key)
+    if "bits_budget" in extra:  # not vacuous: some experts got each width
+        assert {b for per_layer in full.summary["expert_bits"].values() for b in per_layer} == set(extra["bit_levels"])
+        if extra.get("width_per_projection", True):  # some downs solved again on their chosen gate/up, per chunk
+            assert full.summary["expert_down_bits"] != full.summary["expert_bits"]
     notes = full.summary["fallbacks"]
     assert any(f["action"] == "all-token coverage" for f in notes)  # the chunks' local indices mapped back
     key = lambda f: json.dumps(f, sort_keys=True)  # noqa: E731

@@ -128,8 +128,7 @@ class QuantConfig:
     exact_sums: bool = True
     # Routed experts whose Hessians are built and solved together (a chunk at a time, so only that chunk's
     # Hessians are held: DeepSeek-V3's 256 gate/up Hessians are 105 GB in float64). 0 (default): as many as fit in
-    # 8 GiB of Hessian sums. The codes do not depend on it. The measured allocation (``bits_budget``) and the
-    # gate/up metric (``lambda_metric_up``) still solve all experts of a layer at once.
+    # 8 GiB of Hessian sums. The codes do not depend on it.
     expert_chunk: int = 0
 
     def __post_init__(self) -> None:

@@ -830,41 +830,58 @@ def quantize_layer(
                     del acc, H, metric
                 _store_experts(prefix, experts, _join_chunks(parts, W), None, result)
                 continue
-            acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, slice(0, E))
-            starved = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
-            H = with_coverage(acc, cov_H, cov_n, starved, name, fallbacks)
-            metric = plan.gate_up_metric(adapter, experts, pairs, cfg)
-            if mode == "measured":  # one batched solve per candidate width; the allocation waits for down's
-                if cfg.allocation_weight == "fragility" and pairs is not None:
-                    mass = acc.weight_sum.double().cpu()  # gate weight x next router's fragility (+ near misses)
+            # The measured allocation: every chunk's experts solved once per candidate width (the chunk's Hessians
+            # built once); the allocation waits for down's.
+            levels = sorted(cfg.bit_levels)
+            solved = {b: _Chunked() for b in levels}
+            weight_sums = []
+            for ch in _expert_chunks(E, W.shape[-1], exact, cfg):
+                acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
+                local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
+                starved += [ch.start + e for e in local]
+                notes: list[dict] = []
+                H = with_coverage(acc, cov_H, cov_n, local, name, notes)
+                fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
+                metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)
+                weight_sums.append(acc.weight_sum.double().cpu())
+                for width in levels:
+                    sub = []
+                    full = torch.full((ch.stop - ch.start,), width, dtype=torch.long)
+                    qw = solve_shared(dist, W[ch].float(), H, cfg, name, sub, full, metric)
+                    solved[width].add(ch, qw, expert_damage(W[ch], qw.weight, H), sub)
+                del acc, H, metric
+            if cfg.allocation_weight == "fragility" and pairs is not None:
+                mass = torch.cat(weight_sums)  # gate weight x next router's fragility (+ near misses)
+            else:
+                mass = _routing_mass(routed, E, dist, True)
+            measured = _Measured(levels, mass)
+            for width in levels:
+                measured.add("gate_up", width, *solved.pop(width).joined(E))
+            if cfg.per_projection:  # gate/up's damage in the residual stream, where down's is measured
+                if pairs is not None:
+                    batches = [pairs]
                 else:
-                    mass = _routing_mass(routed, acc.num_matrices, dist, True)
-                measured = _Measured(sorted(cfg.bit_levels), mass)
-                for width in measured.levels:
-                    sub: list[dict] = []
-                    full = torch.full((acc.num_matrices,), width, dtype=torch.long)
-                    qw = solve_shared(dist, W.float(), H, cfg, name, sub, full, metric)
-                    measured.add("gate_up", width, qw, expert_damage(W, qw.weight, H), sub)
-                if cfg.per_projection:  # gate/up's damage in the residual stream, where down's is measured
-                    if pairs is not None:
-                        batches = [pairs]
-                    else:
-                        batches = [(x, *expert_pairs(x, idx), w.reshape(-1) if plan.weighted_experts
-                                    else torch.ones(idx.numel(), device=x.device)) for x, idx, w in routed]  # fmt: skip
-                    gate_ups = {b: measured.results["gate_up"][b].weight for b in measured.levels}
-                    out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist)
-                    measured.losses["gate_up"].update(out)
-                continue
+                    batches = [(x, *expert_pairs(x, idx), w.reshape(-1) if plan.weighted_experts
+                                else torch.ones(idx.numel(), device=x.device)) for x, idx, w in routed]  # fmt: skip
+                gate_ups = {b: measured.results["gate_up"][b].weight for b in measured.levels}
+                out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist)
+                measured.losses["gate_up"].update(out)
+            continue
         elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
+            chunks = _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg)
             for width in measured.levels:
                 experts.gate_up_proj.copy_(measured.results["gate_up"][width].weight)
-                sub = []
-                first = fallbacks if width == measured.levels[0] else []  # coverage notes: once, not per width
-                W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
-                                             fp_gate_up, cfg, down_name, first)  # fmt: skip
-                qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
-                measured.add("down", width, qw, expert_damage(W, qw.weight, H), sub)
-                del W, H
+                solved = _Chunked()
+                for ch in chunks:
+                    notes, sub = [], []
+                    W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist,
+                                                 fp_experts_x, fp_gate_up, cfg, down_name, notes, ch)  # fmt: skip
+                    if width == measured.levels[0]:  # coverage notes: once, not per width
+                        fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
+                    qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
+                    solved.add(ch, qw, expert_damage(W, qw.weight, H), sub)
+                    del W, H
+                measured.add("down", width, *solved.joined(E))
             gu_bits, dn_bits = allocator.measured(layer.index, measured, experts.gate_up_proj[0].numel(),
                                                   experts.down_proj[0].numel())  # fmt: skip
             fallbacks.extend(measured.fallbacks(gu_bits, dn_bits))
@@ -873,12 +890,15 @@ def quantize_layer(
             # gate/up at its own width; it is solved once more on the chosen gate/up, the inputs it will really see.
             again = []
             redo = (dn_bits != gu_bits).nonzero().flatten()
-            if redo.numel():
+            for ch in chunks:
+                mine = redo[(redo >= ch.start) & (redo < ch.stop)]
+                if not mine.numel():
+                    continue
                 W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
-                                             fp_gate_up, cfg, down_name, [])  # fmt: skip
-                for width in sorted(set(dn_bits[redo].tolist())):
-                    ids = redo[dn_bits[redo] == width]
-                    sub, dev = [], ids.to(W.device)
+                                             fp_gate_up, cfg, down_name, [], ch)  # fmt: skip
+                for width in sorted(set(dn_bits[mine].tolist())):
+                    ids = mine[dn_bits[mine] == width]
+                    sub, dev = [], (ids - ch.start).to(W.device)
                     qw = solve_shared(dist, W[dev], H[dev], cfg, down_name, sub, torch.full((ids.numel(),), width),
                                       rows_of(metric, dev))  # fmt: skip
                     fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
@@ -1064,6 +1084,24 @@ def _routing_mass(routed: list, E: int, dist: Dist | None, weighted: bool) -> to
     if dist is not None and dist.active:
         dist.all_reduce_sum_(mass)
     return mass.cpu()
+
+
+class _Chunked:
+    """One width's results over the expert chunks of a layer (measured allocation): solves, losses, fallbacks."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, QuantizedWeight]] = []
+        self.losses: list[torch.Tensor] = []
+        self.notes: list[dict] = []
+
+    def add(self, ch: slice, qw: QuantizedWeight, loss: torch.Tensor, notes: list[dict]) -> None:
+        self.parts.append((torch.arange(ch.start, ch.stop), qw))
+        self.losses.append(loss)
+        self.notes.extend({**f, "index": ch.start + f["index"]} for f in notes)
+
+    def joined(self, E: int) -> tuple[QuantizedWeight, torch.Tensor, list[dict]]:
+        """``(result, loss, fallbacks)`` over all ``E`` experts."""
+        return take(self.parts, E), torch.cat(self.losses), self.notes
 
 
 class _Measured:

@@ -297,7 +297,9 @@ def _run(
     hidden = int(adapter.config.hidden_size)
     streams = 2 if fp_stream else 1
     stream_bytes = windows.numel() * hidden * 4 * streams * 2
-    store_dev = resolve_store(cfg.offload, device, stream_bytes, _working_bytes(layers))
+    store_dev = resolve_store(
+        cfg.offload, device, stream_bytes, _working_bytes(layers, cfg, cfg.exact_sums or dist.active)
+    )
     result.summary["device"], result.summary["stream_store"] = str(device), str(store_dev)
     all_windows = windows
     n_batches = -(-windows.shape[0] // batch_size)
@@ -489,15 +491,18 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
     return budgets, means
 
 
-def _working_bytes(layers: list[MoELayer]) -> int:
-    """Bytes one layer needs on the device beyond the streams: its float32 weights and its largest Hessian batch."""
+def _working_bytes(layers: list[MoELayer], cfg: QuantConfig, exact: bool) -> int:
+    """Bytes one layer needs on the device beyond the streams: its float32 weights (twice: the FP copies the
+    targets and look-ahead keep) and its largest Hessian batch, one chunk of experts (``_expert_chunks``) with a
+    working copy."""
     worst = 0
     for layer in layers:
         params = sum(p.numel() for p in layer.layer.parameters()) * 4
         hess = 0
         if layer.is_moe:
             E, _, d = layer.experts.gate_up_proj.shape
-            hess = E * d * d * 4 * 2
+            chunk = _expert_chunks(E, d, exact, cfg)[0]
+            hess = (chunk.stop - chunk.start) * d * d * (8 if exact else 4) * 2
         worst = max(worst, params * 2 + hess)
     return worst
 

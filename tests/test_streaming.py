@@ -317,7 +317,8 @@ def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, 
     accumulator ever holds more than a chunk's Hessians (DeepSeek-V3's 256 gate/up ones are 105 GB in float64),
     and the codes, grids and fallback notes (starved experts on these few tokens) are those of one chunk. The
     gate/up metric (``lambda_metric_up``, ``(E, 2I, 2I)``) is built per chunk too, and the measured allocation
-    (``bits_budget``) solves every chunk at every width and chooses the same widths."""
+    (``bits_budget``) solves every chunk at every width, keeps each width's results as codes only, and chooses the
+    same widths."""
     from vsraq_plugin.gptq import HessianAccumulator
 
     windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -338,6 +339,15 @@ def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, 
         return up_path(A, down, *args)
 
     monkeypatch.setattr(vsraq_math, "up_path_matrices", up_spy)
+    from vsraq_plugin import pipeline
+
+    kept, add = [], pipeline._Measured.add
+
+    def add_spy(self, part, width, qw, *args):  # every width's results: codes only, no float32 weights
+        kept.append(qw.weight is None and qw.codes.dtype == torch.uint8)
+        return add(self, part, width, qw, *args)
+
+    monkeypatch.setattr(pipeline._Measured, "add", add_spy)
     for chunk in (0, 3):
         sizes.clear()
         metrics.clear()
@@ -347,6 +357,7 @@ def test_expert_chunks_hold_one_chunk_and_change_no_code(family, method, exact, 
         )
         res = quantize_model(model, windows, cfg, batch_size=2, progress=False)
         runs[chunk] = res, max(sizes)
+        assert all(kept) and bool(kept) == ("bits_budget" in extra)
         assert bool(metrics) == ("lambda_metric_up" in extra) and all(m <= (chunk or 99) for m in metrics)
     (full, widest), (chunked, chunk_widest) = runs[0], runs[3]
     assert widest == model.config.num_local_experts if family == "mixtral" else widest > 3

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
+from .quantizer import QuantizedWeight
 
 
 @dataclass
@@ -122,7 +123,12 @@ def expert_damage(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Te
 
 
 def gate_up_output_loss(
-    experts, fp_gate_up: torch.Tensor, gate_ups: dict[int, torch.Tensor], down: torch.Tensor, batches, dist=None
+    experts,
+    fp_gate_up: torch.Tensor,
+    gate_ups: dict[int, torch.Tensor | QuantizedWeight],
+    down: torch.Tensor,
+    batches,
+    dist=None,
 ) -> dict[int, torch.Tensor]:
     """Per width ``b`` and expert ``e``, gate/up's error where down's solve loss is measured, the residual stream:
     ``sum_t w_t ||W_down,e (h_b,t - h_t)||^2 / sum_t w_t``, ``h`` the expert's down input ``gate(x W_gu^T)`` with
@@ -130,22 +136,35 @@ def gate_up_output_loss(
     solve loss is in its output space (before the gate and down), so it cannot be weighed against down's in one
     knapsack (``width_per_projection``); this can. ``batches``: ``(X, tokens, eids, w)`` with ``X[tokens]`` the
     (token, expert) pairs' inputs and ``w`` their weights, as down's Hessians weigh them. Float64 sums, reduced
-    over the ranks of a distributed run."""
+    over the ranks of a distributed run. A width given as codes (``QuantizedWeight``) is dequantized one expert at
+    a time (never all experts' float32 weights of every width at once)."""
     from .capture import expert_gate, expert_groups
+    from .solve import dequantize_grid
 
     E = fp_gate_up.shape[0]
     dev = fp_gate_up.device
     num = {b: torch.zeros(E, dtype=torch.float64, device=dev) for b in gate_ups}
     den = torch.zeros(E, dtype=torch.float64, device=dev)
     fp, dn = fp_gate_up.detach().float(), down.detach().float()
-    quantized = {b: gu.detach().float() for b, gu in gate_ups.items()}
-    for X, tokens, eids, w in batches:
-        for e, sel in expert_groups(eids, E):
+
+    def weight(gu, e: int) -> torch.Tensor:  # (1, 2I, d): expert e's gate/up at one width
+        if isinstance(gu, QuantizedWeight):
+            one = slice(e, e + 1)
+            return dequantize_grid(gu.codes[one], gu.scales[one], gu.zeros[one], gu.g_idx[one])
+        return gu[e : e + 1].detach().float()
+
+    groups = [dict(expert_groups(eids, E)) for _, _, eids, _ in batches]
+    for e in range(E):
+        seen = [(batch, got[e]) for batch, got in zip(batches, groups, strict=True) if e in got]
+        if not seen:
+            continue
+        quantized = {b: weight(gu, e) for b, gu in gate_ups.items()}
+        for (X, tokens, _, w), sel in seen:  # the batches in order: the same float64 sums as batch by batch
             xs, ws = X[tokens[sel]].float(), w[sel].double()
             h = expert_gate(experts, fp, e, xs)
             den[e] += ws.sum()
             for b, gu in quantized.items():
-                diff = (expert_gate(experts, gu, e, xs) - h) @ dn[e].T
+                diff = (expert_gate(experts, gu, 0, xs) - h) @ dn[e].T
                 num[b][e] += (ws * diff.pow(2).sum(-1).double()).sum()
     if dist is not None and dist.active:
         for t in (*num.values(), den):

@@ -18,6 +18,7 @@ safetensors shards, each finished layer written to the checkpoint and freed).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
 from .solve import (
     QuantizationResult,
+    dequantize_grid,
     rows_of,
     solve_batch,
     solve_shared,
@@ -868,14 +870,14 @@ def quantize_layer(
                 else:
                     batches = [(x, *expert_pairs(x, idx), w.reshape(-1) if plan.weighted_experts
                                 else torch.ones(idx.numel(), device=x.device)) for x, idx, w in routed]  # fmt: skip
-                gate_ups = {b: measured.results["gate_up"][b].weight for b in measured.levels}
+                gate_ups = {b: measured.results["gate_up"][b] for b in measured.levels}  # (codes: per expert)
                 out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist)
                 measured.losses["gate_up"].update(out)
             continue
         elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
             chunks = _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg)
             for width in measured.levels:
-                experts.gate_up_proj.copy_(measured.results["gate_up"][width].weight)
+                _dequantize_into(experts.gate_up_proj, measured.results["gate_up"][width], chunks)
                 solved = _Chunked()
                 for ch in chunks:
                     notes, sub = [], []
@@ -890,7 +892,8 @@ def quantize_layer(
             gu_bits, dn_bits = allocator.measured(layer.index, measured, experts.gate_up_proj[0].numel(),
                                                   experts.down_proj[0].numel())  # fmt: skip
             fallbacks.extend(measured.fallbacks(gu_bits, dn_bits))
-            _store_experts(prefix, experts, measured.select("gate_up", gu_bits), None, result)
+            _store_experts(prefix, experts, measured.select("gate_up", gu_bits, chunks, experts.gate_up_proj), None,
+                           result)  # fmt: skip
             # Widths per projection: a down whose width differs from its gate/up's was solved (and measured) on
             # gate/up at its own width; it is solved once more on the chosen gate/up, the inputs it will really see.
             again = []
@@ -907,9 +910,10 @@ def quantize_layer(
                     qw = solve_shared(dist, W[dev], H[dev], cfg, down_name, sub, torch.full((ids.numel(),), width),
                                       rows_of(metric, dev))  # fmt: skip
                     fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
-                    again.append((ids, qw))
+                    again.append((ids, _codes_only(qw)))
                 del W, H
-            _store_experts(prefix, experts, None, measured.select("down", dn_bits, again), result)
+            _store_experts(prefix, experts, None, measured.select("down", dn_bits, chunks, experts.down_proj, again),
+                           result)  # fmt: skip
             continue
         parts = []
         for ch in _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg):
@@ -1091,8 +1095,21 @@ def _routing_mass(routed: list, E: int, dist: Dist | None, weighted: bool) -> to
     return mass.cpu()
 
 
+def _codes_only(qw: QuantizedWeight) -> QuantizedWeight:
+    """``qw`` without its float32 weight (``dequantize_grid`` rebuilds it exactly: the solver's own arithmetic)."""
+    return dataclasses.replace(qw, weight=None)
+
+
+def _dequantize_into(param: torch.Tensor, qw: QuantizedWeight, chunks: list[slice]) -> None:
+    """``qw``'s weights written into ``param`` a chunk of experts at a time (the temporaries of one chunk only)."""
+    for ch in chunks:
+        param[ch].copy_(dequantize_grid(qw.codes[ch], qw.scales[ch], qw.zeros[ch], qw.g_idx[ch]))
+
+
 class _Chunked:
-    """One width's results over the expert chunks of a layer (measured allocation): solves, losses, fallbacks."""
+    """One width's results over the expert chunks of a layer (measured allocation): solves, losses, fallbacks. The
+    results are kept as codes and grids: every width's float32 weights of a layer would be 3 x 30 GB of gate/up
+    at DeepSeek-V3's widths over {2, 3, 4}, their codes a quarter of that."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[torch.Tensor, QuantizedWeight]] = []
@@ -1100,7 +1117,7 @@ class _Chunked:
         self.notes: list[dict] = []
 
     def add(self, ch: slice, qw: QuantizedWeight, loss: torch.Tensor, notes: list[dict]) -> None:
-        self.parts.append((torch.arange(ch.start, ch.stop), qw))
+        self.parts.append((torch.arange(ch.start, ch.stop), _codes_only(qw)))
         self.losses.append(loss)
         self.notes.extend({**f, "index": ch.start + f["index"]} for f in notes)
 
@@ -1141,10 +1158,16 @@ class _Measured:
                 if int(kept[part][f["index"]]) == b]  # fmt: skip
 
     def select(
-        self, part: str, widths: torch.Tensor, again: list[tuple[torch.Tensor, QuantizedWeight]] = ()
+        self,
+        part: str,
+        widths: torch.Tensor,
+        chunks: list[slice],
+        param: torch.Tensor,
+        again: list[tuple[torch.Tensor, QuantizedWeight]] = (),
     ) -> QuantizedWeight:
-        """One batch from the chosen width of every expert (``take``: per-matrix widths when they differ); the experts
-        of ``again`` (indices, a result of one width) were solved once more and are taken from there."""
+        """One batch from the chosen width of every expert (``take``: per-matrix widths when they differ), its weights
+        written into ``param`` (the model's experts) chunk by chunk; the experts of ``again`` (indices, a result of
+        one width) were solved once more and are taken from there."""
         parts = list(again)
         solved = torch.zeros(widths.numel(), dtype=torch.bool)
         for ids, _ in again:
@@ -1156,7 +1179,10 @@ class _Measured:
             qw = self.results[part][b]
             dev = ids.to(qw.codes.device)
             pick = lambda t, d=dev: None if t is None else t[d]  # noqa: E731
-            sub = QuantizedWeight(pick(qw.codes), pick(qw.scales), pick(qw.zeros), pick(qw.g_idx), pick(qw.weight), b,
+            sub = QuantizedWeight(pick(qw.codes), pick(qw.scales), pick(qw.zeros), pick(qw.g_idx), None, b,
                                   qw.group_size, None, pick(qw.prequant))  # fmt: skip
             parts.append((ids, sub))
-        return take(parts, widths.numel())
+        chosen = take(parts, widths.numel())
+        _dequantize_into(param, chosen, chunks)
+        chosen.weight = param.detach()
+        return chosen

@@ -81,7 +81,7 @@ class QuantizedWeight:
     scales: torch.Tensor  # (..., rows, groups) float32, fp16-representable
     zeros: torch.Tensor  # (..., rows, groups) int32
     g_idx: torch.Tensor  # (..., in) int32
-    weight: torch.Tensor  # (..., rows, in) float32
+    weight: torch.Tensor | None  # (..., rows, in) float32 (None: codes only, ``solve.dequantize_grid`` rebuilds it)
     bits: int
     group_size: int
     bits_per_matrix: torch.Tensor | None = None  # (B,) when the matrices of a batch have different widths

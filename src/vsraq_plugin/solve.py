@@ -74,7 +74,8 @@ def take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedWe
     if any(qw.prequant is not None for _, qw in qws):  # an RTN fallback rounded its own weight
         for _, qw in qws:
             if qw.prequant is None:
-                qw.prequant = qw.weight
+                own = qw.weight if qw.weight is not None else dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)
+                qw.prequant = own
     widths = {qw.bits for _, qw in qws}
     per_matrix = None
     if len(widths) > 1:
@@ -86,7 +87,7 @@ def take(qws: list[tuple[torch.Tensor, QuantizedWeight]], B: int) -> QuantizedWe
         scales=gather("scales"),
         zeros=gather("zeros"),
         g_idx=gather("g_idx"),
-        weight=gather("weight"),
+        weight=gather("weight") if first.weight is not None else None,  # (codes-only parts: rebuilt by the caller)
         bits=max(widths),
         group_size=first.group_size,
         bits_per_matrix=per_matrix,

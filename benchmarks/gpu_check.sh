@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run of under 8 minutes on an H100/H200 (each step has its own
+# Every check that needs a CUDA GPU, in one run of under 10 minutes on an H100/H200 (each step has its own
 # time limit, so one slow step cannot eat the others' time). Run it from the repository root:
 #
 #     bash benchmarks/gpu_check.sh            # logs and JSON under $OUT (default ./gpu_check_out)
@@ -18,7 +18,8 @@
 #                W4g64 / W3g64: codes equal on >= 99.9 % of weights, agreement / KL / perplexity side by side
 #   metric       benchmarks/bench_gptq.py --metric on the GPU: the output-metric solve against GPTQ's solve
 #   scale        benchmarks/bench_scale.py on the GPU: gptq vs vsraq wall time, peak GPU memory and host RSS
-#                on the Qwen3-30B-A3B-width model (4 layers, 16 experts)
+#                on the Qwen3-30B-A3B-width model (4 layers, 16 experts), each also 4 experts at a time
+#                (--expert-chunk 4: the FP gate/up copy moved from pinned host memory per chunk)
 #
 # The machine's image may lack packages the project needs (optimum, datasets) or carry an older transformers:
 # put wheels in ./.whl (see the device tool's README) and they are installed into /tmp/site first.
@@ -50,7 +51,7 @@ step bench 120 python3 benchmarks/bench_kernels.py --cases dense moe --m 1 16 64
 step mixed 90 python3 benchmarks/bench_kernels.py --cases mixed --mixed-widths 2 3 4 --m 1 16 64 512 4096
 step fixture 120 python3 benchmarks/gpu_fixture.py --bits 4 3 --methods gptq vsraq --threads 16
 step metric 45 python3 benchmarks/bench_gptq.py --metric --experts 8 --threads 16 --device cuda
-step scale 110 python3 benchmarks/bench_scale.py --layers 4 --methods gptq vsraq --device cuda --threads 16 \
-  --n-samples 64 --work /tmp/vsraq-scale --out "$OUT/bench_scale.json"
+step scale 180 python3 benchmarks/bench_scale.py --layers 4 --methods gptq vsraq --device cuda --threads 16 \
+  --n-samples 64 --expert-chunk 0 4 --work /tmp/vsraq-scale --out "$OUT/bench_scale.json"
 echo "gpu_check: $([ $status -eq 0 ] && echo ALL PASSED || echo SOME STEPS FAILED) (logs in $OUT)"
 exit $status

@@ -178,6 +178,10 @@ def test_with_coverage_blends_starved_experts_by_hand():
     torch.testing.assert_close(H[1], H_all, **exact)  # no routed token: the coverage alone
     assert torch.equal(H[2], acc.H[2])  # not starved: untouched
     assert torch.equal(acc.H, before)  # the accumulator is not modified
+    blended = H.clone()
+    assert _with_coverage(acc, all_tokens.H, 7, [0, 1], "g", [], in_place=True) is acc.H  # ... unless asked to
+    assert torch.equal(acc.H, blended)
+    acc.H.copy_(before)
     assert fallbacks == [
         {
             "target": "layer.experts.gate_up_proj",

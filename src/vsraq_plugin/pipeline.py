@@ -830,7 +830,7 @@ def quantize_layer(
                     local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
                     starved += [ch.start + e for e in local]
                     sub: list[dict] = []
-                    H = with_coverage(acc, cov_H, cov_n, local, name, sub)
+                    H = with_coverage(acc, cov_H, cov_n, local, name, sub, in_place=True)
                     bits = None if expert_bits is None else expert_bits[ch]
                     metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)  # (lambda_metric_up > 0)
                     parts.append(_chunk_solve(dist, W, ch, H, cfg, name, sub, bits, metric, fallbacks))
@@ -847,7 +847,7 @@ def quantize_layer(
                 local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
                 starved += [ch.start + e for e in local]
                 notes: list[dict] = []
-                H = with_coverage(acc, cov_H, cov_n, local, name, notes)
+                H = with_coverage(acc, cov_H, cov_n, local, name, notes, in_place=True)
                 fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
                 metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)
                 weight_sums.append(acc.weight_sum.double().cpu())
@@ -1050,7 +1050,8 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
         if cov is not None:
             cov.reduce(dist)
     cov_tokens = int(cov.tokens.max()) if cov is not None else 0
-    H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, down_name, fallbacks)
+    # In place: the targets below read acc.H too, but a starved expert keeps its own weight as its target.
+    H = with_coverage(acc, cov.H if cov is not None else acc.H[:1], cov_tokens, starved, down_name, fallbacks, True)
     W = experts.down_proj[ch]
     if targets:
         if cross is not None:

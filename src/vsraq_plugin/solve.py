@@ -160,13 +160,20 @@ def solve_batch(
 
 
 def with_coverage(
-    acc: HessianAccumulator, cov_H: torch.Tensor, cov_tokens: int, starved: list[int], name: str, fallbacks: list[dict]
+    acc: HessianAccumulator,
+    cov_H: torch.Tensor,
+    cov_tokens: int,
+    starved: list[int],
+    name: str,
+    fallbacks: list[dict],
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Starved experts' Hessians blended with all-token coverage at a small per-token weight (DESIGN 3.5):
-    ``H_e = (n_e H_e + c N H_all) / (n_e + c N)``, ``c`` = ``COVERAGE_WEIGHT``, ``N`` = all calibration tokens."""
+    ``H_e = (n_e H_e + c N H_all) / (n_e + c N)``, ``c`` = ``COVERAGE_WEIGHT``, ``N`` = all calibration tokens.
+    ``in_place``: into ``acc.H`` itself (no copy of every expert's Hessian when the accumulator is done with)."""
     if not starved:
         return acc.H
-    H = acc.H.clone()
+    H = acc.H if in_place else acc.H.clone()
     for j, e in enumerate(starved):
         n_e, extra = float(acc.weight_sum[e]), COVERAGE_WEIGHT * cov_tokens
         cov = cov_H[j if cov_H.shape[0] > 1 else 0]

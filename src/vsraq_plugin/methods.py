@@ -209,8 +209,12 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
             views[index] = ctx.router(index)
         return views[index]
 
-    def route(index: int):
-        return adapter.route(logits[index].to(device), view(index))
+    routes: dict = {}
+
+    def route(index: int):  # each router's FP decisions once per layer (a top-k over every calibration token)
+        if index not in routes:
+            routes[index] = adapter.route(logits[index].to(device), view(index))
+        return routes[index]
 
     def boundary_of(index: int | None) -> torch.Tensor | None:
         """The router's normalised boundary matrix A (DESIGN 3.5b), when some output metric needs it."""

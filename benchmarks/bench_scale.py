@@ -7,8 +7,9 @@ with fewer experts, so a layer fits a CPU run), saved in bf16 in several shards,
 Every quantization runs in its own process; its peak RSS comes from ``wait4`` (that process alone) and its wall
 time from the parent. Printed: peak RSS and wall time per tool and depth, the RSS ratio between the deepest and
 the shallowest model (1.0 = flat in depth), and the bf16 size of each model for scale. ``--expert-chunk 0 4``
-adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time (same codes) and
-prints its peak RSS and wall time as ratios to the one-chunk run.
+adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time and prints its
+peak RSS and wall time as ratios to the one-chunk run, and whether the two checkpoints' tensors are bitwise equal
+(they are on the CPU; on a GPU, batched factorisations of different batch sizes might round differently).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --layers 4 8 --methods gptq vsraq \
         --gptqmodel-python /tmp/gqvenv/bin/python
@@ -92,6 +93,21 @@ def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
     }
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Whether two checkpoint folders hold the same tensor names with bitwise equal values."""
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
@@ -135,6 +151,9 @@ def main() -> int:
             cmd += ["--expert-chunk", str(chunk)]
             r = measure(cmd, env, work)
             tool = f"vsraq quantize --method {method}" + (f" --expert-chunk {chunk}" if chunk else "")
+            one = work / f"q-{method}-0-{depth}L"
+            if chunk and one.exists():  # the chunks change memory, never the checkpoint's tensors
+                r["same_tensors_as_one_chunk"] = same_tensors(one, out)
             rows.append({"tool": tool, "layers": depth, **r})
             print(f"{depth} layers, {tool}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
         if args.gptqmodel_python:
@@ -173,8 +192,10 @@ def main() -> int:
         if " --expert-chunk " in r["tool"]:
             name = r["tool"].split(" --expert-chunk ")[0]
             base = next(b for b in rows if b["tool"] == name and b["layers"] == r["layers"])
+            same = {True: "same tensors", False: "TENSORS DIFFER", None: "tensors not compared"}
             print(f"{r['tool']} ({r['layers']} layers): peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.3f}x, "
-                  f"wall {r['seconds'] / base['seconds']:.3f}x of one chunk")  # fmt: skip
+                  f"wall {r['seconds'] / base['seconds']:.3f}x of one chunk, "
+                  f"{same[r.get('same_tensors_as_one_chunk')]}")  # fmt: skip
     ratios = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         a = next(r for r in rows if r["tool"] == tool and r["layers"] == lo)

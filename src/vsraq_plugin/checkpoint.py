@@ -113,7 +113,8 @@ def quantization_config(
     """The ``quantization_config`` block that GPTQ loaders (transformers, gptqmodel, vLLM) read."""
     vsraq = config.to_dict()
     if summary:
-        vsraq["fallbacks"] = summary.get("fallbacks", [])
+        # One order whatever the expert chunks or ranks that produced them.
+        vsraq["fallbacks"] = sorted(summary.get("fallbacks", []), key=lambda f: (f["target"], f["index"], f["action"]))
         if "expert_bits" in summary:
             vsraq["expert_bits"] = summary["expert_bits"]
             vsraq["expert_bits_scores"] = summary.get("expert_bits_scores")

@@ -137,8 +137,9 @@ class HessianAccumulator:
             new_sum = self.weight_sum + wsum
             # Only the matrices this call reaches are rescaled (the others' factor is exactly 1): a caller that
             # adds one expert at a time (``capture.ExpertCross``) then costs O(d^2) per call, not O(E d^2).
-            keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
-            keep = keep.float().tolist()
+            if not self.exact:
+                keep = torch.where(new_sum > 0, self.weight_sum / new_sum.clamp(min=1e-300), torch.zeros_like(new_sum))
+                keep = keep.float().tolist()
             scale = torch.where(new_sum > 0, new_sum, torch.ones_like(new_sum)).float()  # no weight: zeros / 1
             start = 0
             for e, c in enumerate(counts.tolist()):

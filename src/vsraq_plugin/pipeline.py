@@ -840,7 +840,7 @@ def quantize_layer(
             # The measured allocation: every chunk's experts solved once per candidate width (the chunk's Hessians
             # built once); the allocation waits for down's.
             levels = sorted(cfg.bit_levels)
-            solved = {b: _Chunked() for b in levels}
+            solved = {b: _Chunked(cfg.refine_steps > 0) for b in levels}
             weight_sums = []
             for ch in _expert_chunks(E, W.shape[-1], exact, cfg):
                 acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
@@ -878,7 +878,7 @@ def quantize_layer(
             chunks = _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg)
             for width in measured.levels:
                 _dequantize_into(experts.gate_up_proj, measured.results["gate_up"][width], chunks)
-                solved = _Chunked()
+                solved = _Chunked(cfg.refine_steps > 0)
                 for ch in chunks:
                     notes, sub = [], []
                     W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist,
@@ -910,7 +910,7 @@ def quantize_layer(
                     qw = solve_shared(dist, W[dev], H[dev], cfg, down_name, sub, torch.full((ids.numel(),), width),
                                       rows_of(metric, dev))  # fmt: skip
                     fallbacks.extend({**f, "index": int(ids[f["index"]])} for f in sub)
-                    again.append((ids, _codes_only(qw)))
+                    again.append((ids, _codes_only(qw, cfg.refine_steps > 0)))
                 del W, H
             _store_experts(prefix, experts, None, measured.select("down", dn_bits, chunks, experts.down_proj, again),
                            result)  # fmt: skip
@@ -933,9 +933,14 @@ EXPERT_HESSIAN_BYTES = 8 << 30
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in host memory (pinned beside a GPU): the experts' FP gate/up for FP targets, moved to the
-    device a chunk of experts at a time (DeepSeek-V3: 30 GB in float32 that the device need not hold)."""
-    return t.clone() if t.device.type == "cpu" else to_store(t, torch.device("cpu"))
+    """A copy of ``t`` in host memory (pinned beside a GPU, pageable when pinning fails): the experts' FP gate/up for
+    FP targets, moved to the device a chunk of experts at a time (DeepSeek-V3: 30 GB that the device need not hold)."""
+    if t.device.type == "cpu":
+        return t.clone()
+    try:
+        return to_store(t, torch.device("cpu"))
+    except RuntimeError:  # the pinned pool cannot hold it: slower transfers, same values
+        return t.cpu()
 
 
 def _expert_chunks(E: int, d_in: int, exact: bool, cfg: QuantConfig) -> list[slice]:
@@ -986,6 +991,7 @@ def _join_chunks(parts: list[tuple[slice, QuantizedWeight]], param: torch.Tensor
     E = param.shape[0]
     qws = []
     for ch, qw in parts:
+        qw = dataclasses.replace(qw, weight=None)  # the model holds the weights: no E-expert copy to gather
         ids = torch.arange(ch.start, ch.stop)
         if qw.bits_per_matrix is None:
             qws.append((ids, qw))
@@ -993,8 +999,8 @@ def _join_chunks(parts: list[tuple[slice, QuantizedWeight]], param: torch.Tensor
         for width in sorted(set(qw.bits_per_matrix.tolist())):  # a mixed chunk: one part per width
             sel = (qw.bits_per_matrix == width).nonzero().flatten()
             pre = None if qw.prequant is None else qw.prequant[sel]
-            one = QuantizedWeight(qw.codes[sel], qw.scales[sel], qw.zeros[sel], qw.g_idx[sel], qw.weight[sel],
-                                  width, qw.group_size, None, pre)  # fmt: skip
+            one = QuantizedWeight(qw.codes[sel], qw.scales[sel], qw.zeros[sel], qw.g_idx[sel], None, width,
+                                  qw.group_size, None, pre)  # fmt: skip
             qws.append((ids[sel], one))
     joined = take(qws, E)
     joined.weight = param.detach()
@@ -1096,9 +1102,10 @@ def _routing_mass(routed: list, E: int, dist: Dist | None, weighted: bool) -> to
     return mass.cpu()
 
 
-def _codes_only(qw: QuantizedWeight) -> QuantizedWeight:
-    """``qw`` without its float32 weight (``dequantize_grid`` rebuilds it exactly: the solver's own arithmetic)."""
-    return dataclasses.replace(qw, weight=None)
+def _codes_only(qw: QuantizedWeight, keep_prequant: bool = False) -> QuantizedWeight:
+    """``qw`` without its float32 weight (``dequantize_grid`` rebuilds it exactly: the solver's own arithmetic) and,
+    unless refinement will read them, without the values the solver rounded."""
+    return dataclasses.replace(qw, weight=None, prequant=qw.prequant if keep_prequant else None)
 
 
 def _dequantize_into(param: torch.Tensor, qw: QuantizedWeight, chunks: list[slice]) -> None:
@@ -1112,13 +1119,14 @@ class _Chunked:
     results are kept as codes and grids: every width's float32 weights of a layer would be 3 x 30 GB of gate/up
     at DeepSeek-V3's widths over {2, 3, 4}, their codes a quarter of that."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_prequant: bool = False) -> None:
         self.parts: list[tuple[torch.Tensor, QuantizedWeight]] = []
         self.losses: list[torch.Tensor] = []
         self.notes: list[dict] = []
+        self.keep_prequant = keep_prequant  # (refinement starts from them)
 
     def add(self, ch: slice, qw: QuantizedWeight, loss: torch.Tensor, notes: list[dict]) -> None:
-        self.parts.append((torch.arange(ch.start, ch.stop), _codes_only(qw)))
+        self.parts.append((torch.arange(ch.start, ch.stop), _codes_only(qw, self.keep_prequant)))
         self.losses.append(loss)
         self.notes.extend({**f, "index": ch.start + f["index"]} for f in notes)
 

@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="routed experts whose Hessians are built and solved together (bounds their memory; the codes do not "
-        "change); 0 (default): as many as fit in 8 GiB of Hessians",
+        "change); 0 (default): as many as fit in 8 GiB of Hessians on a GPU, 1 GiB on the CPU",
     )
     q.add_argument(
         "--float32-sums",

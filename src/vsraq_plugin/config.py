@@ -128,7 +128,7 @@ class QuantConfig:
     exact_sums: bool = True
     # Routed experts whose Hessians are built and solved together (a chunk at a time, so only that chunk's
     # Hessians are held: DeepSeek-V3's 256 gate/up Hessians are 105 GB in float64). 0 (default): as many as fit in
-    # 8 GiB of Hessian sums. The codes do not depend on it.
+    # 8 GiB of Hessian sums on a GPU, 1 GiB on the CPU. The codes do not depend on it.
     expert_chunk: int = 0
 
     def __post_init__(self) -> None:
@@ -249,7 +249,7 @@ class QuantConfig:
         if not isinstance(self.expert_chunk, int) or isinstance(self.expert_chunk, bool) or self.expert_chunk < 0:
             raise ConfigError(
                 f"expert_chunk={self.expert_chunk!r} must be an int >= 0: experts solved together, 0 for automatic "
-                "(8 GiB of Hessians)."
+                "(8 GiB of Hessians on a GPU, 1 GiB on the CPU)."
             )
         if not isinstance(self.dynamic, dict):
             raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")

@@ -503,7 +503,7 @@ def _working_bytes(layers: list[MoELayer], cfg: QuantConfig, exact: bool) -> int
         hess = 0
         if layer.is_moe:
             E, _, d = layer.experts.gate_up_proj.shape
-            chunk = _expert_chunks(E, d, exact, cfg)[0]
+            chunk = _expert_chunks(E, d, exact, cfg, "cuda")[0]  # (only asked about a GPU)
             hess = (chunk.stop - chunk.start) * d * d * (8 if exact else 4) * 2
         worst = max(worst, params * 2 + hess)
     return worst
@@ -825,7 +825,7 @@ def quantize_layer(
                 expert_bits = allocator.frequency(layer.index, _routing_mass(routed, E, dist, False))
             if mode != "measured":  # a chunk of experts at a time: only its Hessians are held (expert_chunk)
                 parts = []
-                for ch in _expert_chunks(E, W.shape[-1], exact, cfg):
+                for ch in _expert_chunks(E, W.shape[-1], exact, cfg, W.device):
                     acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
                     local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
                     starved += [ch.start + e for e in local]
@@ -842,7 +842,7 @@ def quantize_layer(
             levels = sorted(cfg.bit_levels)
             solved = {b: _Chunked(cfg.refine_steps > 0) for b in levels}
             weight_sums = []
-            for ch in _expert_chunks(E, W.shape[-1], exact, cfg):
+            for ch in _expert_chunks(E, W.shape[-1], exact, cfg, W.device):
                 acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
                 local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
                 starved += [ch.start + e for e in local]
@@ -875,7 +875,7 @@ def quantize_layer(
                 measured.losses["gate_up"].update(out)
             continue
         elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
-            chunks = _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg)
+            chunks = _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg, experts.down_proj.device)
             for width in measured.levels:
                 _dequantize_into(experts.gate_up_proj, measured.results["gate_up"][width], chunks)
                 solved = _Chunked(cfg.refine_steps > 0)
@@ -916,7 +916,7 @@ def quantize_layer(
                            result)  # fmt: skip
             continue
         parts = []
-        for ch in _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg):
+        for ch in _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg, experts.down_proj.device):
             sub = []
             W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
                                          fp_gate_up, cfg, down_name, sub, ch)  # fmt: skip
@@ -927,9 +927,11 @@ def quantize_layer(
 
 
 # Auto ``expert_chunk``: the experts whose Hessians are built and solved together hold at most this many bytes of
-# Hessian sums (Qwen3-30B-A3B's 128 gate/up Hessians in float64: 4.3 GB, one chunk; DeepSeek-V3's 105 GB: 20 of
-# 411 MB each per chunk).
-EXPERT_HESSIAN_BYTES = 8 << 30
+# Hessian sums. On a GPU, 8 GiB (Qwen3-30B-A3B's 128 gate/up Hessians in float64, 4.3 GB: one chunk; DeepSeek-V3's
+# 105 GB: 20 of 411 MB each per chunk), so a chunk's batched solves stay large next to the per-column launches. On
+# the CPU, 1 GiB: measured at Qwen3-30B-A3B's shape (128 experts, bench_scale.py), 16 experts at a time were 9-12 %
+# faster than all 128 at once and took 0.59-0.67x the peak memory.
+EXPERT_HESSIAN_BYTES = {"cuda": 8 << 30, "cpu": 1 << 30}
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -943,10 +945,11 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
         return t.cpu()
 
 
-def _expert_chunks(E: int, d_in: int, exact: bool, cfg: QuantConfig) -> list[slice]:
+def _expert_chunks(E: int, d_in: int, exact: bool, cfg: QuantConfig, device: torch.device) -> list[slice]:
     """The experts of a layer in chunks whose Hessians (``d_in``-wide, float64 sums when ``exact``) are built and
-    solved together: ``cfg.expert_chunk`` experts, or (0) as many as ``EXPERT_HESSIAN_BYTES`` holds."""
-    size = cfg.expert_chunk or max(1, EXPERT_HESSIAN_BYTES // (d_in * d_in * (8 if exact else 4)))
+    solved together: ``cfg.expert_chunk`` experts, or (0) as many as ``EXPERT_HESSIAN_BYTES`` holds on ``device``."""
+    budget = EXPERT_HESSIAN_BYTES["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    size = cfg.expert_chunk or max(1, budget // (d_in * d_in * (8 if exact else 4)))
     return [slice(a, min(a + size, E)) for a in range(0, E, size)]
 
 

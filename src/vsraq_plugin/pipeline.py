@@ -450,13 +450,15 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             experts = layer.experts
             gu, dn = experts.gate_up_proj.detach().float(), experts.down_proj.detach().float()
             E = gu.shape[0]
-            q_gu = {b: rtn(gu, b, cfg.group_size, cfg.sym).weight for b in levels}
-            err_dn = {b: dn - rtn(dn, b, cfg.group_size, cfg.sym).weight for b in levels}
             # Per expert and width: the gate/up and down damages as two items (width_per_projection), or their sum.
+            # One expert at a time, its round-to-nearest copies at every width made once (never every expert's at
+            # every width: 3 x 45 GB at DeepSeek-V3's widths); the batches in order, so the sums are the same.
             d = torch.zeros(2 if cfg.per_projection else 1, E, len(levels), dtype=torch.float64)
-            for x, idx, w in seen:
-                x = x.reshape(-1, x.shape[-1]).float()
-                for e in range(E):
+            batches = [(x.reshape(-1, x.shape[-1]).float(), idx, w) for x, idx, w in seen]
+            for e in range(E):
+                q_gu = {b: rtn(gu[e : e + 1], b, cfg.group_size, cfg.sym).weight for b in levels}
+                err_dn = {b: dn[e] - rtn(dn[e : e + 1], b, cfg.group_size, cfg.sym).weight[0] for b in levels}
+                for x, idx, w in batches:
                     hit = idx == e
                     rows = hit.any(-1).nonzero().flatten()
                     if not rows.numel():
@@ -466,10 +468,10 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
                         if cfg.per_projection:  # gate/up's error in the residual stream, as down's
-                            gate_up_sq = ((expert_gate(experts, q_gu[b], e, xs) - h) @ dn[e].T).pow(2).sum(-1)
+                            gate_up_sq = ((expert_gate(experts, q_gu[b], 0, xs) - h) @ dn[e].T).pow(2).sum(-1)
                         else:
-                            gate_up_sq = (xs @ (gu[e] - q_gu[b][e]).T).pow(2).sum(-1)
-                        sq = (gate_up_sq, (h @ err_dn[b][e].T).pow(2).sum(-1))
+                            gate_up_sq = (xs @ (gu[e] - q_gu[b][0]).T).pow(2).sum(-1)
+                        sq = (gate_up_sq, (h @ err_dn[b].T).pow(2).sum(-1))
                         for p, term in enumerate(sq if cfg.per_projection else (sq[0] + sq[1],)):
                             d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:

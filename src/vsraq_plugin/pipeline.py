@@ -496,9 +496,8 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
 
 
 def _working_bytes(layers: list[MoELayer], cfg: QuantConfig, exact: bool) -> int:
-    """Bytes one layer needs on the device beyond the streams: its float32 weights (twice: the FP copies the
-    targets and look-ahead keep) and its largest Hessian batch, one chunk of experts (``_expert_chunks``) with a
-    working copy."""
+    """Bytes one layer needs on the device beyond the streams: its float32 weights (twice, a margin for the solves'
+    working copies) and its largest Hessian batch, one chunk of experts (``_expert_chunks``) with a working copy."""
     worst = 0
     for layer in layers:
         params = sum(p.numel() for p in layer.layer.parameters()) * 4
@@ -820,22 +819,18 @@ def quantize_layer(
                 tokens, eids, w = plan.expert_pairs
                 pairs = (X, tokens, eids, w)
             name = f"{prefix}.mlp.experts.gate_up_proj"
-            cov_H, cov_n = cap.all_tokens.H, int(cap.all_tokens.tokens[0])
             W = experts.gate_up_proj
             mode = allocator.mode if allocator is not None and layer.is_moe else None
             if mode == "frequency":
                 expert_bits = allocator.frequency(layer.index, _routing_mass(routed, E, dist, False))
-            if mode != "measured":  # a chunk of experts at a time: only its Hessians are held (expert_chunk)
+            chunks = _gate_up_chunks(experts, routed, pairs, plan.weighted_experts, exact, bounds, dist, cfg,
+                                     cap.all_tokens, name, starved, fallbacks)  # fmt: skip
+            if mode != "measured":
                 parts = []
-                for ch in _expert_chunks(E, W.shape[-1], exact, cfg, W.device):
-                    acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
-                    local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
-                    starved += [ch.start + e for e in local]
-                    sub: list[dict] = []
-                    H = with_coverage(acc, cov_H, cov_n, local, name, sub, in_place=True)
+                for ch, acc, H in chunks:
                     bits = None if expert_bits is None else expert_bits[ch]
                     metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)  # (lambda_metric_up > 0)
-                    parts.append(_chunk_solve(dist, W, ch, H, cfg, name, sub, bits, metric, fallbacks))
+                    parts.append(_chunk_solve(dist, W, ch, H, cfg, name, [], bits, metric, fallbacks))
                     del acc, H, metric
                 _store_experts(prefix, experts, _join_chunks(parts, W), None, result)
                 continue
@@ -844,13 +839,7 @@ def quantize_layer(
             levels = sorted(cfg.bit_levels)
             solved = {b: _Chunked(cfg.refine_steps > 0) for b in levels}
             weight_sums = []
-            for ch in _expert_chunks(E, W.shape[-1], exact, cfg, W.device):
-                acc = _gate_up_hessians(routed, pairs, plan.weighted_experts, exact, bounds, dist, ch)
-                local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
-                starved += [ch.start + e for e in local]
-                notes: list[dict] = []
-                H = with_coverage(acc, cov_H, cov_n, local, name, notes, in_place=True)
-                fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
+            for ch, acc, H in chunks:
                 metric = plan.gate_up_metric(adapter, experts, pairs, cfg, ch)
                 weight_sums.append(acc.weight_sum.double().cpu())
                 for width in levels:
@@ -955,25 +944,52 @@ def _expert_chunks(E: int, d_in: int, exact: bool, cfg: QuantConfig, device: tor
     return [slice(a, min(a + size, E)) for a in range(0, E, size)]
 
 
+def _gate_up_chunks(experts, routed, pairs, weighted: bool, exact: bool, bounds, dist, cfg: QuantConfig,
+                    all_tokens: HessianAccumulator, name: str, starved: list[int], fallbacks: list[dict]):  # fmt: skip
+    """Per chunk of experts (only its Hessians are held, ``expert_chunk``): ``(chunk, acc, H)``, its gate/up
+    Hessians with the starved ones blended with the ``all_tokens`` coverage in place; the starved experts go into
+    ``starved`` and their coverage notes into ``fallbacks``, both with the layer's expert indices."""
+    E, _, d = experts.gate_up_proj.shape
+    cov_H, cov_n = all_tokens.H, int(all_tokens.tokens[0])
+    for ch in _expert_chunks(E, d, exact, cfg, experts.gate_up_proj.device):
+        acc = _gate_up_hessians(routed, pairs, weighted, exact, bounds, dist, ch)
+        local = [e for e in range(acc.num_matrices) if int(acc.tokens[e]) < cfg.min_expert_tokens]
+        starved.extend(ch.start + e for e in local)
+        notes: list[dict] = []
+        H = with_coverage(acc, cov_H, cov_n, local, name, notes, in_place=True)
+        fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
+        yield ch, acc, H
+        del acc, H  # before the next chunk's are built (the caller drops its references too)
+
+
 def _gate_up_hessians(routed, pairs, weighted: bool, exact: bool, bounds, dist, ch: slice) -> HessianAccumulator:
     """The gate/up Hessians of the experts in ``ch``, reduced over the ranks: from the routing recorded in the
     gate/up stage, or with ``pairs`` from VSRAQ's FP (token, expert, weight) triples, one term per calibration batch
     in exact mode (float32 running sums: the pairs in one term)."""
     if pairs is None:
         acc = expert_hessians(routed, ch, weighted, exact=exact)
+    elif exact:
+        inputs, per_batch = _pairs_by_batch(pairs, bounds)
+        acc = expert_hessians(inputs, ch, pairs=per_batch, exact=True)
     else:
         X, tokens, eids, w = pairs
-        if exact:
-            per_batch = []
-            for t0, t1 in bounds:
-                sel = (tokens >= t0) & (tokens < t1)
-                per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
-            acc = expert_hessians([(X[t0:t1], None, None) for t0, t1 in bounds], ch, pairs=per_batch, exact=True)
-        else:
-            acc = expert_hessians([(X, None, None)], ch, pairs=[(tokens, eids, w)])
+        acc = expert_hessians([(X, None, None)], ch, pairs=[(tokens, eids, w)])
     if exact:
         acc.reduce(dist)
     return acc
+
+
+def _pairs_by_batch(pairs, bounds) -> tuple[list, list]:
+    """VSRAQ's (token, expert, weight) pairs split by calibration batch (``bounds``: each batch's token range): each
+    batch's inputs ``(X_b, None, None)`` and its pairs with tokens local to it, one term per batch as every exact
+    sum."""
+    X, tokens, eids, w = pairs
+    inputs, per_batch = [], []
+    for t0, t1 in bounds:
+        sel = (tokens >= t0) & (tokens < t1)
+        inputs.append((X[t0:t1], None, None))
+        per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
+    return inputs, per_batch
 
 
 def _chunk_solve(dist, param: torch.Tensor, ch: slice, H, cfg: QuantConfig, name: str, sub: list[dict],
@@ -1043,11 +1059,7 @@ def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], e
     if pairs is not None:
         X, tokens, eids, w = pairs
         if exact:  # the pairs of each calibration batch on that batch's tokens
-            parts, chunks = [], []
-            for t0, t1 in bounds:
-                sel = (tokens >= t0) & (tokens < t1)
-                parts.append((X[t0:t1], None, None))
-                chunks.append((tokens[sel] - t0, eids[sel], w[sel]))
+            parts, chunks = _pairs_by_batch(pairs, bounds)
             cross = ExpertCross(fp_chunk, fp_experts_x, True) if targets else None
             acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True, cross=cross, chunk=ch)
             acc.reduce(dist)

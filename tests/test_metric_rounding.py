@@ -16,6 +16,7 @@ from vsraq_plugin.metric_rounding import (
     default_plan,
     low_rank_factor,
     metric_objective,
+    move_costs,
     nearest_plane,
     round_column,
 )
@@ -85,8 +86,12 @@ def test_fast_rounding_descends(R, k, bits):
         previous = f
     assert (previous < f_near).all()
     plane = _objective(w, scale, zero, G, nearest_plane(w, scale, zero, maxq, G))
-    fast = _objective(w, scale, zero, G, round_column(w, scale, zero, maxq, G, plan=default_plan(G)))
+    codes = round_column(w, scale, zero, maxq, G, plan=default_plan(G))
+    fast = _objective(w, scale, zero, G, codes)
     assert (fast <= f_near).all()
+    # The solver hands in the move costs once per group: the same codes as computing them per column.
+    costs = move_costs(scale, G.pow(2).sum(-1))
+    assert torch.equal(round_column(w, scale, zero, maxq, G, plan=default_plan(G), costs=costs), codes)
     assert fast.sum() <= 1.05 * plane.sum(), fast / plane
 
 

@@ -10,9 +10,11 @@ with its Lipschitz constants (|silu'| <= 1.1, |silu''| <= 0.5); exact hand value
 
 import copy
 
+import pytest
 import torch
 
 from tiny_models import tiny_model
+from vsraq_plugin.capture import ExpertCross, expert_gate
 from vsraq_plugin.capture import expert_cross as _expert_cross
 from vsraq_plugin.gptq import HessianAccumulator
 from vsraq_plugin.methods import gate_up_metric as _gate_up_metric
@@ -99,6 +101,38 @@ def test_expert_cross_equals_the_per_pair_loop():
         rel = 2 * (2.1 * dot + 4 * U32) + (sel.numel() + 4) * U32  # both factors, then the weighted sum
         err = (C[e].double() - ref).abs()
         assert (err <= rel * mag).all(), (e, float(err.max()), float((rel * mag).max()))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_expert_cross_with_the_hessians_in_one_call_per_batch(exact):
+    """``ExpertCross.add`` with an accumulator folds a batch's down-input Hessians in one ``acc.add`` whose
+    per-expert transform also adds the cross term. The Hessians must be those of one ``acc.add`` per expert (each
+    expert's samples alone, the order it had before) and of the plain gptq pass (``expert_gate`` as transform),
+    bit for bit; the cross sums those of the pass without an accumulator, bit for bit; over two batches."""
+    _, fp_experts, q_experts = _experts()
+    E, two_i, d = fp_experts.gate_up_proj.shape
+    gate_up = q_experts.gate_up_proj.detach().float()
+    batches = [_pairs(40, E, d, seed=s) for s in (4, 5)]
+    x_fp = [X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(6)) for X, *_ in batches]
+    one_call = HessianAccumulator(two_i // 2, E, exact=exact)
+    cross = ExpertCross(fp_experts.gate_up_proj, x_fp, exact)
+    per_expert = HessianAccumulator(two_i // 2, E, exact=exact)
+    plain = HessianAccumulator(two_i // 2, E, exact=exact)
+    cross_alone = ExpertCross(fp_experts.gate_up_proj, x_fp, exact)
+    for b, (X, tokens, eids, w) in enumerate(batches):
+        cross.add(q_experts, gate_up, X, b, tokens, eids, w, one_call)
+        cross_alone.add(q_experts, gate_up, X, b, tokens, eids, w)
+        plain.add(X, w, index=eids, rows=tokens, transform=lambda e, xs: expert_gate(q_experts, gate_up, e, xs))
+        for e in range(E):  # the previous code's calls: one per expert with samples, in sample order
+            sel = (eids == e).nonzero().flatten()
+            if sel.numel():
+                h = expert_gate(q_experts, gate_up, e, X[tokens[sel]])
+                per_expert.add(h, w[sel].float(), index=torch.full((sel.numel(),), e))
+    assert torch.equal(one_call.H, per_expert.H)
+    assert torch.equal(one_call.H, plain.H)
+    assert torch.equal(one_call.weight_sum, per_expert.weight_sum)
+    assert torch.equal(cross.S, cross_alone.S) and torch.equal(cross.wsum, cross_alone.wsum)
+    assert bool(one_call.H[7].eq(0).all()) and bool(one_call.H[0].abs().sum() > 0)  # expert 7 idle, 0 reached
 
 
 def test_gate_up_metric_equals_the_per_expert_loop_with_autograd():

@@ -332,18 +332,32 @@ class ExpertCross:
 
     def add(self, experts, gate_up, x, batch: int, tokens, eids, w, acc: HessianAccumulator | None = None) -> None:
         """One routed batch: per expert, its tokens' quantized inputs into ``acc`` (when given) and, with the FP
-        inputs, into S."""
+        inputs, into S. With ``acc``, one ``acc.add`` for the batch whose per-expert transform also folds the
+        cross term: the accumulator visits the experts in the order of ``expert_groups`` (the same stable sort),
+        so both see the same samples, and each Hessian gets the same sums as from one call per expert."""
         xfp = self.x_fp[batch]
-        for e, sel in expert_groups(eids, self.S.shape[0]):
-            c = sel.numel()
-            rows, we = tokens[sel], w[sel].float()
-            h_q = expert_gate(experts, gate_up, e, x[rows])
-            if acc is not None:
-                acc.add(h_q, we, index=torch.full((c,), e, device=h_q.device))
-            h_fp = expert_gate(experts, self.fp_gate_up, e, xfp[rows].to(h_q.dtype))
-            term = (h_q * we[:, None]).T @ h_fp
-            self.S[e] += term.to(self.S.dtype)
+
+        def fold(e: int, sel: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+            h_q = expert_gate(experts, gate_up, e, xs)
+            we = w[sel].float()
+            h_fp = expert_gate(experts, self.fp_gate_up, e, xfp[tokens[sel]].to(h_q.dtype))
+            self.S[e] += ((h_q * we[:, None]).T @ h_fp).to(self.S.dtype)
             self.wsum[e] += float(we.sum())
+            return h_q
+
+        if acc is None:
+            for e, sel in expert_groups(eids, self.S.shape[0]):
+                fold(e, sel, x[tokens[sel]])
+            return
+        groups = expert_groups(eids, self.S.shape[0])
+
+        def transform(e: int, xs: torch.Tensor) -> torch.Tensor:
+            e_group, sel = next(groups)
+            if e_group != e:  # never: both orders come from the same stable sort of eids
+                raise RuntimeError(f"expert {e} visited where expert {e_group} was expected.")
+            return fold(e, sel, xs)
+
+        acc.add(x, w, index=eids, rows=tokens, transform=transform)
 
     def matrix(self, dist=None) -> torch.Tensor:
         if dist is not None:

@@ -171,6 +171,12 @@ def _sparse_matvec(x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x[:, None, rows], G[:, rows])[:, 0]
 
 
+def move_costs(scale: torch.Tensor, Gsq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``round_column``'s passes weigh a move by: its own cost ``s^2 M_rr`` negated, and ``2 s``. They depend on
+    the grid only, so a solver computes them once per group."""
+    return -scale * scale * (1 + Gsq), 2 * scale
+
+
 def round_column(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -182,12 +188,14 @@ def round_column(
     tau: float | None = None,
     fed: bool = False,
     plan: tuple[list[tuple[int, int]], torch.Tensor] | None = None,
+    costs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Codes ``(N, R)`` (float, in ``[0, maxq]``) of a column ``w`` ``(N, R)`` on the grid ``scale``/``zero``
     ``(N, R)``, that lower ``e^T (I + G G^T) e``, ``e = w - scale * (code - zero)``, by coordinate descent
     (module docstring) from nearest rounding, or, given a ``plan`` (``nearest_plane_plan``), from the better of
     nearest rounding and the blocked nearest plane. ``Gsq``: the row norms ``||g_r||^2`` ``(N, R)``, if
-    precomputed. ``passes``/``tau``: ``DEFAULT_PASSES``/``DEFAULT_TAU`` when not given. With ``k = 0``, or
+    precomputed; ``costs``: ``move_costs(scale, Gsq)``, if precomputed (they change with the grid, once per group,
+    not per column). ``passes``/``tau``: ``DEFAULT_PASSES``/``DEFAULT_TAU`` when not given. With ``k = 0``, or
     ``passes = 0`` and no plan, this is ``quantizer.quantize`` exactly.
 
     ``fed``: also return the values the codes are the nearest rounding of (``QuantizedWeight.prequant``, where
@@ -211,8 +219,7 @@ def round_column(
         z = z.add_(z_p.sub_(z).mul_(use))
     if Gsq is None:
         Gsq = G.pow(2).sum(-1)
-    neg_cost = -scale * scale * (1 + Gsq)  # a move's own cost, s^2 M_rr, negated
-    scale2 = 2 * scale
+    neg_cost, scale2 = move_costs(scale, Gsq) if costs is None else costs
     tiny = torch.finfo(w.dtype).tiny
     shared = G.shape[0] > 1 and G.stride(0) == 0
     # Float arithmetic only: masks as 0/1 floats (boolean masks, torch.where and masked_fill cost 5-20x a float
@@ -292,6 +299,7 @@ __all__ = [
     "default_plan",
     "low_rank_factor",
     "metric_objective",
+    "move_costs",
     "nearest_plane",
     "nearest_plane_plan",
     "nearest_plane_vectors",

@@ -564,12 +564,14 @@ def test_quantized_router_mode_round_trips(family, tmp_path):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, ref)
 
 
-def test_writer_fp_target_is_the_least_squares_optimum():
-    """W' from the closed form == lstsq of the blended target on the explicit token matrices (float64)."""
+@pytest.mark.parametrize("R", [5, 30])
+def test_writer_fp_target_is_the_least_squares_optimum(R):
+    """W' from the closed form == lstsq of the blended target on the explicit token matrices (float64); fewer
+    rows than inputs (multiplied out first) and more (an expert's down: solved first on the d x d difference)."""
     from vsraq_plugin.vsraq import writer_target
 
     g = torch.Generator().manual_seed(1)
-    T, d, R = 400, 12, 5
+    T, d = 400, 12
     X = torch.randn(T, d, generator=g, dtype=torch.float64)
     Xq = X + 0.1 * torch.randn(T, d, generator=g, dtype=torch.float64)
     W = torch.randn(R, d, generator=g, dtype=torch.float64)
@@ -681,15 +683,17 @@ def test_metric_horizon_and_drift_target_reach_exactly_their_writers():
         assert first not in same, changes
 
 
-def test_writer_target_redoes_a_failed_float32_factorisation_in_float64(monkeypatch):
-    """A matrix whose float32 Cholesky fails is factorised again in float64 (and only that one), not dropped."""
+@pytest.mark.parametrize("rows", [3, 9])
+def test_writer_target_redoes_a_failed_float32_factorisation_in_float64(monkeypatch, rows):
+    """A matrix whose float32 Cholesky fails is factorised again in float64 (and only that one), not dropped;
+    with fewer rows than inputs and more (the two orders of the solve)."""
     from vsraq_plugin import vsraq as vsraq_module
 
     g = torch.Generator().manual_seed(9)
     X = torch.randn(2, 50, 6, generator=g)
     H = X.transpose(1, 2) @ X / 50
     C = H + 0.05 * torch.randn(2, 6, 6, generator=g)
-    W = torch.randn(2, 3, 6, generator=g)
+    W = torch.randn(2, rows, 6, generator=g)
     ref = vsraq_module.writer_target(W.double(), H.double(), 0.01, C.double(), 0.7)
     real = torch.linalg.cholesky_ex
 

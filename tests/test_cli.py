@@ -285,12 +285,14 @@ def test_demo_runs_every_method(tmp_path, capsys):
     assert "| gptq W3g64 |" in capsys.readouterr().out
 
 
-def test_float32_sums_flag_is_the_config_switch(saved_pair, tmp_path):
+def test_float32_sums_flag_is_the_config_switch(saved_pair, tmp_path, monkeypatch):
     """``--float32-sums`` quantizes with ``exact_sums=False`` (float32 running sums): the same codes as the API
-    with that setting, and not those of the default float64 sums (so the flag is not silently ignored)."""
+    with that setting, and every Hessian accumulator of the run in float32 mode, where the default run's are all
+    exact (so the flag is not silently ignored; whether the codes differ too is left to chance)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    from vsraq_plugin import gptq as gptq_module
     from vsraq_plugin.calibration import calibration_windows
     from vsraq_plugin.config import QuantConfig
     from vsraq_plugin.pipeline import quantize_folder
@@ -299,15 +301,28 @@ def test_float32_sums_flag_is_the_config_switch(saved_pair, tmp_path):
     (root / "calib.txt").write_text((fixture_path() / "calib.txt").read_text()[:20000])
     args = ["--method", "gptq", "--group-size", "32", "--n-samples", "8", "--seq-len", "32", "--batch-size", "1"]
     args += ["--threads", "1"]  # 8 batches: float32 running sums round differently from float64 ones
+    modes: list[bool] = []
+    real_init = gptq_module.HessianAccumulator.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        modes.append(self.exact)
+
+    monkeypatch.setattr(gptq_module.HessianAccumulator, "__init__", spy)
+    made = {}
     for flag, out in (([], "exact"), (["--float32-sums"], "f32")):
+        modes.clear()
         rc = main(["quantize", str(root / "fp"), "--calib", str(root / "calib.txt"), *args, *flag,
                    "--out", str(tmp_path / out)])  # fmt: skip
         assert rc == 0
+        made[out] = list(modes)
+    monkeypatch.undo()
+    assert made["exact"] and all(made["exact"]), made["exact"]
+    assert made["f32"] and not any(made["f32"]), made["f32"]
     tok = AutoTokenizer.from_pretrained(root / "fp")
     windows = calibration_windows(tok, root / "calib.txt", 32, 8, exact=True)
     cfg = QuantConfig(method="gptq", group_size=32, exact_sums=False, device="cpu")
     quantize_folder(root / "fp", windows, cfg, tmp_path / "api", tokenizer=tok, batch_size=1, progress=False)
-    read = {n: load_file(str(tmp_path / n / "model.safetensors")) for n in ("exact", "f32", "api")}
+    read = {n: load_file(str(tmp_path / n / "model.safetensors")) for n in ("f32", "api")}
     qweights = [k for k in read["api"] if k.endswith(".qweight")]
     assert qweights and all(torch.equal(read["f32"][k], read["api"][k]) for k in qweights)
-    assert any(not torch.equal(read["exact"][k], read["f32"][k]) for k in qweights)

@@ -596,7 +596,11 @@ def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResu
         if nxt is not None:
             store.offload(nxt.index)
     loss = report["loss"]
-    result.summary.setdefault("refine", {})[layer.index] = {"first_loss": loss[0], "last_loss": loss[-1]}
+    result.summary.setdefault("refine", {})[layer.index] = {
+        "first_loss": loss[0],
+        "last_loss": loss[-1],
+        "best_loss": min(loss),
+    }  # (the state kept)
     for qw in result.weights.values():  # the pre-rounding values are only needed while a layer is refined
         qw.prequant = None
 

@@ -121,7 +121,8 @@ def refine_block(
     progress: bool = False,
 ) -> dict:
     """Refine one block in place (model weights and ``weights``) toward ``targets``, the FP stream's outputs of
-    this block per calibration batch; returns the loss history."""
+    this block per calibration batch; returns the loss history. The block keeps the offsets and clipping of the
+    step with the lowest loss (``min(history)``), not the last step's."""
     from tqdm.auto import tqdm
 
     from .routing import boundary_margin, selection_scores
@@ -153,6 +154,7 @@ def refine_block(
         order_fp = sel_fp.topk(rule.top_k + 1, dim=-1).indices  # FP order: the top-k, then the best non-chosen
     gen = torch.Generator().manual_seed(cfg.refine_seed + layer.index)
     history = []
+    best, best_loss = None, float("inf")
     bar = tqdm(range(cfg.refine_steps), desc=f"refine layer {layer.index}", disable=not progress, leave=False)
     k = rule.top_k
     for _ in bar:
@@ -185,6 +187,9 @@ def refine_block(
                     loss = loss + cfg.refine_lambda_structure * structure
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
+            if float(loss) < best_loss:  # the state this loss was measured at, before the step (as AutoRound keeps)
+                best_loss = float(loss)
+                best = [(s.V.detach().clone(), s.c.detach().clone()) for s in slots]
             for prm, g in zip(params, grads, strict=True):
                 if g is not None:
                     prm.sub_(cfg.refine_lr * g.sign())
@@ -193,6 +198,9 @@ def refine_block(
                 s.c.clamp_(cfg.refine_clip_min, 1.0)
         history.append(float(loss))
     with torch.no_grad():
+        for s, (V, c) in zip(slots, best or [], strict=False):  # back to the best state seen: sign steps at a
+            s.V.copy_(V)  # fixed rate can end above where they started
+            s.c.copy_(c)
         for s in slots:
             codes, scale, weight = s.final()
             getattr(s.module, s.attr).copy_(weight[0] if s.squeeze else weight)

@@ -495,6 +495,16 @@ def test_metric_lowers_the_metric_error(solve):
     assert sum(ratios) / len(ratios) < 0.85, ratios  # measured about 0.71
 
 
+def test_exact_metric_solve_refuses_a_metric_that_is_not_positive_definite():
+    """The exact solve factors ``M^-1``: an indefinite ``M`` is a clear ValueError naming row_metric, not a
+    factorisation error from inside torch."""
+    W, H = _correlated_batch(1, 8, 16, 0)
+    M = torch.eye(8)
+    M[3, 3] = -1.0
+    with pytest.raises(ValueError, match="row_metric must be symmetric positive definite"):
+        gptq_quantize(W, H, 3, 8, row_metric=M[None], metric_solve="exact")
+
+
 @pytest.mark.parametrize("metric", [None, "exact", "fast"])
 def test_prequant_rounds_to_the_codes(metric):
     """``keep_prequant``: the values the solver rounded give back its codes (where refinement starts)."""

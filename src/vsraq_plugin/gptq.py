@@ -635,9 +635,11 @@ def _gptq_batch(
     if row_metric is not None and metric_solve == "fast":
         G = low_rank_factor(row_metric, _METRIC_MAX_RANK)
     if row_metric is not None and G is None:
-        # Upper Cholesky factor of M^-1 (GPTQ's Hinv, for rows): M = I + PSD is well conditioned.
-        Mf = row_metric.double()
-        Minv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Mf)), upper=True).float()
+        # Upper Cholesky factor of M^-1 (GPTQ's Hinv, for rows), as for H: M = I + PSD is well conditioned.
+        Minv, ok = _inverse_upper_factor(row_metric.double())
+        if not bool(ok.all()):
+            raise ValueError("row_metric must be symmetric positive definite (I plus a positive semidefinite matrix).")
+        Minv = Minv.float()
         codes, Q, scales, zeros, U = _solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static, Minv)
     else:
         # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column: chunks

@@ -599,8 +599,8 @@ def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResu
     result.summary.setdefault("refine", {})[layer.index] = {
         "first_loss": loss[0],
         "last_loss": loss[-1],
-        "best_loss": min(loss),
-    }  # (the state kept)
+        "best_loss": min(loss),  # the step whose state the block keeps
+    }
     for qw in result.weights.values():  # the pre-rounding values are only needed while a layer is refined
         qw.prequant = None
 

@@ -186,9 +186,10 @@ def refine_block(
                     structure = (wt * hinge).mean() / want.mean().clamp(min=1e-12)
                     loss = loss + cfg.refine_lambda_structure * structure
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+        value = float(loss)
         with torch.no_grad():
-            if float(loss) < best_loss:  # the state this loss was measured at, before the step (as AutoRound keeps)
-                best_loss = float(loss)
+            if value < best_loss:  # the state this loss was measured at, before the step (as AutoRound keeps)
+                best_loss = value
                 best = [(s.V.detach().clone(), s.c.detach().clone()) for s in slots]
             for prm, g in zip(params, grads, strict=True):
                 if g is not None:
@@ -196,11 +197,12 @@ def refine_block(
             for s in slots:
                 s.V.clamp_(-0.5, 0.5)
                 s.c.clamp_(cfg.refine_clip_min, 1.0)
-        history.append(float(loss))
+        history.append(value)
     with torch.no_grad():
-        for s, (V, c) in zip(slots, best or [], strict=False):  # back to the best state seen: sign steps at a
-            s.V.copy_(V)  # fixed rate can end above where they started
-            s.c.copy_(c)
+        if best is not None:  # back to the best state seen: sign steps at a fixed rate can end above their start
+            for s, (V, c) in zip(slots, best, strict=True):
+                s.V.copy_(V)
+                s.c.copy_(c)
         for s in slots:
             codes, scale, weight = s.final()
             getattr(s.module, s.attr).copy_(weight[0] if s.squeeze else weight)

@@ -709,8 +709,7 @@ def writer_target(
     solve_first = C is not None and alpha and not (D is not None and beta) and rows > d
     if solve_first:
         rhs = (C.to(dt) - H.to(dt)).mul_(alpha)  # (B, d, d)
-    # (B, d, rows), built in place: at DeepSeek-V3's expert widths each such tensor is 15 GB.
-    elif C is not None and alpha:
+    elif C is not None and alpha:  # (B, d, rows), built in place: at DeepSeek-V3's expert widths each is 15 GB
         rhs = torch.matmul(C.to(dt) - H.to(dt), W.to(dt).transpose(1, 2)).mul_(alpha)
         if D is not None and beta:
             rhs.add_(D.to(dt).transpose(1, 2), alpha=beta)

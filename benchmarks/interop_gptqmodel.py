@@ -34,14 +34,19 @@ def main() -> None:
 
     import vsraq_plugin
     from vsraq_plugin.checkpoint import save_checkpoint
-    from vsraq_plugin.cli import fixture_path
+    from vsraq_plugin.cli import fixture_path, load_model
     from vsraq_plugin.config import QuantConfig
     from vsraq_plugin.evaluation import token_windows
 
     path = fixture_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model, result = vsraq_plugin.quantize(
-        path, path / "calib.txt", QuantConfig(bits=4, group_size=64), n_samples=32, tokenizer=tok, progress=False
+    model, result = vsraq_plugin.quantize(  # in memory (a folder would be streamed to a checkpoint)
+        load_model(path),
+        path / "calib.txt",
+        QuantConfig(bits=4, group_size=64),
+        n_samples=32,
+        tokenizer=tok,
+        progress=False,
     )
     work = Path(tempfile.mkdtemp(prefix="vsraq-interop-"))
     ids = token_windows(tok, (path / "eval.txt").read_text(encoding="utf-8"), 256, 4)

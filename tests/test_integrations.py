@@ -227,3 +227,28 @@ def test_autoround_mixed_names_load(model_dir, tmp_path):
     assert renamed.keys() != tensors.keys()
     save_file(renamed, str(mixed / "model.safetensors"), metadata={"format": "pt"})
     assert torch.equal(_logits(vsraq_plugin.load(mixed)), _logits(model))
+
+
+def test_dynamic_overrides_through_transformers_equal_native_and_load_back(model_dir, tmp_path):
+    """``dynamic`` as a knob of the registered config: the same checkpoint as the plugin's own run; transformers'
+    from_pretrained of it rebuilds the 8-bit linear as such and leaves the ``-:`` linear a 16-bit one, with the
+    plugin loader's logits bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vsraq_plugin.integrations.transformers import VsraqConfig
+    from vsraq_plugin.nn import QuantLinear
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    knobs = {"dynamic": {r"-:.*\.layers\.0\.self_attn\.o_proj$": {}, r"+:.*\.self_attn\.q_proj$": {"bits": 8}}}
+    cfg = VsraqConfig(bits=4, group_size=32, dataset=TEXTS, tokenizer=tok, seq_len=SEQ, batch_size=BATCH, **knobs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
+    model.save_pretrained(tmp_path / "hf")
+    native = _native(model_dir, tmp_path / "native", bits=4, group_size=32, knobs=knobs)
+    _same_checkpoint(tmp_path / "hf", native)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    attn0 = reloaded.model.layers[0].self_attn
+    assert type(attn0.o_proj) is torch.nn.Linear and isinstance(attn0.k_proj, QuantLinear)
+    assert attn0.q_proj.bits == 8 and attn0.k_proj.bits == 4
+    ref = vsraq_plugin.load(native)
+    assert torch.equal(attn0.o_proj.weight, ref.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(_logits(reloaded), _logits(ref))

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
-from .config import QuantConfig
+from .config import QuantConfig, dynamic_override
 from .methods import router_name
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
 from .nn import QuantExperts, QuantLinear
@@ -49,11 +49,7 @@ class CheckpointError(InputError):
 # ---------------------------------------------------------------------------------------------- names
 def _native_to_checkpoint(adapter: MoEAdapter, name: str) -> str:
     """Transformers-5 parameter name -> the family's original checkpoint name (Mixtral: block_sparse_moe)."""
-    if adapter.moe_block_key != "mlp" and ".mlp." in name:
-        parts = name.split(".")
-        if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-            return name.replace(".mlp.", f".{adapter.moe_block_key}.", 1)
-    return name
+    return adapter.checkpoint_name(name)
 
 
 KEY_LAYOUTS = ("original", "transformers")
@@ -98,13 +94,10 @@ def dynamic_overrides(
 
 
 def dynamic_bits(dynamic: dict | None, module: str, default: int) -> int:
-    """The width a ``dynamic`` block gives ``module`` (first matching positive pattern), else ``default``."""
-    for pattern, override in (dynamic or {}).items():
-        if pattern.startswith("-:"):
-            continue
-        if re.search(pattern[2:] if pattern.startswith("+:") else pattern, module) and "bits" in override:
-            return int(override["bits"])
-    return default
+    """The width a ``dynamic`` block gives ``module`` (the first pattern that matches it decides, as in gptqmodel),
+    else ``default``."""
+    override = dynamic_override(dynamic, module)
+    return int(override["bits"]) if override and "bits" in override else default
 
 
 def quantization_config(
@@ -120,6 +113,18 @@ def quantization_config(
             vsraq["expert_bits_scores"] = summary.get("expert_bits_scores")
         if "expert_down_bits" in summary:
             vsraq["expert_down_bits"] = summary["expert_down_bits"]
+    # The run's own overrides, one exact pattern per module they changed: config.json is written (by us and by
+    # transformers) with sorted keys, so the order of the user's patterns, whose first match decides, is not kept
+    # there (the patterns themselves are, in meta.vsraq); then the experts' widths.
+    dynamic = dict(config.dynamic or {})
+    if summary is not None and adapter is not None and config.dynamic:
+        dynamic = {}
+        for name, entry in sorted(summary.get("module_overrides", {}).items()):
+            exact = "^(?:" + "|".join(re.escape(n) for n in adapter.module_names(name)) + ")$"
+            dynamic[("-:" if entry is None else "+:") + exact] = {} if entry is None else dict(entry)
+    if summary and "expert_bits" in summary and adapter is not None:
+        down_bits = summary.get("expert_down_bits")
+        dynamic.update(dynamic_overrides(adapter, summary["expert_bits"], config.bits, layout, down_bits))
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -131,11 +136,7 @@ def quantization_config(
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
         "lm_head": False,
-        "dynamic": (
-            dynamic_overrides(adapter, summary["expert_bits"], config.bits, layout, summary.get("expert_down_bits"))
-            if summary and "expert_bits" in summary and adapter is not None
-            else (config.dynamic or None)
-        ),
+        "dynamic": dynamic or None,
         "meta": {"quantizer": [f"vsraq:{__version__}"], "vsraq": vsraq},
     }
 
@@ -152,10 +153,12 @@ def layer_tensors(
     weights: dict[str, QuantizedWeight],
     layout: str = "original",
     dtype_of=None,
+    config: QuantConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor of one decoder layer, by its name in the file: the packed GPTQ v1 tensors of its
-    quantized linears and experts, and its other tensors (norms, router, biases) from the layer's modules, cast
-    by ``dtype_of(native name)`` (the source dtype; None keeps the module's)."""
+    quantized linears and experts, and its other tensors (norms, router, biases, the linears ``config.dynamic``
+    leaves unquantized) from the layer's modules, cast by ``dtype_of(native name)`` (the source dtype; None keeps
+    the module's)."""
     if layout not in KEY_LAYOUTS:
         raise CheckpointError(f"key_layout={layout!r} is unknown; use one of {KEY_LAYOUTS}.")
 
@@ -168,6 +171,8 @@ def layer_tensors(
     for name, lin in _linear_targets(adapter, layer).items():
         full = f"{prefix}.{name}"
         if full not in weights:
+            if config is not None and config.for_module(*adapter.module_names(full)) is None:
+                continue  # a "-:" dynamic pattern: its 16-bit weight is written with the layer's other tensors
             raise CheckpointError(f"{full} was not quantized; run the quantization before saving.")
         key = _param_key(adapter, full, layout)
         tensors.update({f"{key}.{k}": v for k, v in _pack(weights[full], 0).items()})
@@ -204,7 +209,7 @@ def checkpoint_tensors(
     dtype_of = None if dtype is None else (lambda name: dtype)
     tensors: dict[str, torch.Tensor] = {}
     for layer in adapter.layers(model):
-        tensors.update(layer_tensors(adapter, layer, result.weights, layout, dtype_of))
+        tensors.update(layer_tensors(adapter, layer, result.weights, layout, dtype_of, result.config))
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
@@ -599,7 +604,9 @@ class StreamingCheckpoint:
 
     def write_layer(self, layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
         with _write_errors(self.folder.out):
-            for name, tensor in layer_tensors(self.adapter, layer, weights, self.layout, self._dtype_of).items():
+            for name, tensor in layer_tensors(
+                self.adapter, layer, weights, self.layout, self._dtype_of, self.config
+            ).items():
                 self.writer.add(name, tensor)
 
     def finish(self, result: QuantizationResult, tokenizer=None) -> Path:
@@ -734,6 +741,8 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     """The ``QuantLinear`` / ``QuantExperts`` for one slot, filled from the checkpoint tensors."""
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     if slot.kind == "linear":
+        override = dynamic_override(qcfg.get("dynamic"), *slot.keys[::-1]) or {}  # (model name, checkpoint name)
+        bits, group_size = int(override.get("bits", bits)), int(override.get("group_size", group_size))
         ql = QuantLinear(slot.in_features, slot.out_features, bits, group_size, bias=slot.bias, dtype=dtype)
         parts = {buf: source.take(*(f"{k}.{buf}" for k in slot.keys)) for buf in QUANT_SUFFIXES}
         check_gptq_tensors(source.origin, slot.keys[0], parts, slot.in_features, slot.out_features, bits, group_size,
@@ -833,6 +842,8 @@ def install_quantized(
         placement = lambda name: device  # noqa: E731
     with torch.no_grad():
         for slot in slots:
+            if slot.kind == "linear" and dynamic_override(qcfg.get("dynamic"), *slot.keys[::-1]) is False:
+                continue  # a "-:" dynamic pattern: the module stays a 16-bit linear, filled like the other tensors
             _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype).to(placement(slot.path)))
         for param, keys in routers.items():
             weight = model.get_parameter(param)

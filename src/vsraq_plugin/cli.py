@@ -133,6 +133,23 @@ def resolve_model(name: str) -> Path:
     return fixture_path() if name == FIXTURE else Path(name)
 
 
+def _dynamic_arg(text: str | None) -> dict:
+    """``--dynamic``: a JSON object of GPTQ ``dynamic`` overrides, inline or in a file."""
+    if not text:
+        return {}
+    source = Path(text) if not text.lstrip().startswith("{") else None
+    try:
+        data = json.loads(source.read_text(encoding="utf-8") if source is not None else text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CLIError(
+            f"--dynamic {text[:80]!r} is neither a JSON object nor a readable JSON file ({one_line(exc)[:200]}); "
+            'pass e.g. \'{"+:.*self_attn.*": {"bits": 8}}\' (JSON: write a regex backslash as two).'
+        ) from exc
+    if not isinstance(data, dict):
+        raise CLIError(f"--dynamic must be a JSON object (module regex -> settings), not {type(data).__name__}.")
+    return data
+
+
 def _json_texts(path: Path) -> list[str]:
     """The ``text`` fields of a JSON-lines file (or a JSON list of objects), with the line of the first bad one."""
     text = read_text(path, "--calib", CLIError)
@@ -230,6 +247,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         except ValueError:
             raise CLIError(f"--bit-levels {args.bit_levels!r} must be widths joined by commas, e.g. 2,3,4.") from None
     cfg = QuantConfig(
+        dynamic=_dynamic_arg(args.dynamic),
         bits_budget=args.bits_budget,
         bit_levels=levels,
         allocation=args.allocation,
@@ -495,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured: an expert's down projection gets its own width, apart from its gate/up (the default with "
         "the measured allocation; --no-width-per-projection: one width per expert)",
     )  # fmt: skip
+    q.add_argument(
+        "--dynamic",
+        help="GPTQ `dynamic` overrides for the attention, dense-MLP and shared-expert linears, as gptqmodel reads "
+        "them: a JSON object (or a JSON file) of module regex -> {bits, group_size}; '+:' patterns override, "
+        "'-:' patterns leave modules unquantized, the first match decides",
+    )
     q.add_argument("--calib", help="text file, JSON-lines with 'text', or a datasets folder (default: MODEL/calib.txt)")
     q.add_argument(
         "--n-samples", type=int, default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,18 @@ ALLOCATION_WEIGHTS = ("mass", "fragility")
 BUDGET_SCOPES = ("layer", "model")
 METRIC_SOLVES = ("fast", "exact")
 ROUTER_SOLVES = ("auto", "dense", "cg")
+DYNAMIC_SETTINGS = ("bits", "group_size")  # what a ``dynamic`` override may set per module
+
+
+def dynamic_override(dynamic: dict | None, *names: str) -> dict | bool | None:
+    """The GPTQ ``dynamic`` rule for one module, read as gptqmodel reads it: the first pattern, in order, that
+    matches the start of one of the module's ``names`` (``re.match``) decides: ``"-:pattern"`` gives False (the
+    module stays unquantized), ``"+:pattern"`` or a bare pattern its overrides; None when no pattern matches."""
+    for pattern, override in (dynamic or {}).items():
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        if any(re.match(raw, name) for name in names):
+            return False if pattern.startswith("-:") else dict(override)
+    return None
 
 
 def _valid_device(device: str) -> bool:
@@ -254,11 +267,27 @@ class QuantConfig:
         if not isinstance(self.dynamic, dict):
             raise ConfigError("dynamic must be a dict of {module-regex: {setting: value}}.")
         for pattern, override in self.dynamic.items():
-            if not isinstance(override, dict):
-                raise ConfigError(f"dynamic[{pattern!r}] must be a dict such as {{'bits': 3}}.")
-            if "bits" in override and override["bits"] not in SUPPORTED_BITS:
+            if not isinstance(pattern, str) or not isinstance(override, dict):
+                raise ConfigError(f"dynamic[{pattern!r}] must map a module regex to a dict such as {{'bits': 8}}.")
+            try:
+                re.compile(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern)
+            except re.error as exc:
+                raise ConfigError(f"dynamic: {pattern!r} is not a valid regular expression ({exc}).") from exc
+            unknown = sorted(set(override) - set(DYNAMIC_SETTINGS))
+            if unknown:
+                raise ConfigError(
+                    f"dynamic[{pattern!r}] sets {unknown}; a module override may set {DYNAMIC_SETTINGS} (the other "
+                    "settings hold for the whole run), or use a '-:' pattern to leave modules unquantized."
+                )
+            if "bits" in override and (override["bits"] not in SUPPORTED_BITS or isinstance(override["bits"], bool)):
                 raise ConfigError(
                     f"dynamic[{pattern!r}]['bits']={override['bits']!r} is not supported; use one of {SUPPORTED_BITS}."
+                )
+            g = override.get("group_size", -1)
+            if not isinstance(g, int) or isinstance(g, bool) or (g != -1 and g <= 0):
+                raise ConfigError(
+                    f"dynamic[{pattern!r}]['group_size']={g!r} is invalid; use -1 (one group per row) or a positive "
+                    "size such as 32, 64 or 128."
                 )
 
     def check_in_features(self, in_features: int, name: str = "layer") -> None:
@@ -269,6 +298,16 @@ class QuantConfig:
             raise ConfigError(
                 f"group_size={self.group_size} does not divide {name}'s input dimension {in_features}; {hint}."
             )
+
+    def for_module(self, *names: str) -> QuantConfig | None:
+        """The settings one linear is quantized with under ``dynamic`` (its names: the model's module name, then
+        the checkpoint's), or None when a ``-:`` pattern leaves it unquantized."""
+        override = dynamic_override(self.dynamic, *names)
+        if override is False:
+            return None
+        if not override or all(getattr(self, k) == v for k, v in override.items()):
+            return self
+        return dataclasses.replace(self, **override)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

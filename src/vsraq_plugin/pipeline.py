@@ -108,15 +108,52 @@ def layer_targets(adapter: MoEAdapter, layer: MoELayer) -> Iterator[Target]:
         yield Target(f"{prefix}.{name}", lin.weight[None], "shared" if layer.is_moe else "mlp")
 
 
+def module_config(adapter: MoEAdapter, cfg: QuantConfig, name: str) -> QuantConfig | None:
+    """The settings of one attention, dense-MLP or shared-expert linear (``name``: its module name in the model)
+    under ``cfg.dynamic``; None for a module a ``-:`` pattern leaves unquantized."""
+    return cfg.for_module(*adapter.module_names(name)) if cfg.dynamic else cfg
+
+
+def _note_overrides(result: QuantizationResult, cfg: QuantConfig, settings: dict[str, QuantConfig | None]) -> None:
+    """Record, in the summary, each linear whose settings ``dynamic`` changed: its ``bits`` and ``group_size``, or
+    None where it stays unquantized. The checkpoint's ``dynamic`` block names these modules one by one (see
+    ``checkpoint.quantization_config``)."""
+    for name, s in settings.items():
+        if s is not cfg:
+            entry = None if s is None else {"bits": s.bits, "group_size": s.group_size}
+            result.summary.setdefault("module_overrides", {})[name] = entry
+
+
+def _check_dynamic(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfig) -> None:
+    """``dynamic`` overrides apply to the attention, dense-MLP and shared-expert linears. Refuse a pattern that
+    names a routed expert (their widths come from the mixed-precision allocation, and they are solved as one
+    batched weight per projection) or a router quantized by ``router_mode="quantize"``, before any long work."""
+    from .config import dynamic_override
+
+    for layer in layers:
+        if not layer.is_moe:
+            continue
+        i, E = layer.index, adapter.num_experts()
+        names = [(f"model.layers.{i}.mlp.experts.{e}.{p}", adapter.expert_key(i, e, p))
+                 for e in range(E) for p in EXPERT_PROJECTIONS]  # fmt: skip
+        if cfg.router_mode == "quantize":
+            names.append(adapter.module_names(router_name(layer)))
+        for candidates in names:
+            if dynamic_override(cfg.dynamic, *candidates) is not None:
+                raise NotImplementedError(
+                    f"dynamic: a pattern matches {candidates[-1]!r}; per-module overrides apply to the attention, "
+                    "dense-MLP and shared-expert linears only. Routed experts take `bits`, or their widths from "
+                    "bits_budget / bit_levels (expert-wise mixed precision); a quantized router takes `bits`. Narrow "
+                    r"the pattern (e.g. end it with '\.(q|k|v|o)_proj$' or '\.mlp\.down_proj$')."
+                )
+
+
 def _check_settings(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfig, windows) -> None:
     """Refuse what the loop does not apply, before any long work (shapes are read from a meta model too)."""
     if cfg.router_mode == "quantize" and cfg.method != "vsraq":
         raise NotImplementedError("router_mode='quantize' is part of method='vsraq'; use it with that method.")
     if cfg.dynamic:
-        raise NotImplementedError(
-            "per-module `dynamic` overrides are not applied by the pipeline yet (they arrive with expert-wise mixed "
-            "precision); quantize with dynamic={} for now."
-        )
+        _check_dynamic(adapter, layers, cfg)
     if not cfg.true_sequential:
         raise NotImplementedError("only true_sequential=True is implemented (each stage sees the ones before it).")
     if cfg.method == "rtn" and cfg.refine_steps > 0:
@@ -125,7 +162,9 @@ def _check_settings(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfi
         raise NotImplementedError("expert-wise mixed precision is implemented for gptq, agq and vsraq, not rtn.")
     for layer in layers:
         for t in layer_targets(adapter, layer):
-            cfg.check_in_features(t.weight.shape[-1], t.name)
+            mcfg = cfg if t.kind == "expert" else module_config(adapter, cfg, t.name)
+            if mcfg is not None:
+                mcfg.check_in_features(t.weight.shape[-1], t.name)
     if cfg.method != "rtn" and (windows is None or windows.dim() != 2 or windows.numel() == 0):
         raise CalibrationError(
             f"method={cfg.method!r} needs calibration windows: a non-empty (n, seq_len) "
@@ -283,7 +322,11 @@ def _run(
             layer = store.onload(layer.index)
             done = {}
             for t in layer_targets(adapter, layer):
-                qw = rtn(t.weight.float(), cfg.bits, cfg.group_size, cfg.sym)
+                mcfg = cfg if t.kind == "expert" else module_config(adapter, cfg, t.name)
+                _note_overrides(result, cfg, {t.name: mcfg})
+                if mcfg is None:  # left unquantized (a "-:" dynamic pattern)
+                    continue
+                qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym)
                 t.weight.copy_(qw.weight)
                 done[t.name] = weight_to(qw, host)
             finish_layer(layer, done)
@@ -771,6 +814,9 @@ def quantize_layer(
     measured: _Measured | None = None
     fp_experts_x = fp_inputs.pop("experts", None)
     for linears, expert_stage in _stages(adapter, layer):
+        settings = {n: module_config(adapter, cfg, f"{prefix}.{n}") for n in linears}
+        _note_overrides(result, cfg, {f"{prefix}.{n}": s for n, s in settings.items()})
+        linears = {n: lin for n, lin in linears.items() if settings[n] is not None}  # "-:" modules stay as they are
         stage_fp = {n: fp_inputs.pop(n) for n in linears if plan.fp_target(n) and n in fp_inputs}
         cap = StageCapture(
             linears,
@@ -796,14 +842,14 @@ def quantize_layer(
                 C, D = (cap.cross_matrix(name) if name in cap.cross else None,
                         cap.drift_matrix(name) if name in cap.drift_cross else None)  # fmt: skip
                 W = writer_target(W, cap.acc[name].H, cfg.damp_percent, C, cfg.fp_target_alpha, D, cfg.drift_beta)
-            target, metric = f"{prefix}.{name}", plan.metric_for(name)
+            target, metric, mcfg = f"{prefix}.{name}", plan.metric_for(name), settings[name]
             H, nb = cap.acc[name].H, plan.metric_blocks.get(name.rsplit(".", 1)[-1], 1) if metric is not None else 1
             if nb > 1:  # a block-diagonal metric (v_proj, one block per kv head): the blocks are separate problems
                 W, H, metric = _blocks(W, H, metric, nb)
             if distributed:
-                qw = solve_shared(dist, W, H, cfg, target, fallbacks, None, metric, owner_of=[owner] * nb)
+                qw = solve_shared(dist, W, H, mcfg, target, fallbacks, None, metric, owner_of=[owner] * nb)
             else:
-                qw = solve_batch(W, H, cfg, target, fallbacks, metric)
+                qw = solve_batch(W, H, mcfg, target, fallbacks, metric)
             if nb > 1:
                 qw = _join_blocks(qw)
             lin.weight.copy_(qw.weight[0])

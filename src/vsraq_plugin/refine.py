@@ -88,7 +88,8 @@ def _slots(adapter, layer, weights: dict[str, QuantizedWeight]) -> list[_Slot]:
         )  # fmt: skip
 
     for name, lin in {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}.items():
-        make(lin, "weight", [f"{prefix}.{name}"], True)
+        if f"{prefix}.{name}" in weights:  # (absent: left unquantized by a "-:" dynamic pattern)
+            make(lin, "weight", [f"{prefix}.{name}"], True)
     if layer.is_moe:
         gate, up, down = (f"{prefix}.mlp.experts.{p}" for p in EXPERT_PROJECTIONS)
         make(layer.experts, "gate_up_proj", [gate, up], False)

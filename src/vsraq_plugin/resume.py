@@ -170,7 +170,8 @@ def apply_layer(
 
     prefix = f"model.layers.{layer.index}"
     for name, lin in {**adapter.attention_linears(layer), **adapter.dense_mlp_linears(layer)}.items():
-        lin.weight.copy_(weights[f"{prefix}.{name}"].weight[0])
+        if f"{prefix}.{name}" in weights:  # (absent: left unquantized by a "-:" dynamic pattern)
+            lin.weight.copy_(weights[f"{prefix}.{name}"].weight[0])
     if layer.is_moe:
         ex = layer.experts
         gate, up = weights[f"{prefix}.mlp.experts.gate_proj"], weights[f"{prefix}.mlp.experts.up_proj"]

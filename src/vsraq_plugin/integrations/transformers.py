@@ -42,7 +42,7 @@ from ..checkpoint import (
     quantized_slots,
     quantized_state_dict,
 )
-from ..config import QuantConfig
+from ..config import QuantConfig, dynamic_override
 from ..models import ADAPTERS, get_adapter
 from ..models import _is_moe as is_moe_config
 from ..nn.experts import EXPERTS_IMPLEMENTATION, vsraq_experts_forward
@@ -172,7 +172,10 @@ class _PluginQuantizer:
         if not self.pre_quantized:
             return model
         self._files = [str(f) for f in (kwargs.get("checkpoint_files") or [])]
-        self._slots = quantized_slots(model)
+        # Linears a "-:" dynamic pattern left unquantized load as the 16-bit linears they are.
+        dynamic = self._saved_block().get("dynamic")
+        self._slots = [s for s in quantized_slots(model)
+                       if not (s.kind == "linear" and dynamic_override(dynamic, *s.keys[::-1]) is False)]  # fmt: skip
         patterns = {rf"\.({'|'.join(QUANT_SUFFIXES)})$"}
         # Quantized routers (router_mode="quantize") are dequantized into their weight after loading.
         self._tensors = SafetensorsFiles(self._files) if self._files else None
@@ -193,14 +196,18 @@ class _PluginQuantizer:
             return self._install(model)
         return self._quantize(model)
 
+    def _saved_block(self) -> dict:
+        """The ``quantization_config`` block as the checkpoint wrote it (GPTQConfig adds its own defaults), so a
+        re-save is faithful; the loaded config's when the folder has no config.json."""
+        saved = Path(self._files[0]).parent / "config.json" if self._files else None
+        block = json.loads(saved.read_text()).get("quantization_config") if saved and saved.is_file() else None
+        return block or self.quantization_config.to_dict()
+
     def _install(self, model):
         if self._tensors is None:
             raise CheckpointError("the GPTQ checkpoint has no weight files to read the quantized tensors from.")
         folder = Path(self._files[0]).parent
-        # The block as the checkpoint wrote it (GPTQConfig adds its own defaults), so a re-save is faithful.
-        saved = folder / "config.json"
-        block = json.loads(saved.read_text()).get("quantization_config") if saved.is_file() else None
-        block = check_gptq_config(block or self.quantization_config.to_dict(), str(folder))
+        block = check_gptq_config(self._saved_block(), str(folder))
         emb = model.get_input_embeddings().weight
         # Each quantized module goes where the user's device_map puts it (transformers keeps the map it used).
         dmap = getattr(model, "hf_device_map", None) or {"": emb.device}

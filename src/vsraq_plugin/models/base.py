@@ -145,5 +145,20 @@ class MoEAdapter:
         name = self.expert_key_names[projection]
         return f"model.layers.{layer_index}.{self.moe_block_key}.experts.{expert}.{name}"
 
+    def checkpoint_name(self, name: str) -> str:
+        """A transformers-5 module or parameter name as the family's original checkpoint names it (Mixtral's MoE
+        block is ``block_sparse_moe``, transformers 5 calls it ``mlp``)."""
+        if self.moe_block_key != "mlp" and ".mlp." in name:
+            parts = name.split(".")
+            if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+                return name.replace(".mlp.", f".{self.moe_block_key}.", 1)
+        return name
+
+    def module_names(self, name: str) -> tuple[str, ...]:
+        """The names a GPTQ ``dynamic`` pattern may use for a module: its transformers-5 name, then the checkpoint's
+        (when it differs)."""
+        native = self.checkpoint_name(name)
+        return (name,) if native == name else (name, native)
+
     def router_key(self, layer_index: int) -> str:
         return f"model.layers.{layer_index}.{self.moe_block_key}.gate"

@@ -45,6 +45,10 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true", help="only uniform and measured rows")
     ap.add_argument("--scopes", default="layer,model", help="budget scopes of the measured rows")
     ap.add_argument("--json", type=Path, help="write every row here (JSON lines) as it finishes")
+    ap.add_argument(
+        "--dynamic", type=json.loads, default={},
+        help="GPTQ dynamic overrides of non-expert linears, the same in every row (JSON), e.g. dense layers at 8 bits",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -92,7 +96,7 @@ def main() -> None:
     table: dict[str, list[tuple[str, dict]]] = {}
     for method in args.methods.split(","):
         rows: list[tuple[str, dict]] = table.setdefault(method, [])
-        base = dict(bits=4, group_size=64, method=method)
+        base = dict(bits=4, group_size=64, method=method, dynamic=args.dynamic)
         for width in (2, 3, 4):
             bits = {layer.index: torch.full((E,), width) for layer in moe}
             rows.append((f"uniform W{width}", run(method, f"uniform W{width}", QuantConfig(**base), bits)))

@@ -326,3 +326,21 @@ def test_float32_sums_flag_is_the_config_switch(saved_pair, tmp_path, monkeypatc
     read = {n: load_file(str(tmp_path / n / "model.safetensors")) for n in ("f32", "api")}
     qweights = [k for k in read["api"] if k.endswith(".qweight")]
     assert qweights and all(torch.equal(read["f32"][k], read["api"][k]) for k in qweights)
+
+
+def test_eval_components_find_the_changed_router(saved_pair, tmp_path, capsys):
+    """`--components`: the pair differs only in layer 0's router, so putting the routers back removes every flip
+    (share 1) and putting back any other group changes nothing (share 0); per layer, only layer 0's router."""
+    root = saved_pair
+    args = ["eval", "--reference", str(root / "fp"), "--model", str(root / "q"), "--text", str(root / "text.txt")]
+    args += ["--out", str(tmp_path), "--seq-len", "32", "--max-windows", "4", "--threads", "1"]
+    assert main([*args, "--components"]) == 0
+    comps = json.loads((tmp_path / "report.json").read_text())["components"][str(root / "q")]
+    assert sorted(comps) == ["attention", "routed experts", "routers"]
+    assert comps["routers"]["disagreement_share"] == 1.0 and comps["routers"]["topk_set_agreement"] == 1.0
+    assert comps["routers"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert comps["attention"]["disagreement_share"] == 0.0 and comps["routed experts"]["disagreement_share"] == 0.0
+    assert "disagreement share" in capsys.readouterr().out
+    assert main([*args, "--components", "layer"]) == 0
+    comps = json.loads((tmp_path / "report.json").read_text())["components"][str(root / "q")]
+    assert len(comps) == 6 and {k for k, v in comps.items() if v["disagreement_share"] != 0} == {"layer 0 routers"}

@@ -222,3 +222,33 @@ def test_attribution_in_the_report_table_and_plot(setup, tmp_path):
     assert f"| q | {100 * loc:.2f} / {100 * inh:.2f} %" in md
     plain = build_report(evaluate(model, {"q": q}, windows, progress=False), "fp", "t.txt", windows.numel())
     assert "local_disagreement" not in plain["models"]["q"]["per_layer"] and "inherited" not in markdown_table(plain)
+
+
+def test_component_groups_cover_every_module_and_are_put_back():
+    """Every quantized kind of a DeepSeek-V3 model (MLA attention, routers, routed and shared experts, the dense
+    MLP) is in a group: a model whose weights all differ from the reference gives the reference's logits exactly
+    with every group put back, and its own again afterwards; perturbing one group only, that group's share is 1
+    and the others' 0."""
+    from vsraq_plugin.evaluation import _reference_modules, component_attribution, component_groups
+    from vsraq_plugin.models import get_adapter
+
+    ref = tiny_model("deepseek_v3")
+    other = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.startswith("model.layers.") and "norm" not in name:
+                p.add_(0.05 * torch.randn_like(p))
+    groups = component_groups(get_adapter(ref), ref)
+    assert list(groups) == ["attention", "dense MLPs", "routers", "routed experts", "shared experts"]
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        own, target = other(input_ids=ids).logits, ref(input_ids=ids).logits
+        with _reference_modules(other, ref, [p for paths in groups.values() for p in paths]):
+            assert torch.equal(other(input_ids=ids).logits, target)
+        assert torch.equal(other(input_ids=ids).logits, own)
+    one = copy.deepcopy(ref)
+    with torch.no_grad():
+        one.model.layers[0].self_attn.o_proj.weight.mul_(-3.0)
+    comps = component_attribution(ref, one, ids, batch_size=2, progress=False)
+    assert comps["attention"]["disagreement_share"] == 1.0 and comps["attention"]["topk_set_agreement"] == 1.0
+    assert all(comps[k]["disagreement_share"] == 0.0 for k in comps if k != "attention")

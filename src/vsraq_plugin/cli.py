@@ -337,7 +337,15 @@ def _check_vocab(models: dict, windows) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import build_report, evaluate, markdown_table, named, token_windows, write_report
+    from .evaluation import (
+        build_report,
+        component_attribution,
+        evaluate,
+        markdown_table,
+        named,
+        token_windows,
+        write_report,
+    )
     from .streaming import resolve_device
 
     _set_threads(args.threads)
@@ -369,6 +377,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         windows.numel(),
     )
     report["dtype"] = args.dtype
+    if args.components:  # which modules the flips come from: each group put back to the reference's, alone
+        report["components"] = {
+            name: component_attribution(reference, model, windows, args.batch_size, args.components == "layer")
+            for name, model in models.items()
+        }
     for name, path in zip(models, args.model, strict=True):  # mixed precision: widths per expert, per layer
         meta = _quantization_meta(Path(path))
         for key in ("expert_bits", "expert_down_bits"):
@@ -582,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     common(e)
     attribution(e)
+    e.add_argument(
+        "--components",
+        nargs="?",
+        const="kind",
+        choices=("kind", "layer"),
+        help="which modules the routing flips come from: every layer's attention, routers, routed experts, shared "
+        "experts, dense MLPs (kind), or each of those per layer (layer), put back to the reference's one group at "
+        "a time (one extra evaluation per group); points --dynamic overrides at the model",
+    )
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     e.set_defaults(func=cmd_eval)
 

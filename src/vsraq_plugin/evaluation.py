@@ -14,13 +14,21 @@ top-k set differs from the reference's (``1 - topk_set_agreement``):
   is a difference of two rates and may be negative (drift can undo a local flip). Its two parts are also
   reported: ``drift_flips`` (tokens that disagree in the candidate's own run but not locally) minus
   ``drift_unflips`` (tokens that disagree locally but not in the candidate's own run) equals I_l.
+
+Components (``component_attribution``): which parts of a quantized model the routing flips come from. Each group
+of modules (every layer's attention, routers, routed experts, shared experts, dense MLPs; or each of those per
+layer) is put back to the reference's, alone, and the model evaluated again; the fall in top-k disagreement is
+that group's share. The shares need not add up to one: flips rise with the error of the router logits, and the
+errors of several groups add to it together. It points ``dynamic`` overrides (more bits where it pays) at a model.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import MoELayer, get_adapter, record_router_logits
+from .models import MoEAdapter, MoELayer, get_adapter, record_router_logits
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
 from .text import cut_windows, split_documents, token_stream
 from .validation import InputError, positive_int
@@ -223,6 +231,97 @@ def evaluate(
     return out
 
 
+COMPONENT_KINDS = ("attention", "routers", "routed experts", "shared experts", "dense MLPs")
+
+
+def component_groups(adapter: MoEAdapter, model: nn.Module, per_layer: bool = False) -> dict[str, list[str]]:
+    """Module paths of each component group (``COMPONENT_KINDS``, across all layers or per layer)."""
+    groups: dict[str, list[str]] = {}
+    for layer in adapter.layers(model):
+        p = f"model.layers.{layer.index}"
+        mlp = {f"{p}.{n}" for n in adapter.dense_mlp_linears(layer)}
+        kinds = {"attention": [f"{p}.{n}" for n in adapter.attention_linears(layer)]}
+        if layer.is_moe:
+            child = {id(m): n for n, m in layer.mlp.named_children()}
+            kinds["routers"] = [f"{p}.mlp.{child[id(layer.router)]}"]
+            kinds["routed experts"] = [f"{p}.mlp.{child[id(layer.experts)]}"]
+            kinds["shared experts"] = sorted(mlp)
+        else:
+            kinds["dense MLPs"] = sorted(mlp)
+        for kind in COMPONENT_KINDS:
+            if kinds.get(kind):
+                groups.setdefault(f"layer {layer.index} {kind}" if per_layer else kind, []).extend(kinds[kind])
+    return groups
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent), leaf, module)
+
+
+@contextmanager
+def _reference_modules(model: nn.Module, reference: nn.Module, paths: list[str]) -> Iterator[None]:
+    """``model`` with the modules at ``paths`` replaced by copies of the reference's (in the model's dtype and
+    on its device), put back on exit."""
+    emb = model.get_input_embeddings().weight
+    saved = {}
+    try:
+        for path in paths:
+            saved[path] = model.get_submodule(path)
+            _set_module(model, path, copy.deepcopy(reference.get_submodule(path)).to(emb.device, emb.dtype))
+        yield
+    finally:
+        for path, module in saved.items():
+            _set_module(model, path, module)
+
+
+def component_attribution(
+    reference: nn.Module,
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    per_layer: bool = False,
+    progress: bool = True,
+) -> dict:
+    """For each component group of ``model`` (module docstring): the metrics with that group put back to the
+    reference's, and ``disagreement_share``, the fall in top-k disagreement against the quantized model's own
+    (1: every flip gone, negative: the group had been compensating for others, as VSRAQ's re-fitted routers do).
+    One extra evaluation pass per group."""
+    groups = component_groups(get_adapter(reference), reference, per_layer)
+    base = evaluate(reference, {"quantized": model}, windows, batch_size, progress=False)["quantized"]
+    d0 = 1.0 - base["topk_set_agreement"]
+    out = {}
+    for label, paths in tqdm(groups.items(), desc="components", unit="group", disable=not progress):
+        with _reference_modules(model, reference, paths):
+            m = evaluate(reference, {label: model}, windows, batch_size, progress=False)[label]
+        d = 1.0 - m["topk_set_agreement"]
+        out[label] = {
+            "modules": len(paths),
+            "topk_set_agreement": m["topk_set_agreement"],
+            "kl": m["kl"],
+            "perplexity": m["perplexity"],
+            "disagreement_share": (d0 - d) / d0 if d0 > 0 else 0.0,
+        }
+    return out
+
+
+def component_table(components: dict[str, dict[str, dict]]) -> str:
+    """``report.json``'s ``components`` (per model: per group) as markdown."""
+    lines = [
+        "Each group of modules put back to the reference's, alone (share: the fall in top-k disagreement):",
+        "",
+        "| model | group put back | top-k set agreement | disagreement share | KL to FP | perplexity |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, groups in components.items():
+        for label, g in groups.items():
+            lines.append(
+                f"| {name} | {label} | {100 * g['topk_set_agreement']:.2f} % | {100 * g['disagreement_share']:.1f} % | "
+                f"{g['kl']:.5f} | {g['perplexity']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def build_report(metrics: dict, reference_path: str, text_path: str, tokens: int) -> dict:
     """The report.json document (DESIGN 4 schema; tools and CI read these keys)."""
     metrics = dict(metrics)
@@ -267,6 +366,8 @@ def markdown_table(report: dict) -> str:
                 for loc, inh in zip(pl["local_disagreement"], pl["inherited_disagreement"], strict=True)
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("components"):
+        lines += ["", component_table(report["components"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

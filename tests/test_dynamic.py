@@ -52,14 +52,22 @@ def test_bad_overrides_are_refused_with_the_fix(dynamic, match):
         QuantConfig(dynamic=dynamic)
 
 
-def test_patterns_that_reach_routed_experts_or_misfit_a_group_fail_before_any_work():
+@pytest.mark.parametrize(
+    "dynamic, extra, match",
+    [
+        ({r"-:.*\.experts\.3\..*": {}}, {}, "leaves it unquantized"),
+        ({r".*\.experts\.3\..*": {"bits": 8, "group_size": 32}}, {}, "group_size"),
+        ({r".*\.experts\.3\.down_proj$": {"bits": 8}}, {}, "would get"),
+        ({r".*\.experts\.3\..*": {"bits": 8}}, {"bits_budget": 3.0, "bit_levels": [2, 3, 4]}, "bits_budget"),
+        ({r".*\.experts\.3\..*": {"bits": 8}}, {"method": "rtn"}, "not rtn"),
+        ({r".*layers\.0\.mlp\.down_proj$": {"group_size": 64}}, {}, "does not divide"),  # down's input: 96
+    ],
+)
+def test_what_dynamic_cannot_do_fails_before_any_work(dynamic, extra, match):
     fp = tiny_model("deepseek_v3")
     windows = torch.randint(0, fp.config.vocab_size, (2, 16))
-    with pytest.raises(NotImplementedError, match=r"experts\.0\.gate_proj"):
-        quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={r".*\.mlp\..*": {"bits": 8}}), progress=False)
-    bad_group = {r".*layers\.0\.mlp\.down_proj$": {"group_size": 64}}  # down's input is 96 wide
-    with pytest.raises(ConfigError, match=r"group_size=64 does not divide model\.layers\.0\.mlp\.down_proj"):
-        quantize_model(fp, windows, QuantConfig(group_size=16, dynamic=bad_group), progress=False)
+    with pytest.raises((NotImplementedError, ConfigError), match=match):
+        quantize_model(fp, windows, QuantConfig(**{"group_size": 16, "dynamic": dynamic, **extra}), progress=False)
 
 
 def _run(fp, windows, **kw):
@@ -156,3 +164,29 @@ def test_cli_dynamic_from_a_file_streams_the_same_checkpoint_as_the_api(tmp_path
         _dynamic_arg("{not json")
     with pytest.raises(CLIError, match="JSON object"):
         _dynamic_arg('["+:.*q_proj$"]')
+
+
+def test_routed_experts_widths_by_dynamic_equal_the_same_widths_given_directly(tmp_path):
+    """Whole routed experts at another width through ``dynamic``: the codes of the run that gives the same widths
+    as ``expert_bits``; the checkpoint names each expert's width and loads back with the in-memory logits."""
+    from vsraq_plugin.nn import QuantExperts
+
+    fp = tiny_model("qwen2_moe")
+    windows = torch.randint(0, fp.config.vocab_size, (4, 16))
+    dyn = {r"+:.*\.layers\.1\.mlp\.experts\.(2|5)\..*": {"bits": 8}, r"+:.*\.layers\.0\.mlp\.experts\.0\.": {"bits": 2}}
+    model, res = _run(fp, windows, method="vsraq", dynamic=dyn)
+    given = {0: torch.tensor([2, 4, 4, 4, 4, 4, 4, 4]), 1: torch.tensor([4, 4, 8, 4, 4, 8, 4, 4])}
+    ref = copy.deepcopy(fp)
+    want = quantize_model(ref, windows, QuantConfig(method="vsraq", group_size=16), progress=False, expert_bits=given)
+    assert res.summary["expert_bits"] == {i: w.tolist() for i, w in given.items()}
+    for name, qw in want.weights.items():
+        assert torch.equal(res.weights[name].codes, qw.codes), name
+    out = save_checkpoint(model, res, tmp_path / "q")
+    loaded = load_checkpoint(out)
+    widths = [m.expert_bits for m in loaded.modules() if isinstance(m, QuantExperts)]
+    assert widths == [given[0].tolist(), given[1].tolist()]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows).logits, loaded(input_ids=windows).logits)
+    with pytest.raises(NotImplementedError, match="one way"):
+        quantize_model(copy.deepcopy(fp), windows, QuantConfig(group_size=16, dynamic=dyn), progress=False,
+                       expert_bits=given)  # fmt: skip

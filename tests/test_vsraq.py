@@ -410,7 +410,7 @@ def test_unimplemented_terms_fail_clearly():
     with pytest.raises(NotImplementedError, match="router_mode='quantize'"):
         quantize_model(fp, windows, QuantConfig(method="gptq", group_size=16, router_mode="quantize"), progress=False)
     with pytest.raises(NotImplementedError, match="dynamic"):
-        quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={r".*experts.*": {"bits": 8}}), progress=False)
+        quantize_model(fp, windows, QuantConfig(group_size=16, dynamic={r"-:.*experts.*": {}}), progress=False)
     with pytest.raises(NotImplementedError, match="true_sequential"):
         quantize_model(fp, windows, QuantConfig(group_size=16, true_sequential=False), progress=False)
 

@@ -125,27 +125,65 @@ def _note_overrides(result: QuantizationResult, cfg: QuantConfig, settings: dict
 
 
 def _check_dynamic(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfig) -> None:
-    """``dynamic`` overrides apply to the attention, dense-MLP and shared-expert linears. Refuse a pattern that
-    names a routed expert (their widths come from the mixed-precision allocation, and they are solved as one
-    batched weight per projection) or a router quantized by ``router_mode="quantize"``, before any long work."""
+    """What ``dynamic`` can do, checked before any long work: any setting of the attention, dense-MLP and
+    shared-expert linears, and whole routed experts' widths (``_dynamic_expert_bits``); not a router that
+    ``router_mode="quantize"`` quantizes."""
     from .config import dynamic_override
 
-    for layer in layers:
-        if not layer.is_moe:
-            continue
-        i, E = layer.index, adapter.num_experts()
-        names = [(f"model.layers.{i}.mlp.experts.{e}.{p}", adapter.expert_key(i, e, p))
-                 for e in range(E) for p in EXPERT_PROJECTIONS]  # fmt: skip
-        if cfg.router_mode == "quantize":
-            names.append(adapter.module_names(router_name(layer)))
-        for candidates in names:
-            if dynamic_override(cfg.dynamic, *candidates) is not None:
+    _dynamic_expert_bits(adapter, layers, cfg)
+    if cfg.router_mode == "quantize":
+        for layer in layers:
+            if layer.is_moe and dynamic_override(cfg.dynamic, *adapter.module_names(router_name(layer))) is not None:
                 raise NotImplementedError(
-                    f"dynamic: a pattern matches {candidates[-1]!r}; per-module overrides apply to the attention, "
-                    "dense-MLP and shared-expert linears only. Routed experts take `bits`, or their widths from "
-                    "bits_budget / bit_levels (expert-wise mixed precision); a quantized router takes `bits`. Narrow "
-                    r"the pattern (e.g. end it with '\.(q|k|v|o)_proj$' or '\.mlp\.down_proj$')."
+                    f"dynamic: a pattern matches the quantized router {router_name(layer)!r}; it takes `bits`. "
+                    r"Narrow the pattern (e.g. end it with '\.(q|k|v|o)_proj$')."
                 )
+
+
+def _dynamic_expert_bits(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfig) -> dict[int, torch.Tensor]:
+    """The routed experts' widths that ``dynamic`` sets, by MoE layer (only layers it changes): an override of a
+    routed expert must set ``bits`` alone, the same for its gate, up and down (a layer's experts are solved as one
+    batched weight per projection, at one group size; widths per projection come from the measured allocation),
+    and cannot leave it unquantized; nor can it be combined with ``bits_budget`` (the allocation sets the widths)."""
+    from .config import dynamic_override
+
+    out = {}
+    for layer in layers:
+        if not layer.is_moe or not cfg.dynamic:
+            continue
+        i, widths = layer.index, []
+        for e in range(adapter.num_experts()):
+            per_projection = []
+            for p in EXPERT_PROJECTIONS:
+                names = (f"model.layers.{i}.mlp.experts.{e}.{p}", adapter.expert_key(i, e, p))
+                o = dynamic_override(cfg.dynamic, *names)
+                what = None
+                if o is False:
+                    what = "leaves it unquantized"
+                elif o and (set(o) != {"bits"} and o.get("group_size", cfg.group_size) != cfg.group_size):
+                    what = "sets its group_size"
+                elif o and cfg.bits_budget is not None and o.get("bits", cfg.bits) != cfg.bits:
+                    what = "sets its width while bits_budget allocates the experts' widths"
+                if what:
+                    raise NotImplementedError(
+                        f"dynamic: a pattern matching the routed expert {names[-1]!r} {what}; a routed expert can "
+                        r"take another `bits` only (the same for its gate, up and down). Narrow the pattern (e.g. "
+                        r"end it with '\.(q|k|v|o)_proj$')."
+                    )
+                per_projection.append(int(o.get("bits", cfg.bits)) if o else cfg.bits)
+            if len(set(per_projection)) > 1:
+                got = dict(zip(EXPERT_PROJECTIONS, per_projection, strict=True))
+                raise NotImplementedError(
+                    f"dynamic: layer {i} expert {e} would get {got} bits; "
+                    "a routed expert takes one width for gate, up and down by `dynamic` (widths per projection come "
+                    "from bits_budget with width_per_projection)."
+                )
+            widths.append(per_projection[0])
+        if any(w != cfg.bits for w in widths):
+            out[i] = torch.tensor(widths)
+    if out and cfg.method == "rtn":
+        raise NotImplementedError("dynamic widths of routed experts are applied by gptq, agq and vsraq, not rtn.")
+    return out
 
 
 def _check_settings(adapter: MoEAdapter, layers: list[MoELayer], cfg: QuantConfig, windows) -> None:
@@ -308,7 +346,11 @@ def _run(
     )
     host = torch.device("cpu")
     keep = sink is None  # in memory: results stay in ``result``; streamed: the sink writes them
-    widths = _ExpertWidths(adapter, cfg, router_init, expert_bits, result)
+    derived = _dynamic_expert_bits(adapter, layers, cfg)  # routed experts' widths set by `dynamic`
+    if derived and expert_bits is not None:
+        raise NotImplementedError("expert_bits and `dynamic` overrides of routed experts: give the widths one way.")
+    widths = _ExpertWidths(adapter, cfg, router_init, expert_bits if expert_bits is not None else derived or None,
+                           result)  # fmt: skip
 
     def finish_layer(layer: MoELayer, weights: dict[str, QuantizedWeight]) -> None:
         if keep:

@@ -29,7 +29,7 @@ from torch import nn
 from . import __version__
 from .config import QuantConfig, dynamic_override
 from .methods import router_name
-from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, get_adapter
+from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, child_name, get_adapter, set_module
 from .nn import QuantExperts, QuantLinear
 from .packing import pack_linear
 from .quantizer import QuantizedWeight
@@ -693,6 +693,11 @@ class QuantSlot:
     experts: nn.Module | None = None  # the family's experts module (its implementation is reused)
     layer_index: int = 0
 
+    def rule(self, dynamic: dict | None) -> dict | bool | None:
+        """A linear's GPTQ ``dynamic`` rule under any of its names (``config.dynamic_override``: False = left
+        unquantized); None for the experts (their widths are read per expert, ``dynamic_bits``)."""
+        return dynamic_override(dynamic, *self.keys) if self.kind == "linear" else None
+
 
 def quantized_slots(model: nn.Module) -> list[QuantSlot]:
     """Every module a GPTQ MoE checkpoint of this family quantizes, read from the unquantized model (its
@@ -706,7 +711,7 @@ def quantized_slots(model: nn.Module) -> list[QuantSlot]:
             keys = (_native_to_checkpoint(adapter, full), full)
             slots.append(QuantSlot(full, "linear", keys, lin.in_features, lin.out_features, lin.bias is not None))
         if layer.is_moe:
-            path = f"{prefix}.mlp.{_child_name(layer.mlp, layer.experts)}"
+            path = f"{prefix}.mlp.{child_name(layer.mlp, layer.experts)}"
             slots.append(QuantSlot(path, "experts", (), experts=layer.experts, layer_index=layer.index))
     return slots
 
@@ -741,7 +746,7 @@ def build_quantized(slot: QuantSlot, source: _TensorSource, qcfg: dict, adapter:
     """The ``QuantLinear`` / ``QuantExperts`` for one slot, filled from the checkpoint tensors."""
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     if slot.kind == "linear":
-        override = dynamic_override(qcfg.get("dynamic"), *slot.keys[::-1]) or {}  # (model name, checkpoint name)
+        override = slot.rule(qcfg.get("dynamic")) or {}
         bits, group_size = int(override.get("bits", bits)), int(override.get("group_size", group_size))
         ql = QuantLinear(slot.in_features, slot.out_features, bits, group_size, bias=slot.bias, dtype=dtype)
         parts = {buf: source.take(*(f"{k}.{buf}" for k in slot.keys)) for buf in QUANT_SUFFIXES}
@@ -842,9 +847,9 @@ def install_quantized(
         placement = lambda name: device  # noqa: E731
     with torch.no_grad():
         for slot in slots:
-            if slot.kind == "linear" and dynamic_override(qcfg.get("dynamic"), *slot.keys[::-1]) is False:
+            if slot.rule(qcfg.get("dynamic")) is False:
                 continue  # a "-:" dynamic pattern: the module stays a 16-bit linear, filled like the other tensors
-            _replace(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype).to(placement(slot.path)))
+            set_module(model, slot.path, build_quantized(slot, source, qcfg, adapter, dtype).to(placement(slot.path)))
         for param, keys in routers.items():
             weight = model.get_parameter(param)
             parts = [source.take(*(f"{k}.{b}" for k in keys)) for b in QUANT_SUFFIXES]
@@ -983,15 +988,3 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, 
             "it does not match this model family's layout."
         )
     return model.eval()
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    return next(n for n, m in parent.named_children() if m is child)
-
-
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    *path, leaf = dotted.split(".")
-    parent = root
-    for p in path:
-        parent = getattr(parent, p)
-    setattr(parent, leaf, new)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import MoEAdapter, MoELayer, get_adapter, record_router_logits
+from .methods import router_name
+from .models import MoEAdapter, MoELayer, child_name, get_adapter, record_router_logits, set_module
 from .routing import top1_agreement, topk_overlap, topk_set_agreement
 from .text import cut_windows, split_documents, token_stream
 from .validation import InputError, positive_int
@@ -242,9 +243,8 @@ def component_groups(adapter: MoEAdapter, model: nn.Module, per_layer: bool = Fa
         mlp = {f"{p}.{n}" for n in adapter.dense_mlp_linears(layer)}
         kinds = {"attention": [f"{p}.{n}" for n in adapter.attention_linears(layer)]}
         if layer.is_moe:
-            child = {id(m): n for n, m in layer.mlp.named_children()}
-            kinds["routers"] = [f"{p}.mlp.{child[id(layer.router)]}"]
-            kinds["routed experts"] = [f"{p}.mlp.{child[id(layer.experts)]}"]
+            kinds["routers"] = [router_name(layer)]
+            kinds["routed experts"] = [f"{p}.mlp.{child_name(layer.mlp, layer.experts)}"]
             kinds["shared experts"] = sorted(mlp)
         else:
             kinds["dense MLPs"] = sorted(mlp)
@@ -252,11 +252,6 @@ def component_groups(adapter: MoEAdapter, model: nn.Module, per_layer: bool = Fa
             if kinds.get(kind):
                 groups.setdefault(f"layer {layer.index} {kind}" if per_layer else kind, []).extend(kinds[kind])
     return groups
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent), leaf, module)
 
 
 @contextmanager
@@ -268,11 +263,11 @@ def _reference_modules(model: nn.Module, reference: nn.Module, paths: list[str])
     try:
         for path in paths:
             saved[path] = model.get_submodule(path)
-            _set_module(model, path, copy.deepcopy(reference.get_submodule(path)).to(emb.device, emb.dtype))
+            set_module(model, path, copy.deepcopy(reference.get_submodule(path)).to(emb.device, emb.dtype))
         yield
     finally:
         for path, module in saved.items():
-            _set_module(model, path, module)
+            set_module(model, path, module)
 
 
 def component_attribution(

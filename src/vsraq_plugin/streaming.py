@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import ConfigError
 from .methods import RouterView
-from .models import MoEAdapter, MoELayer, get_adapter
+from .models import MoEAdapter, MoELayer, child_name, get_adapter
 from .validation import InputError, check_model_dir, nonfinite_count, one_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -492,7 +492,7 @@ class StreamedLayers:
 
     def router(self, index: int) -> RouterView:
         layer = self.layers[index]
-        rname = f"model.layers.{index}.mlp.{_child_name(layer.mlp, layer.router)}"
+        rname = f"model.layers.{index}.mlp.{child_name(layer.mlp, layer.router)}"
         names = {f"{rname}.weight": tuple(layer.router.weight.shape)}
         bias = getattr(layer.router, "e_score_correction_bias", None)
         if bias is not None:
@@ -509,7 +509,3 @@ class StreamedLayers:
 
     def fingerprint_parts(self) -> list[bytes]:
         return self.source.fingerprint_parts()
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    return next(n for n, m in parent.named_children() if m is child)

@@ -42,8 +42,8 @@ from ..checkpoint import (
     quantized_slots,
     quantized_state_dict,
 )
-from ..config import QuantConfig, dynamic_override
-from ..models import ADAPTERS, get_adapter
+from ..config import QuantConfig
+from ..models import ADAPTERS, get_adapter, set_module
 from ..models import _is_moe as is_moe_config
 from ..nn.experts import EXPERTS_IMPLEMENTATION, vsraq_experts_forward
 
@@ -173,9 +173,8 @@ class _PluginQuantizer:
             return model
         self._files = [str(f) for f in (kwargs.get("checkpoint_files") or [])]
         # Linears a "-:" dynamic pattern left unquantized load as the 16-bit linears they are.
-        dynamic = self._saved_block().get("dynamic")
-        self._slots = [s for s in quantized_slots(model)
-                       if not (s.kind == "linear" and dynamic_override(dynamic, *s.keys[::-1]) is False)]  # fmt: skip
+        self._block = self._saved_block()
+        self._slots = [s for s in quantized_slots(model) if s.rule(self._block.get("dynamic")) is not False]
         patterns = {rf"\.({'|'.join(QUANT_SUFFIXES)})$"}
         # Quantized routers (router_mode="quantize") are dequantized into their weight after loading.
         self._tensors = SafetensorsFiles(self._files) if self._files else None
@@ -183,7 +182,7 @@ class _PluginQuantizer:
         missing = {rf"^{re.escape(name)}$" for name in routers}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | missing
         for slot in self._slots:
-            _set_module(model, slot.path, _Pending())
+            set_module(model, slot.path, _Pending())
             if slot.bias:
                 patterns |= {rf"^{re.escape(k)}\.bias$" for k in slot.keys}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
@@ -207,7 +206,7 @@ class _PluginQuantizer:
         if self._tensors is None:
             raise CheckpointError("the GPTQ checkpoint has no weight files to read the quantized tensors from.")
         folder = Path(self._files[0]).parent
-        block = check_gptq_config(self._saved_block(), str(folder))
+        block = check_gptq_config(self._block, str(folder))
         emb = model.get_input_embeddings().weight
         # Each quantized module goes where the user's device_map puts it (transformers keeps the map it used).
         dmap = getattr(model, "hf_device_map", None) or {"": emb.device}
@@ -275,11 +274,6 @@ class GptqMoEHfQuantizer(_PluginQuantizer, GptqHfQuantizer):
         HfQuantizer.__init__(self, quantization_config, **kwargs)
         self._init_plugin()
         self._plugin = True if not self.pre_quantized else None
-
-
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 # ---------------------------------------------------------------------------------------------- hooks

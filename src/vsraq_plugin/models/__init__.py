@@ -8,7 +8,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .base import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, UnsupportedModelError, sequential_stages
+from .base import (
+    EXPERT_PROJECTIONS,
+    MoEAdapter,
+    MoELayer,
+    UnsupportedModelError,
+    child_name,
+    sequential_stages,
+    set_module,
+)
 from .deepseek_v3 import DeepseekV3Adapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
@@ -68,7 +76,9 @@ __all__ = [
     "MoEAdapter",
     "MoELayer",
     "UnsupportedModelError",
+    "child_name",
     "get_adapter",
     "record_router_logits",
     "sequential_stages",
+    "set_module",
 ]

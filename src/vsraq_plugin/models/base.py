@@ -33,6 +33,17 @@ def sequential_stages(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear
     return [stages[k] for k in sorted(stages)]
 
 
+def child_name(parent: nn.Module, child: nn.Module) -> str:
+    """The attribute name under which ``parent`` holds ``child`` (``mlp.experts``, ``block_sparse_moe.gate``...)."""
+    return next(n for n, m in parent.named_children() if m is child)
+
+
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted module path ``dotted`` under ``root``."""
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 class UnsupportedModelError(InputError):
     """The model is of a family (or structure) vsraq-plugin has no adapter for."""
 

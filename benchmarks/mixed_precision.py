@@ -3,10 +3,12 @@
 Budgets (default): an average of 3.0 bits over {2,3,4}, 2.5 over {2,3} and 3.5 over {3,4} for the routed experts
 (attention at 4 bits, group size 64). Rows, for each ``--methods`` entry (gptq, vsraq): uniform W2/W3/W4 experts;
 then per budget the measured allocation (each expert's gate/up and down as separate knapsack items, their damage
-in the residual stream x the routing mass, exact knapsack; ``per expert``: one width per expert, its solve losses
-summed; ``measured+fragility``: vsraq's damage weight with the next router's fragility), the seed paper's
+in the residual stream's read metric x the routing mass, exact knapsack; ``per expert``: one width per expert, its
+solve losses summed; ``measured+fragility``: vsraq's damage weight with the next router's fragility), the seed paper's
 router-norm + max-variance rule, random allocation (mean of ``--seeds`` seeds) and frequency allocation (most-routed
-experts widest). Columns: top-k set agreement, perplexity, KL to FP. Then the issue's targets, checked. One thread.
+experts widest); ``--plain-norm``: also the measured rows with both parts' damages in the plain residual norm
+instead of the stream's read metric. Columns: top-k set agreement, perplexity, KL to FP. Then the issue's
+targets, checked. One thread.
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py [--fixture benchmarks/fixtures/tiny-qwen3-moe]
 """
@@ -44,6 +46,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-baselines", action="store_true", help="only uniform and measured rows")
     ap.add_argument("--scopes", default="layer,model", help="budget scopes of the measured rows")
+    ap.add_argument(
+        "--plain-norm", action="store_true",
+        help="also the measured rows with damages in the plain residual norm (damage_metric='residual')",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, help="write every row here (JSON lines) as it finishes")
     ap.add_argument(
         "--dynamic", type=json.loads, default={},
@@ -106,6 +112,9 @@ def main() -> None:
             for scope in args.scopes.split(","):
                 name = "measured" if scope == "layer" else "measured (model scope)"
                 rows.append((f"{name} {tag}", run(method, f"{name} {tag}", cfg.replace(budget_scope=scope))))
+                if args.plain_norm:  # the damages of both parts in the plain residual norm (before the read metric)
+                    label = f"{name} plain norm {tag}"
+                    rows.append((label, run(method, label, cfg.replace(budget_scope=scope, damage_metric="residual"))))
                 label = f"{name} per expert {tag}"  # one width per expert (the default before widths per projection)
                 per_expert = cfg.replace(budget_scope=scope, width_per_projection=False)
                 rows.append((label, run(method, label, per_expert)))

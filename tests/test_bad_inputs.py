@@ -289,6 +289,8 @@ CASES: list[tuple[str, Callable, str]] = [
                                      "random", "--budget-scope", "model"), "use it with allocation='measured'"),
     ("q-fragility-without-vsraq", q("tiny", *GPTQ, "--bits-budget", "3", "--bit-levels", "2,4",
                                     "--allocation-weight", "fragility"), "reads the next router's fragility"),
+    ("q-damage-metric-unknown", q("tiny", *GPTQ, "--bits-budget", "3", "--bit-levels", "2,4", "--damage-metric",
+                                  "fisher"), "damage_metric='fisher' is unknown"),
     ("q-shard-size-not-a-size", q("tiny", *RTN, "--max-shard-size", "lots"), "is not a size"),
     ("q-rtn-with-refinement", q("tiny", *RTN, "--refine-steps", "2"), "refinement starts from a GPTQ solve"),
     ("q-out-is-a-file", q("tiny", *RTN, out=lambda c: c.file("afile", "x")), "is a file; pass a folder path"),

@@ -245,7 +245,7 @@ def test_width_per_projection_from_the_command_line(tmp_path, capsys):
               "64", "--threads", "1", "--width-per-projection"]  # fmt: skip
     assert main([*common, "--bits-budget", "2.5", "--bit-levels", "2,3", "--out", str(q)]) == 0
     out = capsys.readouterr().out
-    assert "widths per projection (gate/up, down)" in out
+    assert "damages in the stream's read metric, widths per projection (gate/up, down)" in out
     meta = json.loads((q / "config.json").read_text())["quantization_config"]["meta"]["vsraq"]
     assert meta["width_per_projection"] is True and meta["expert_down_bits"].keys() == meta["expert_bits"].keys()
     for layer, gu in meta["expert_bits"].items():

@@ -34,6 +34,7 @@ def test_round_trip_preserves_every_field():
         ({"dynamic": {"x": {"bits": 6}}}, "dynamic"),
         ({"expert_chunk": -1}, "expert_chunk"),
         ({"expert_chunk": 2.5}, "expert_chunk"),
+        ({"damage_metric": "fisher"}, "damage_metric"),
         ({"width_per_projection": True}, "width_per_projection"),  # no bits_budget
         ({"width_per_projection": 1, "bits_budget": 3.0, "bit_levels": [2, 4]}, "width_per_projection"),
         (

@@ -145,12 +145,14 @@ def test_measured_allocation_against_brute_force_with_unequal_sizes():
         allocate_measured(damage, levels, 2 * sum(params) - 1, params)
 
 
-def _tiny_measured(budget: float, levels: list[int], **kw):
+def _tiny_measured(budget: float, levels: list[int], prepare=None, **kw):
     from tiny_models import tiny_model
     from vsraq_plugin.config import QuantConfig
     from vsraq_plugin.pipeline import quantize_model
 
     model = tiny_model("mixtral", seed=11)
+    if prepare is not None:
+        prepare(model)
     fp = {k: v.clone() for k, v in model.state_dict().items()}
     windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     cfg = QuantConfig(bits=4, group_size=16, method="gptq", bits_budget=budget, bit_levels=levels, **kw)
@@ -547,12 +549,13 @@ def test_width_per_projection_resumes_bit_for_bit(per_projection_run, tmp_path):
         assert widths[0] == widths[1] and qw.bits == resumed.weights[name].bits, name
 
 
-def test_gate_up_output_loss_against_a_per_token_reference():
+@pytest.mark.parametrize("in_read_metric", [False, True])
+def test_gate_up_output_loss_against_a_per_token_reference(in_read_metric):
     """Gate/up's damage in the residual stream (widths per projection): against a float64 loop over the (token,
     expert) pairs with the family's SiLU gate written out, ``w ||W_down (silu(g~) u~ - silu(g) u)||^2 / sum w``, over
-    two batches; an expert no pair reaches gets 0."""
+    two batches (in the read metric: ``||.||_M^2``, ``M`` written out); an expert no pair reaches gets 0."""
     from tiny_models import tiny_model
-    from vsraq_plugin.mixed_precision import gate_up_output_loss
+    from vsraq_plugin.mixed_precision import gate_up_output_loss, read_metric
     from vsraq_plugin.quantizer import rtn
 
     experts = tiny_model("mixtral", seed=3).model.layers[0].mlp.experts
@@ -566,7 +569,11 @@ def test_gate_up_output_loss_against_a_per_token_reference():
         eids = torch.randint(0, E - 1, (40,), generator=g)  # expert E - 1 receives nothing
         batches.append((X, tokens, eids, torch.rand(40, generator=g)))
     gate_ups = {b: rtn(gu.float(), b, 16, False).weight for b in (2, 3)}
-    got = gate_up_output_loss(experts, gu, gate_ups, dn, batches)
+    rm, M = None, torch.eye(d, dtype=torch.float64)
+    if in_read_metric:
+        rm = read_metric([torch.randn(6, d, generator=g), torch.randn(20, d, generator=g)])
+        M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * M
+    got = gate_up_output_loss(experts, gu, gate_ups, dn, batches, read=rm)
     inter = two_i // 2
     for b, q in gate_ups.items():
         num, den = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
@@ -578,9 +585,162 @@ def test_gate_up_output_loss_against_a_per_token_reference():
                     out = W[e].double() @ x
                     return torch.nn.functional.silu(out[:inter]) * out[inter:]
 
-                num[e] += wt * float((dn[e].double() @ (h(q) - h(gu))).pow(2).sum())
+                out = dn[e].double() @ (h(q) - h(gu))
+                num[e] += wt * float(out @ M @ out)
                 den[e] += wt
         want = num / den.clamp(min=1e-300)
         assert want[-1] == 0 and got[b][-1] == 0
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-12)
     assert (got[2][:-1] > got[3][:-1]).all()  # narrower, more damage (rtn on random weights)
+
+
+def _explicit_read_metric(readers: list[torch.Tensor]) -> torch.Tensor:
+    d = readers[0].shape[1]
+    M = sum(W.double().T @ W.double() / W.double().pow(2).sum() for W in readers)
+    return M * d / torch.trace(M)
+
+
+def test_read_metric_against_its_definition():
+    """Full rank (``d`` at most ``rank``): ``mu I + U diag(coef) U^T`` is ``sum_j W_j^T W_j / ||W_j||^2`` scaled to
+    trace ``d``; a reader scaled by 10 counts the same; ``sq_norms`` and ``damage`` are ``v^T M v`` and
+    ``tr(M E H E^T)`` written out."""
+    from vsraq_plugin.mixed_precision import read_metric
+
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    readers = [torch.randn(n, d, generator=g) for n in (5, 20, 3)]
+    M = _explicit_read_metric(readers)
+    rm = read_metric(readers)
+    got = rm.mu * torch.eye(d, dtype=torch.float64) + rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T
+    torch.testing.assert_close(got, M, rtol=1e-5, atol=1e-5)
+    again = read_metric([readers[0] * 10, readers[1], readers[2] / 7])
+    torch.testing.assert_close(again.sq_norms(torch.eye(d)), rm.sq_norms(torch.eye(d)), rtol=1e-4, atol=1e-5)
+    v = torch.randn(9, d, generator=g)
+    torch.testing.assert_close(rm.sq_norms(v).double(), ((v.double() @ M) * v.double()).sum(-1), rtol=1e-4, atol=1e-4)
+    E, X = torch.randn(3, d, 6, generator=g).double(), torch.randn(3, 50, 6, generator=g).double()
+    H = X.transpose(1, 2) @ X / 50
+    want = torch.stack([torch.trace(M @ E[b] @ H[b] @ E[b].T) for b in range(3)])
+    torch.testing.assert_close(rm.damage(E, H), want, rtol=1e-5, atol=1e-8)
+
+
+def test_read_metric_low_rank_keeps_the_top_directions_and_the_trace():
+    """Above ``rank`` directions: the kept ones are ``M``'s top eigenvectors with their exact weights, every other
+    direction weighs the mean of the rest, and the trace is ``d`` as ``M``'s."""
+    from vsraq_plugin.mixed_precision import read_metric
+
+    g = torch.Generator().manual_seed(1)
+    d, rank = 40, 6
+    readers = [torch.randn(8, d, generator=g), torch.randn(30, d, generator=g) * torch.linspace(0.1, 3, d)]
+    M = _explicit_read_metric(readers)
+    lam, V = torch.linalg.eigh(M)
+    rm = read_metric(readers, rank=rank)
+    top = V[:, -rank:].T.float()  # the top directions: exact
+    torch.testing.assert_close(rm.sq_norms(top).double(), lam[-rank:], rtol=1e-4, atol=1e-5)
+    rest = V[:, :-rank].T.float()
+    mean_rest = float(lam[:-rank].sum()) / (d - rank)
+    torch.testing.assert_close(rm.sq_norms(rest).double(), torch.full((d - rank,), mean_rest, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert float(rm.sq_norms(torch.eye(d)).sum()) == pytest.approx(d, rel=1e-5)
+
+
+def test_expert_damage_in_the_read_metric():
+    """``expert_damage`` with a read metric is ``tr(M (W - Q) H (W - Q)^T)``; without, the plain solve loss."""
+    from vsraq_plugin.mixed_precision import expert_damage, read_metric
+
+    g = torch.Generator().manual_seed(2)
+    d, n = 10, 7
+    rm = read_metric([torch.randn(4, d, generator=g), torch.randn(9, d, generator=g)])
+    W, Q = torch.randn(2, d, n, generator=g), torch.randn(2, d, n, generator=g)
+    X = torch.randn(2, 30, n, generator=g)
+    H = X.transpose(1, 2) @ X / 30
+    M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * torch.eye(d, dtype=torch.float64)
+    E = (W - Q).double()
+    want = torch.stack([torch.trace(M @ E[b] @ H[b].double() @ E[b].T) for b in range(2)])
+    torch.testing.assert_close(expert_damage(W, Q, H, rm), want, rtol=1e-5, atol=1e-8)
+    plain = torch.stack([torch.trace(E[b] @ H[b].double() @ E[b].T) for b in range(2)])
+    torch.testing.assert_close(expert_damage(W, Q, H), plain, rtol=1e-6, atol=1e-8)
+
+
+def test_read_metric_of_a_layer_reads_its_attention_router_and_shared_experts():
+    """The pipeline's read metric of a DeepSeek-V3 MoE layer (MLA, shared experts): the linears that read the
+    stream, ``q_a_proj`` and ``kv_a_proj_with_mqa`` through ``input_layernorm``, the router and the shared experts'
+    gate and up through ``post_attention_layernorm``; nothing with ``damage_metric="residual"`` or one width per
+    expert."""
+    from tiny_models import tiny_model
+    from vsraq_plugin.config import QuantConfig
+    from vsraq_plugin.models import get_adapter
+    from vsraq_plugin.pipeline import _read_metric
+
+    model = tiny_model("deepseek_v3", seed=4)
+    adapter = get_adapter(model)
+    layer = next(lay for lay in adapter.moe_layers(model))
+    block = layer.layer
+    with torch.no_grad():  # norms that are not all ones, so that folding them in shows
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(3)) + 0.5)
+    g1, g2 = block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()
+    att, shared = block.self_attn, block.mlp.shared_experts
+    readers = [att.q_a_proj.weight * g1, att.kv_a_proj_with_mqa.weight * g1, block.mlp.gate.weight * g2,
+               shared.gate_proj.weight * g2, shared.up_proj.weight * g2]  # fmt: skip
+    M = _explicit_read_metric([r.detach() for r in readers])
+    cfg = QuantConfig(bits=4, group_size=16, bits_budget=3.0, bit_levels=[2, 3, 4])
+    rm = _read_metric(adapter, layer, cfg)
+    d = M.shape[0]
+    torch.testing.assert_close(rm.sq_norms(torch.eye(d)).double(), torch.diagonal(M), rtol=1e-4, atol=1e-5)
+    assert _read_metric(adapter, layer, cfg.replace(damage_metric="residual")) is None
+    assert _read_metric(adapter, layer, cfg.replace(width_per_projection=False)) is None
+
+
+def test_per_projection_down_damage_is_measured_in_the_read_metric():
+    """With widths per projection, an expert's recorded down damage (its down at its gate/up's width, so measured
+    on the inputs it sees) is mass x ``tr(M E H E^T)``: ``E`` from the stored codes, ``H`` rebuilt from the tokens
+    the quantized model routes to it, ``M`` the read metric of the layer."""
+    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.models import get_adapter
+    from vsraq_plugin.pipeline import _read_metric
+    from vsraq_plugin.solve import dequantize_grid
+
+    def read_half(model):  # the layers' readers see little of half the stream: a read metric far from I
+        with torch.no_grad():
+            for block in model.model.layers:
+                for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate):
+                    lin.weight[:, lin.weight.shape[1] // 2 :] *= 0.05
+
+    levels = [2, 3, 4]
+    model, fp, windows, res = _tiny_measured(2.5, levels, prepare=read_half, width_per_projection=True)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[0]
+    experts = layer.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            model(input_ids=windows[i : i + 2])
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
+    idx = torch.cat([i for _, i, _ in seen])
+    gate_w = torch.cat([w for _, _, w in seen]).double()
+    gu, dn = res.summary["expert_bits"][0], res.summary["expert_down_bits"][0]
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    same = [e for e in range(8) if gu[e] == dn[e]]
+    e = max(same, key=lambda j: int(counts[j]))
+    assert int(counts[e]) >= 8
+    rows = (idx == e).any(-1)
+    xs, mass = X[rows], float(gate_w[idx == e].sum())
+
+    def deq(name):
+        qw = res.weights[f"model.layers.0.mlp.experts.{name}"]
+        return dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)[e].double()
+
+    q_gu = torch.cat([deq("gate_proj"), deq("up_proj")])
+    h = expert_gate(experts, q_gu[None].float(), 0, xs.float()).double()
+    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - deq("down_proj")
+    rm = _read_metric(adapter, layer, res.config)
+    d = e_dn.shape[0]
+    M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * torch.eye(d, dtype=torch.float64)
+    out = h @ e_dn.T  # (tokens, d): down's error in the stream
+    want = mass * float(((out @ M) * out).sum(1).mean())
+    recorded = res.summary["expert_down_damage"][0][e][levels.index(dn[e])]
+    assert recorded == pytest.approx(want, rel=1e-4)
+    plain = mass * float(out.pow(2).sum(1).mean())
+    assert abs(plain - want) > 0.05 * want  # the metric is not the plain norm here: the check can tell them apart

@@ -254,6 +254,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         allocation_weight=args.allocation_weight,
         budget_scope=args.budget_scope,
         width_per_projection=args.width_per_projection,
+        damage_metric=args.damage_metric,
         bits=args.bits,
         group_size=args.group_size,
         sym=not args.asym,
@@ -525,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--width-per-projection", action=argparse.BooleanOptionalAction, default=None,
         help="measured: an expert's down projection gets its own width, apart from its gate/up (the default with "
         "the measured allocation; --no-width-per-projection: one width per expert)",
+    )  # fmt: skip
+    q.add_argument(
+        "--damage-metric", default="readers",
+        help="measured, widths per projection: the norm of the damages in the residual stream: readers (what the "
+        "linears reading the stream see of an error) or residual (the plain norm)",
     )  # fmt: skip
     q.add_argument(
         "--dynamic",

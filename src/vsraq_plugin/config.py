@@ -17,6 +17,7 @@ OFFLOAD_MODES = ("auto", "device", "cpu")
 ALLOCATIONS = ("measured", "router-norm", "random", "frequency")
 ALLOCATION_WEIGHTS = ("mass", "fragility")
 BUDGET_SCOPES = ("layer", "model")
+DAMAGE_METRICS = ("readers", "residual")
 METRIC_SOLVES = ("fast", "exact")
 ROUTER_SOLVES = ("auto", "dense", "cg")
 DYNAMIC_SETTINGS = ("bits", "group_size")  # what a ``dynamic`` override may set per module
@@ -124,6 +125,10 @@ class QuantConfig:
     # instead of one width per expert; gate and up keep one width (they are one fused matrix in the solve).
     # None (default): per projection for the measured allocation (it paid at 2.5 and 3.5 bits on the fixtures).
     width_per_projection: bool | None = None
+    # measured, widths per projection: the norm both parts' damages are measured in, in the residual stream:
+    # "readers" (the read metric of the linears that read the stream, mixed_precision.read_metric) or "residual"
+    # (the plain norm).
+    damage_metric: str = "readers"
     allocation_seed: int = 0  # random allocation
     promote_factor: float = 2.0  # max-variance promotion threshold, x the layer's median (router-norm)
 
@@ -240,6 +245,8 @@ class QuantConfig:
                 f"budget_scope='model' balances measured damages across layers; use it with allocation='measured', "
                 f"not {self.allocation!r}."
             )
+        if self.damage_metric not in DAMAGE_METRICS:
+            raise ConfigError(f"damage_metric={self.damage_metric!r} is unknown; use one of {DAMAGE_METRICS}.")
         if self.width_per_projection is not None and not isinstance(self.width_per_projection, bool):
             raise ConfigError(f"width_per_projection={self.width_per_projection!r} must be True, False or None.")
         if self.width_per_projection and (self.bits_budget is None or self.allocation != "measured"):

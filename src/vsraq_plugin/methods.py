@@ -341,6 +341,29 @@ def align_router(
     router.weight.copy_(R.to(router.weight.dtype))
 
 
+def stream_readers(adapter: MoEAdapter, layer: MoELayer) -> list[torch.Tensor]:
+    """The weights ``(out, d)`` of a layer's linears that read the residual stream, each norm's weight folded in where
+    the layer has it: attention's input projections (through ``input_layernorm``), the router and the shared experts'
+    or dense MLP's gate/up (through ``post_attention_layernorm``). Not the routed experts: reading every expert's
+    gate/up costs E times a dense MLP, and the router rows stand for what they read."""
+    d = int(adapter.config.hidden_size)
+    mlp = adapter.dense_mlp_linears(layer)
+    if layer.is_moe:
+        mlp = {"router": layer.router, **mlp}
+    readers = []
+    for norm_name, linears in (
+        ("input_layernorm", adapter.attention_linears(layer)),
+        ("post_attention_layernorm", mlp),
+    ):
+        norm = getattr(getattr(layer.layer, norm_name, None), "weight", None)
+        for name, module in linears.items():
+            W = module.weight.detach()
+            if W.ndim != 2 or W.shape[1] != d or name.endswith(RESIDUAL_WRITERS):
+                continue
+            readers.append(W.float() if norm is None or norm.shape != (d,) else W.float() * norm.float().to(W.device))
+    return readers
+
+
 def router_name(layer: MoELayer) -> str:
     """The router's module name, e.g. ``model.layers.3.mlp.gate``."""
     child = next(n for n, m in layer.mlp.named_children() if m is layer.router)

@@ -46,7 +46,7 @@ from .config import QuantConfig, dynamic_override
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
 from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
-from .mixed_precision import expert_damage, gate_up_output_loss
+from .mixed_precision import expert_damage, gate_up_output_loss, read_metric
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
@@ -535,6 +535,8 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             # One expert at a time, its round-to-nearest copies at every width made once (never every expert's at
             # every width: 3 x 45 GB at DeepSeek-V3's widths); the batches in order, so the sums are the same.
             d = torch.zeros(2 if cfg.per_projection else 1, E, len(levels), dtype=torch.float64)
+            read = _read_metric(store.adapter, layer, cfg)  # per projection: both terms in the read metric
+            norm = (lambda v: v.pow(2).sum(-1)) if read is None else read.sq_norms
             batches = [(x.reshape(-1, x.shape[-1]).float(), idx, w) for x, idx, w in seen]
             for e in range(E):
                 q_gu = {b: rtn(gu[e : e + 1], b, cfg.group_size, cfg.sym).weight for b in levels}
@@ -549,10 +551,10 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
                         if cfg.per_projection:  # gate/up's error in the residual stream, as down's
-                            gate_up_sq = ((expert_gate(experts, q_gu[b], 0, xs) - h) @ dn[e].T).pow(2).sum(-1)
+                            gate_up_sq = norm((expert_gate(experts, q_gu[b], 0, xs) - h) @ dn[e].T)
                         else:
                             gate_up_sq = (xs @ (gu[e] - q_gu[b][0]).T).pow(2).sum(-1)
-                        sq = (gate_up_sq, (h @ err_dn[b].T).pow(2).sum(-1))
+                        sq = (gate_up_sq, norm(h @ err_dn[b].T))
                         for p, term in enumerate(sq if cfg.per_projection else (sq[0] + sq[1],)):
                             d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:
@@ -611,6 +613,17 @@ def _residual_writers(adapter: MoEAdapter, layer: MoELayer) -> dict[str, nn.Modu
     if layer.is_moe:
         out["experts"] = layer.experts
     return out
+
+
+def _read_metric(adapter: MoEAdapter, layer: MoELayer, cfg: QuantConfig):
+    """The read metric (``mixed_precision.read_metric``) of a MoE layer's residual stream, from its linears that read
+    the stream (``methods.stream_readers``), for the measured allocation with widths per projection
+    (``damage_metric="readers"``); else None."""
+    from .methods import stream_readers
+
+    if not (cfg.per_projection and cfg.damage_metric == "readers"):
+        return None
+    return read_metric(stream_readers(adapter, layer))
 
 
 def _fp_forward(runner: LayerRunner, layer: MoELayer, hidden: list[torch.Tensor], watch: dict[str, nn.Module]):
@@ -725,7 +738,8 @@ class _ExpertWidths:
         c = self.cfg
         summary["expert_bits_scores"] = self.SCORES[c.allocation].format(
             weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed,
-            parts=", widths per projection (gate/up, down)" if c.per_projection else "",
+            parts=(", damages in the stream's read metric" if c.damage_metric == "readers" else "")
+            + ", widths per projection (gate/up, down)" if c.per_projection else "",
         )  # fmt: skip
 
     def budget(self, index: int, params: list[int]) -> int:
@@ -850,6 +864,7 @@ def quantize_layer(
     starved: list[int] = []
     pairs = None
     measured: _Measured | None = None
+    read = None  # the read metric of the measured allocation's damages (widths per projection)
     fp_experts_x = fp_inputs.pop("experts", None)
     for linears, expert_stage in _stages(adapter, layer):
         settings = {n: module_config(adapter, cfg, f"{prefix}.{n}") for n in linears}
@@ -950,7 +965,8 @@ def quantize_layer(
                     batches = [(x, *expert_pairs(x, idx), w.reshape(-1) if plan.weighted_experts
                                 else torch.ones(idx.numel(), device=x.device)) for x, idx, w in routed]  # fmt: skip
                 gate_ups = {b: measured.results["gate_up"][b] for b in measured.levels}  # (codes: per expert)
-                out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist)
+                read = _read_metric(adapter, layer, cfg)  # both parts' damages in the stream's read metric
+                out = gate_up_output_loss(experts, W, gate_ups, experts.down_proj, batches, dist, read)
                 measured.losses["gate_up"].update(out)
             continue
         elif measured is not None:  # the down projections on each width's gate/up, then the exact allocation
@@ -965,7 +981,7 @@ def quantize_layer(
                     if width == measured.levels[0]:  # coverage notes: once, not per width
                         fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
                     qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
-                    solved.add(ch, qw, expert_damage(W, qw.weight, H), sub)
+                    solved.add(ch, qw, expert_damage(W, qw.weight, H, read), sub)
                     del W, H
                 measured.add("down", width, *solved.joined(E))
             gu_bits, dn_bits = allocator.measured(layer.index, measured, experts.gate_up_proj[0].numel(),

@@ -324,3 +324,25 @@ def test_zero_layers_and_outlier_columns_survive_the_checkpoint(tmp_path):
     step = q.scales.float()[0]  # group 0 holds column 7
     assert ((q.dequantized_weight()[:, 7] - big).abs() <= 1.5 * step).all()  # GPTQ moves it by < a step
     assert (q.scales.float()[1:] < 1).all()  # the other groups keep a fine grid
+
+
+@pytest.mark.parametrize("runs", [1, 2, 12])
+def test_pairs_by_batch_keeps_the_masks_pairs_in_their_order(runs):
+    """VSRAQ's (token, expert, weight) pairs split by calibration batch: in a few ascending runs of tokens (the FP
+    choices, then the near misses) found by binary search, and in many (the mask per batch), the same pairs in the
+    same order as a mask over every pair per batch; an empty batch gets none."""
+    from vsraq_plugin.pipeline import _pairs_by_batch
+
+    g = torch.Generator().manual_seed(runs)
+    bounds = [(0, 10), (10, 10), (10, 37), (37, 64)]
+    parts = [torch.randint(0, 64, (int(torch.randint(20, 60, (), generator=g)),), generator=g).sort().values
+             for _ in range(runs)]  # fmt: skip
+    tokens = torch.cat(parts)
+    eids = torch.randint(0, 8, tokens.shape, generator=g)
+    w = torch.rand(tokens.shape, generator=g)
+    X = torch.randn(64, 4, generator=g)
+    inputs, got = _pairs_by_batch((X, tokens, eids, w), bounds)
+    for (t0, t1), (x, _, _), (tk, e, ww) in zip(bounds, inputs, got, strict=True):
+        sel = (tokens >= t0) & (tokens < t1)
+        assert torch.equal(x, X[t0:t1])
+        assert torch.equal(tk, tokens[sel] - t0) and torch.equal(e, eids[sel]) and torch.equal(ww, w[sel])

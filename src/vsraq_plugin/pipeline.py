@@ -1088,10 +1088,23 @@ def _pairs_by_batch(pairs, bounds) -> tuple[list, list]:
     batch's inputs ``(X_b, None, None)`` and its pairs with tokens local to it, one term per batch as every exact
     sum."""
     X, tokens, eids, w = pairs
-    inputs, per_batch = [], []
-    for t0, t1 in bounds:
-        sel = (tokens >= t0) & (tokens < t1)
-        inputs.append((X[t0:t1], None, None))
+    inputs = [(X[t0:t1], None, None) for t0, t1 in bounds]
+    # The tokens come as a few ascending runs (the FP choices, then the near misses): a batch's pairs are then one
+    # slice of each run, found by binary search, taken run after run: the pairs a mask over all of them would keep,
+    # in the same order, without a pass over every pair per batch (pairs x batches at real calibration sizes).
+    breaks = (tokens[1:] < tokens[:-1]).nonzero().flatten().add(1).tolist() if tokens.numel() > 1 else []
+    if len(breaks) > 8:  # not a few sorted runs: the mask per batch
+        per_batch = []
+        for t0, t1 in bounds:
+            sel = (tokens >= t0) & (tokens < t1)
+            per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
+        return inputs, per_batch
+    runs = list(itertools.pairwise([0, *breaks, tokens.numel()]))
+    edges = torch.tensor([t for bound in bounds for t in bound], dtype=tokens.dtype, device=tokens.device)
+    cuts = [(a + torch.searchsorted(tokens[a:b], edges)).view(-1, 2).tolist() for a, b in runs]
+    per_batch = []
+    for i, (t0, _) in enumerate(bounds):
+        sel = torch.cat([torch.arange(*run[i], device=tokens.device) for run in cuts])
         per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
     return inputs, per_batch
 

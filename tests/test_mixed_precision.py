@@ -145,6 +145,21 @@ def test_measured_allocation_against_brute_force_with_unequal_sizes():
         allocate_measured(damage, levels, 2 * sum(params) - 1, params)
 
 
+def _routed_inputs(model, experts, windows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``model`` (as it now is) routes to ``experts`` over ``windows`` in batches of two: the inputs ``(T, d)``,
+    the chosen experts ``(T, k)`` and their gate weights, float64."""
+    from vsraq_plugin.capture import routing_args
+
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 2):
+            model(input_ids=windows[i : i + 2])
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
+    return X, torch.cat([i for _, i, _ in seen]), torch.cat([w for _, _, w in seen]).double()
+
+
 def _tiny_measured(budget: float, levels: list[int], prepare=None, **kw):
     from tiny_models import tiny_model
     from vsraq_plugin.config import QuantConfig
@@ -163,21 +178,13 @@ def _tiny_measured(budget: float, levels: list[int], prepare=None, **kw):
 def test_measured_damage_is_the_solve_loss_times_the_routing_mass():
     """One expert's recorded damage at its chosen width equals mass x (tr(E H E^T) of gate/up + of down), with E from
     a dequantize of the stored codes and H rebuilt here from the tokens the quantized model routes to it."""
-    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.capture import expert_gate
     from vsraq_plugin.solve import dequantize_grid
 
     levels = [2, 3, 4]
     model, fp, windows, res = _tiny_measured(2.5, levels, width_per_projection=False)  # one width per expert
     experts = model.model.layers[0].mlp.experts
-    seen = []
-    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
-    with torch.no_grad():
-        for i in range(0, 4, 2):  # the quantized model: attention quantized, router untouched (gptq)
-            model(input_ids=windows[i : i + 2])
-    handle.remove()
-    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
-    idx = torch.cat([i for _, i, _ in seen])
-    gate_w = torch.cat([w for _, _, w in seen]).double()
+    X, idx, gate_w = _routed_inputs(model, experts, windows)  # attention quantized, router untouched (gptq)
     counts = torch.bincount(idx.flatten(), minlength=8)
     e = int(counts.argmax())  # well above min_expert_tokens: no coverage blending
     rows = (idx == e).any(-1)
@@ -405,20 +412,13 @@ def test_down_with_its_own_width_is_solved_again_on_the_chosen_gate_up(per_proje
     """An expert whose down width differs from its gate/up's: its stored down codes come from one more solve whose
     Hessian is the one of the down inputs the quantized model really gives it (rebuilt here from the routed tokens
     and the stored gate/up), not the measured pass's (gate/up at the down's width)."""
-    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.capture import expert_gate
     from vsraq_plugin.solve import dequantize_grid
 
     model, windows, res, calls = per_projection_run
     gu, dn = res.summary["expert_bits"][0], res.summary["expert_down_bits"][0]
     experts = model.model.layers[0].mlp.experts
-    seen = []
-    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
-    with torch.no_grad():
-        for i in range(0, 4, 2):
-            model(input_ids=windows[i : i + 2])
-    handle.remove()
-    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
-    idx = torch.cat([i for _, i, _ in seen])
+    X, idx, _ = _routed_inputs(model, experts, windows)
     counts = torch.bincount(idx.flatten(), minlength=8)
     again = [e for e in range(8) if gu[e] != dn[e]]
     e = max(again, key=lambda k: int(counts[k]))
@@ -572,7 +572,7 @@ def test_gate_up_output_loss_against_a_per_token_reference(in_read_metric):
     rm, M = None, torch.eye(d, dtype=torch.float64)
     if in_read_metric:
         rm = read_metric([torch.randn(6, d, generator=g), torch.randn(20, d, generator=g)])
-        M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * M
+        M = _dense(rm)
     got = gate_up_output_loss(experts, gu, gate_ups, dn, batches, read=rm)
     inter = two_i // 2
     for b, q in gate_ups.items():
@@ -594,6 +594,12 @@ def test_gate_up_output_loss_against_a_per_token_reference(in_read_metric):
     assert (got[2][:-1] > got[3][:-1]).all()  # narrower, more damage (rtn on random weights)
 
 
+def _dense(rm) -> torch.Tensor:
+    """A ``ReadMetric`` as the matrix it stands for, ``mu I + U diag(coef) U^T`` (float64)."""
+    U = rm.U.double()
+    return U @ torch.diag(rm.coef.double()) @ U.T + rm.mu * torch.eye(U.shape[0], dtype=torch.float64)
+
+
 def _explicit_read_metric(readers: list[torch.Tensor]) -> torch.Tensor:
     d = readers[0].shape[1]
     M = sum(W.double().T @ W.double() / W.double().pow(2).sum() for W in readers)
@@ -611,8 +617,7 @@ def test_read_metric_against_its_definition():
     readers = [torch.randn(n, d, generator=g) for n in (5, 20, 3)]
     M = _explicit_read_metric(readers)
     rm = read_metric(readers)
-    got = rm.mu * torch.eye(d, dtype=torch.float64) + rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T
-    torch.testing.assert_close(got, M, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_dense(rm), M, rtol=1e-5, atol=1e-5)
     again = read_metric([readers[0] * 10, readers[1], readers[2] / 7])
     torch.testing.assert_close(again.sq_norms(torch.eye(d)), rm.sq_norms(torch.eye(d)), rtol=1e-4, atol=1e-5)
     v = torch.randn(9, d, generator=g)
@@ -653,7 +658,7 @@ def test_expert_damage_in_the_read_metric():
     W, Q = torch.randn(2, d, n, generator=g), torch.randn(2, d, n, generator=g)
     X = torch.randn(2, 30, n, generator=g)
     H = X.transpose(1, 2) @ X / 30
-    M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * torch.eye(d, dtype=torch.float64)
+    M = _dense(rm)
     E = (W - Q).double()
     want = torch.stack([torch.trace(M @ E[b] @ H[b].double() @ E[b].T) for b in range(2)])
     torch.testing.assert_close(expert_damage(W, Q, H, rm), want, rtol=1e-5, atol=1e-8)
@@ -695,7 +700,7 @@ def test_per_projection_down_damage_is_measured_in_the_read_metric():
     """With widths per projection, an expert's recorded down damage (its down at its gate/up's width, so measured
     on the inputs it sees) is mass x ``tr(M E H E^T)``: ``E`` from the stored codes, ``H`` rebuilt from the tokens
     the quantized model routes to it, ``M`` the read metric of the layer."""
-    from vsraq_plugin.capture import expert_gate, routing_args
+    from vsraq_plugin.capture import expert_gate
     from vsraq_plugin.models import get_adapter
     from vsraq_plugin.pipeline import _read_metric
     from vsraq_plugin.solve import dequantize_grid
@@ -711,15 +716,7 @@ def test_per_projection_down_damage_is_measured_in_the_read_metric():
     adapter = get_adapter(model)
     layer = adapter.moe_layers(model)[0]
     experts = layer.experts
-    seen = []
-    handle = experts.register_forward_pre_hook(lambda m, a, k: seen.append(routing_args(a, k)), with_kwargs=True)
-    with torch.no_grad():
-        for i in range(0, 4, 2):
-            model(input_ids=windows[i : i + 2])
-    handle.remove()
-    X = torch.cat([x.reshape(-1, x.shape[-1]) for x, _, _ in seen]).double()
-    idx = torch.cat([i for _, i, _ in seen])
-    gate_w = torch.cat([w for _, _, w in seen]).double()
+    X, idx, gate_w = _routed_inputs(model, experts, windows)
     gu, dn = res.summary["expert_bits"][0], res.summary["expert_down_bits"][0]
     counts = torch.bincount(idx.flatten(), minlength=8)
     same = [e for e in range(8) if gu[e] == dn[e]]
@@ -736,8 +733,7 @@ def test_per_projection_down_damage_is_measured_in_the_read_metric():
     h = expert_gate(experts, q_gu[None].float(), 0, xs.float()).double()
     e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - deq("down_proj")
     rm = _read_metric(adapter, layer, res.config)
-    d = e_dn.shape[0]
-    M = rm.U.double() @ torch.diag(rm.coef.double()) @ rm.U.double().T + rm.mu * torch.eye(d, dtype=torch.float64)
+    M = _dense(rm)
     out = h @ e_dn.T  # (tokens, d): down's error in the stream
     want = mass * float(((out @ M) * out).sum(1).mean())
     recorded = res.summary["expert_down_damage"][0][e][levels.index(dn[e])]

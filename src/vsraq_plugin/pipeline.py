@@ -45,7 +45,7 @@ from .capture import (
 from .config import QuantConfig, dynamic_override
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
-from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name
+from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name, stream_readers
 from .mixed_precision import expert_damage, gate_up_output_loss, read_metric
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
@@ -619,8 +619,6 @@ def _read_metric(adapter: MoEAdapter, layer: MoELayer, cfg: QuantConfig):
     """The read metric (``mixed_precision.read_metric``) of a MoE layer's residual stream, from its linears that read
     the stream (``methods.stream_readers``), for the measured allocation with widths per projection
     (``damage_metric="readers"``); else None."""
-    from .methods import stream_readers
-
     if not (cfg.per_projection and cfg.damage_metric == "readers"):
         return None
     return read_metric(stream_readers(adapter, layer))
@@ -736,11 +734,13 @@ class _ExpertWidths:
             summary.setdefault(key, {})[index] = value.tolist()
             summary[key] = dict(sorted(summary[key].items()))
         c = self.cfg
+        parts = ""
+        if c.per_projection:
+            read = ", damages in the stream's read metric" if c.damage_metric == "readers" else ""
+            parts = f"{read}, widths per projection (gate/up, down)"
         summary["expert_bits_scores"] = self.SCORES[c.allocation].format(
-            weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed,
-            parts=(", damages in the stream's read metric" if c.damage_metric == "readers" else "")
-            + ", widths per projection (gate/up, down)" if c.per_projection else "",
-        )  # fmt: skip
+            weight=c.allocation_weight, scope=c.budget_scope, seed=c.allocation_seed, parts=parts
+        )
 
     def budget(self, index: int, params: list[int]) -> int:
         """The layer's budget in width x parameters (``measured``)."""

@@ -14,9 +14,9 @@ from vsraq_plugin.config import ConfigError, QuantConfig
 from vsraq_plugin.gptq import gptq_quantize
 from vsraq_plugin.metric_rounding import (
     default_plan,
+    grid_terms,
     low_rank_factor,
     metric_objective,
-    move_costs,
     nearest_plane,
     round_column,
 )
@@ -89,9 +89,9 @@ def test_fast_rounding_descends(R, k, bits):
     codes = round_column(w, scale, zero, maxq, G, plan=default_plan(G))
     fast = _objective(w, scale, zero, G, codes)
     assert (fast <= f_near).all()
-    # The solver hands in the move costs once per group: the same codes as computing them per column.
-    costs = move_costs(scale, G.pow(2).sum(-1))
-    assert torch.equal(round_column(w, scale, zero, maxq, G, plan=default_plan(G), costs=costs), codes)
+    # The solver hands in the grid terms once per group: the same codes as computing them per column.
+    terms = grid_terms(scale, zero, maxq, G.pow(2).sum(-1), default_plan(G))
+    assert torch.equal(round_column(w, scale, zero, maxq, G, plan=default_plan(G), grid=terms), codes)
     assert fast.sum() <= 1.05 * plane.sum(), fast / plane
 
 
@@ -105,6 +105,33 @@ def _babai_cholesky(w, scale, zero, maxq, M):
         codes[r] = torch.clamp(torch.round(fed[r] / scale[r]) + zero[r], 0, maxq)
         fed[r + 1 :] -= (fed[r] - scale[r] * (codes[r] - zero[r])) / Minv[r, r] * Minv[r, r + 1 :]
     return codes
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fast_rounding_start_is_chosen_per_matrix(shared):
+    """A matrix's codes do not depend on the other matrices of its batch (per matrix, the start is the better of
+    nearest rounding and the blocked plane: in a batch some matrices take one and some the other); with a shared
+    (expanded) ``G`` too. Strong and weak metrics, so that each start is kept somewhere."""
+    import vsraq_plugin.metric_rounding as mr
+
+    w, scale, zero, maxq, G = _column(5, 300, 6, 3, N=6)
+    w, scale, zero, G = w.float(), scale.float(), zero.float(), G.float()
+    G[3:] *= 1e-3  # weak metrics: the plane is nearest rounding there, and nearest rounding is kept
+    if shared:
+        G = G[:1].expand_as(G)
+    batched = round_column(w, scale, zero, maxq, G, plan=default_plan(G))
+    for n in range(w.shape[0]):
+        one = round_column(w[n : n + 1], scale[n : n + 1], zero[n : n + 1], maxq, G[n : n + 1],
+                           plan=default_plan(G[n : n + 1]))  # fmt: skip
+        assert torch.equal(one[0], batched[n]), n
+    if shared:
+        return
+    # The batch mixes the two starts (else the per-matrix choice would not be exercised).
+    plan = default_plan(G)
+    codes, _, _ = mr._blocked_nearest_plane(w, mr.grid_terms(scale, zero, maxq, G.pow(2).sum(-1), plan), plan)
+    f_plane = _objective(w, scale, zero, G, codes + zero)
+    f_near = _objective(w, scale, zero, G, quantize(w, scale, zero, 3))
+    assert (f_plane < f_near).any() and (f_plane >= f_near).any(), (f_plane, f_near)
 
 
 def test_semiseparable_nearest_plane_is_the_cholesky_recursion():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import METRIC_SOLVES
-from .metric_rounding import default_plan, low_rank_factor, move_costs, round_column
+from .metric_rounding import default_plan, grid_terms, low_rank_factor, round_column
 from .quantizer import QuantizedWeight, all_finite, compute_qparams, dequantize, group_count, quantize
 
 
@@ -290,7 +290,7 @@ def _solve_columns(
     if group_size == -1:
         scale, zero = grid(Wt)
         scales[..., 0], zeros[..., 0] = scale, zero
-    costs = costs_of = None  # round_column's move costs and the grid they belong to
+    terms = terms_of = None  # round_column's view of the current grid (grid_terms) and the grid it belongs to
 
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
@@ -310,15 +310,15 @@ def _solve_columns(
                     # this block have not yet received this block's in-block updates.
                     scale, zero = grid(Wt[:, col : col + gs])
                     scales[:, :, col // gs], zeros[:, :, col // gs] = scale, zero
-            if Gsq is not None and costs_of is not scale:  # a new grid (once per group): its moves' costs
-                costs, costs_of = move_costs(scale, Gsq), scale
+            if Gsq is not None and terms_of is not scale:  # a new grid (once per group)
+                terms, terms_of = grid_terms(scale, zero, maxq, Gsq, plan), scale
             if Gsq is None:
                 q = quantize(w, scale, zero, bits)
                 U[:, col] = w
             elif keep_prequant:
-                q, U[:, col] = round_column(w, scale, zero, maxq, G, Gsq, fed=True, plan=plan, costs=costs)
+                q, U[:, col] = round_column(w, scale, zero, maxq, G, Gsq, fed=True, plan=plan, grid=terms)
             else:
-                q = round_column(w, scale, zero, maxq, G, Gsq, plan=plan, costs=costs)
+                q = round_column(w, scale, zero, maxq, G, Gsq, plan=plan, grid=terms)
                 U[:, col] = w
             codes[:, col] = q
             wq = dequantize(q, scale, zero)

@@ -29,6 +29,8 @@ before it). It is sequential over the rows (a block of one row above), so it ser
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .quantizer import nearest_codes
@@ -115,48 +117,100 @@ def metric_objective(e: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return (e * e).sum(-1) + _matvec(e, G).pow(2).sum(-1)
 
 
-def nearest_plane_plan(G: torch.Tensor, block: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """The blocked nearest plane's row blocks and feedback rows, for ``round_column``'s start: block ``[a, b)``
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What ``round_column`` needs of ``G`` beyond ``G`` itself, computed once per solve: the blocked nearest
+    plane's row blocks (``sizes``, empty for a start from nearest rounding) with, per block, its feedback rows
+    ``F = G_[a,b) (I + K_a)^-1`` and its rows of ``G``, as ready views (a column then takes no slicing: on the
+    CPU a view costs as much as a small operation, and a column takes some fifty of them)."""
+
+    shared: bool  # one G for the batch (shared or a batch of one): plain matrix products in the plane
+    gt: torch.Tensor | None  # G^T (k, R) of a G shared by a batch of several, for the passes' c = e + G z
+    sizes: list[int]
+    feed: list[torch.Tensor]  # per block: F^T (k, b) when shared, else F (N, b, k)
+    rows: list[torch.Tensor]  # per block: G (b, k) when shared, else (N, b, k)
+
+
+def _is_shared(G: torch.Tensor) -> bool:
+    return G.shape[0] == 1 or G.stride(0) == 0
+
+
+def make_plan(G: torch.Tensor, block: int | None) -> Plan:
+    """``round_column``'s plan for ``G``: the blocked nearest plane over row blocks of ``block`` rows (the start
+    of the descent, module docstring), or ``block=None`` for a start from nearest rounding. Block ``[a, b)``
     rounds ``w + G_[a,b) (I + K_a)^-1 z_a`` at once, with ``K_a = G_{>=a}^T G_{>=a}`` and ``z_a`` the running
-    ``G^T e`` of the rows before it — the rows' continuous optimum with the earlier rows fixed (the nearest plane's
-    fed value, exact for a block of one row). Returns the bounds and ``F`` ``(N or 1, rows, k)``, each block's rows
-    ``G_[a,b) (I + K_a)^-1`` (one product per block for the column, not two; ``F`` is the size of ``G``)."""
+    ``G^T e`` of the rows before it: the rows' continuous optimum with the earlier rows fixed (the nearest plane's
+    fed value, exact for a block of one row)."""
     R, k = G.shape[-2], G.shape[-1]
-    Gs = G[:1] if G.shape[0] > 1 and G.stride(0) == 0 else G
+    shared = _is_shared(G)
+    gt = G[0].T if G.shape[0] > 1 and G.stride(0) == 0 else None  # (a batch of one: batched products, as before)
+    if block is None or k == 0:
+        return Plan(shared, gt, [], [], [])
+    Gs = G[:1] if shared else G
     bounds = [(a, min(a + block, R)) for a in range(0, R, block)]
     Gd = Gs.double()
     grams = torch.stack([Gd[:, a:b].transpose(1, 2) @ Gd[:, a:b] for a, b in bounds])  # (C, N, k, k)
     K = grams.flip(0).cumsum(0).flip(0)
     eye = torch.eye(k, dtype=torch.float64, device=G.device)
     P = torch.linalg.inv(eye + K)
-    F = torch.cat([Gd[:, a:b] @ P[i] for i, (a, b) in enumerate(bounds)], dim=1)
-    return bounds, F.to(G.dtype)
+    F = [(Gd[:, a:b] @ P[i]).to(G.dtype) for i, (a, b) in enumerate(bounds)]
+    if shared:
+        return Plan(True, gt, [b - a for a, b in bounds], [f[0].T for f in F], [G[0, a:b] for a, b in bounds])
+    return Plan(False, gt, [b - a for a, b in bounds], F, [G[:, a:b] for a, b in bounds])
 
 
-def default_plan(G: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor] | None:
+def nearest_plane_plan(G: torch.Tensor, block: int) -> Plan:
+    """``make_plan`` with the blocked nearest plane over row blocks of ``block`` rows."""
+    return make_plan(G, block)
+
+
+def default_plan(G: torch.Tensor) -> Plan | None:
     """The start the fast metric solve uses: the blocked nearest plane over ``DEFAULT_BLOCKS`` row blocks (one row
-    per block when there are fewer rows: the exact nearest plane), or ``None`` (nearest rounding)."""
-    if not DEFAULT_BLOCKS or not G.shape[-1]:
+    per block when there are fewer rows: the exact nearest plane), or a start from nearest rounding; ``None``
+    when ``G`` has no direction."""
+    if not G.shape[-1]:
         return None
-    return nearest_plane_plan(G, -(-G.shape[-2] // DEFAULT_BLOCKS))
+    return make_plan(G, -(-G.shape[-2] // DEFAULT_BLOCKS) if DEFAULT_BLOCKS else None)
 
 
-def _blocked_nearest_plane(w, scale, zero, maxq, G, plan):
-    """Codes of the blocked nearest plane (``nearest_plane_plan``), and the column's ``e`` and ``G^T e``."""
-    bounds, F = plan
-    one = G.shape[0] == 1 or G.stride(0) == 0  # one G for the batch (shared, or a batch of one): plain products
-    z = w.new_zeros(w.shape[0], G.shape[-1])
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A quantization grid as ``round_column`` uses it, computed once per group (the grid changes per group, not
+    per column): codes are held centred, ``code - zero``, in ``[lo, hi] = [-zero, maxq - zero]``; a move of a
+    row costs ``neg_cost = -s^2 M_rr`` against ``scale2 = 2 s`` times its half-gradient; and the plan's row
+    blocks of ``scale``, ``lo`` and ``hi``."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    neg_cost: torch.Tensor
+    scale2: torch.Tensor
+    blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def grid_terms(scale: torch.Tensor, zero: torch.Tensor, maxq: int, Gsq: torch.Tensor, plan: Plan | None = None) -> Grid:
+    """``round_column``'s view of the grid ``scale``/``zero`` (``Grid``); ``Gsq`` the row norms ``||g_r||^2``."""
+    lo = -zero
+    hi = maxq - zero
+    blocks = []
+    if plan is not None and plan.sizes:
+        blocks = list(zip(scale.split(plan.sizes, 1), lo.split(plan.sizes, 1), hi.split(plan.sizes, 1), strict=True))
+    return Grid(scale, zero, lo, hi, -scale * scale * (1 + Gsq), 2 * scale, blocks)
+
+
+def _blocked_nearest_plane(w: torch.Tensor, grid: Grid, plan: Plan):
+    """Centred codes of the blocked nearest plane (``make_plan``), and the column's ``e`` and ``G^T e``."""
+    z = w.new_zeros(w.shape[0], plan.rows[0].shape[-1])
     code = torch.empty_like(w)
     e = torch.empty_like(w)
-    for a, b in bounds:
-        if one:
-            fed = torch.addmm(w[:, a:b], z, F[0, a:b].T)
-        else:
-            fed = w[:, a:b] + torch.bmm(F[:, a:b], z[:, :, None])[..., 0]
-        s, zb, cb, err = scale[:, a:b], zero[:, a:b], code[:, a:b], e[:, a:b]
-        torch.div(fed, s, out=cb).round_().add_(zb).clamp_(0, maxq)  # nearest_codes(fed, ...), in place
-        torch.addcmul(w[:, a:b], s, cb - zb, value=-1, out=err)
-        z = torch.addmm(z, err, G[0, a:b]) if one else z + torch.bmm(err[:, None, :], G[:, a:b])[:, 0]
+    parts = zip(w.split(plan.sizes, 1), code.split(plan.sizes, 1), e.split(plan.sizes, 1), grid.blocks, plan.feed,
+                plan.rows, strict=True)  # fmt: skip
+    for wb, cb, eb, (s, lo, hi), F, Gb in parts:
+        fed = torch.addmm(wb, z, F) if plan.shared else wb + torch.bmm(F, z[:, :, None])[..., 0]
+        torch.div(fed, s, out=cb).round_().clamp_(lo, hi)  # nearest_codes(fed, ...) - zero, in place
+        torch.addcmul(wb, s, cb, value=-1, out=eb)
+        z = torch.addmm(z, eb, Gb) if plan.shared else z + torch.bmm(eb[:, None, :], Gb)[:, 0]
     return code, e, z
 
 
@@ -166,15 +220,9 @@ def _sparse_matvec(x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     rows = x.abs().amax(0).nonzero().flatten()
     if rows.numel() * 8 > x.shape[-1]:
         return _matvec(x, G)
-    if G.shape[0] == 1 or G.stride(0) == 0:
+    if _is_shared(G):
         return x[:, rows] @ G[0, rows]
     return torch.bmm(x[:, None, rows], G[:, rows])[:, 0]
-
-
-def move_costs(scale: torch.Tensor, Gsq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``round_column``'s passes weigh a move by: its own cost ``s^2 M_rr`` negated, and ``2 s``. They depend on
-    the grid only, so a solver computes them once per group."""
-    return -scale * scale * (1 + Gsq), 2 * scale
 
 
 def round_column(
@@ -187,16 +235,16 @@ def round_column(
     passes: int | None = None,
     tau: float | None = None,
     fed: bool = False,
-    plan: tuple[list[tuple[int, int]], torch.Tensor] | None = None,
-    costs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    plan: Plan | None = None,
+    grid: Grid | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Codes ``(N, R)`` (float, in ``[0, maxq]``) of a column ``w`` ``(N, R)`` on the grid ``scale``/``zero``
     ``(N, R)``, that lower ``e^T (I + G G^T) e``, ``e = w - scale * (code - zero)``, by coordinate descent
-    (module docstring) from nearest rounding, or, given a ``plan`` (``nearest_plane_plan``), from the better of
-    nearest rounding and the blocked nearest plane. ``Gsq``: the row norms ``||g_r||^2`` ``(N, R)``, if
-    precomputed; ``costs``: ``move_costs(scale, Gsq)``, if precomputed (they change with the grid, once per group,
-    not per column). ``passes``/``tau``: ``DEFAULT_PASSES``/``DEFAULT_TAU`` when not given. With ``k = 0``, or
-    ``passes = 0`` and no plan, this is ``quantizer.quantize`` exactly.
+    (module docstring) from nearest rounding, or, given a ``plan`` with row blocks (``make_plan``), from the
+    better of nearest rounding and the blocked nearest plane. ``Gsq``: the row norms ``||g_r||^2`` ``(N, R)``, if
+    precomputed; ``grid``: ``grid_terms(scale, zero, maxq, Gsq, plan)``, if precomputed (once per group, not per
+    column). ``passes``/``tau``: ``DEFAULT_PASSES``/``DEFAULT_TAU`` when not given. With ``k = 0``, or
+    ``passes = 0`` and no row blocks, this is ``quantizer.quantize`` exactly.
 
     ``fed``: also return the values the codes are the nearest rounding of (``QuantizedWeight.prequant``, where
     refinement starts): row r's continuous optimum with every other row at its code, ``q_r + (M e)_r / M_rr`` (the
@@ -204,31 +252,36 @@ def round_column(
     whose best move the last pass left undone)."""
     passes = DEFAULT_PASSES if passes is None else passes
     tau = DEFAULT_TAU if tau is None else tau
-    code = nearest_codes(w, scale, zero, maxq)
-    if G.shape[-1] == 0 or (passes <= 0 and plan is None):
+    blocked = plan is not None and bool(plan.sizes)
+    if G.shape[-1] == 0 or (passes <= 0 and not blocked):
+        code = nearest_codes(w, scale, zero, maxq)
         return (code, w) if fed else code
-    e = w - scale * (code - zero)
+    if plan is None:
+        plan = make_plan(G, None)
+    if grid is None:
+        grid = grid_terms(scale, zero, maxq, G.pow(2).sum(-1) if Gsq is None else Gsq, plan)
+    # Codes held centred (code - zero): integers either way, so the same values as nearest_codes' and one
+    # operation less per use.
+    code = torch.div(w, scale).round_().clamp_(grid.lo, grid.hi)
+    e = torch.addcmul(w, scale, code, value=-1)
     z = _matvec(e, G)
-    if plan is not None:  # start from the better of the two, per matrix: never worse than nearest rounding
-        code_p, e_p, z_p = _blocked_nearest_plane(w, scale, zero, maxq, G, plan)
+    if blocked:  # start from the better of the two, per matrix: never worse than nearest rounding
+        code_p, e_p, z_p = _blocked_nearest_plane(w, grid, plan)
         f_n = torch.linalg.vecdot(e, e) + torch.linalg.vecdot(z, z)
         f_p = torch.linalg.vecdot(e_p, e_p) + torch.linalg.vecdot(z_p, z_p)
         use = (f_p < f_n).to(w.dtype)[:, None]
         code = code.add_(code_p.sub_(code).mul_(use))
         e = e.add_(e_p.sub_(e).mul_(use))
         z = z.add_(z_p.sub_(z).mul_(use))
-    if Gsq is None:
-        Gsq = G.pow(2).sum(-1)
-    neg_cost, scale2 = move_costs(scale, Gsq) if costs is None else costs
+    neg_cost, scale2 = grid.neg_cost, grid.scale2
     tiny = torch.finfo(w.dtype).tiny
-    shared = G.shape[0] > 1 and G.stride(0) == 0
     # Float arithmetic only: masks as 0/1 floats (boolean masks, torch.where and masked_fill cost 5-20x a float
     # operation on the CPU at these sizes).
     for _ in range(passes):
         # c = M e, the objective's half-gradient. Moving row r's code by d_r = +-1 changes the objective by
         # -2 s_r d_r c_r + s_r^2 M_rr: the best move is d_r = sign(c_r), if it stays on the grid (else d_r = 0).
-        c = torch.addmm(e, z, G[0].T) if shared else e + _rmatvec(z, G)
-        d = torch.clamp(torch.sign(c).add_(code), 0, maxq).sub_(code)
+        c = torch.addmm(e, z, plan.gt) if plan.gt is not None else e + _rmatvec(z, G)
+        d = torch.sign(c).add_(code).clamp_(grid.lo, grid.hi).sub_(code)
         gain = torch.addcmul(scale2 * c, neg_cost, d).mul_(d)  # d (2 s c - s^2 M_rr d): 0 where d = 0
         best = gain.amax(-1)
         if not bool((best > 0).any()):
@@ -253,11 +306,12 @@ def round_column(
         code += step
         e -= de
         z -= dz
+    code = code.add_(zero)
     if not fed:
         return code
     q = scale * (code - zero)
-    c = torch.addmm(e, z, G[0].T) if shared else e + _rmatvec(z, G)
-    u = q + c / (1 + Gsq)
+    c = torch.addmm(e, z, plan.gt) if plan.gt is not None else e + _rmatvec(z, G)
+    u = q + c / (1 + (G.pow(2).sum(-1) if Gsq is None else Gsq))
     u = torch.where(nearest_codes(u, scale, zero, maxq) == code, u, q)
     return code, u
 
@@ -296,10 +350,13 @@ __all__ = [
     "DEFAULT_BLOCKS",
     "DEFAULT_PASSES",
     "DEFAULT_TAU",
+    "Grid",
+    "Plan",
     "default_plan",
+    "grid_terms",
     "low_rank_factor",
+    "make_plan",
     "metric_objective",
-    "move_costs",
     "nearest_plane",
     "nearest_plane_plan",
     "nearest_plane_vectors",

@@ -160,6 +160,19 @@ def _routed_inputs(model, experts, windows) -> tuple[torch.Tensor, torch.Tensor,
     return X, torch.cat([i for _, i, _ in seen]), torch.cat([w for _, _, w in seen]).double()
 
 
+def _expert_view(res, X, idx, gate_w, e: int):
+    """Expert ``e`` of layer 0 in a quantization result: its routed tokens' inputs, the routing mass it receives, and
+    its gate/up (stacked) and down as a dequantize of the stored codes, in float64."""
+    from vsraq_plugin.solve import dequantize_grid
+
+    def deq(name):
+        qw = res.weights[f"model.layers.0.mlp.experts.{name}"]
+        return dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)[e].double()
+
+    rows = (idx == e).any(-1)
+    return X[rows], float(gate_w[idx == e].sum()), torch.cat([deq("gate_proj"), deq("up_proj")]), deq("down_proj")
+
+
 def _tiny_measured(budget: float, levels: list[int], prepare=None, **kw):
     from tiny_models import tiny_model
     from vsraq_plugin.config import QuantConfig
@@ -179,7 +192,6 @@ def test_measured_damage_is_the_solve_loss_times_the_routing_mass():
     """One expert's recorded damage at its chosen width equals mass x (tr(E H E^T) of gate/up + of down), with E from
     a dequantize of the stored codes and H rebuilt here from the tokens the quantized model routes to it."""
     from vsraq_plugin.capture import expert_gate
-    from vsraq_plugin.solve import dequantize_grid
 
     levels = [2, 3, 4]
     model, fp, windows, res = _tiny_measured(2.5, levels, width_per_projection=False)  # one width per expert
@@ -187,18 +199,11 @@ def test_measured_damage_is_the_solve_loss_times_the_routing_mass():
     X, idx, gate_w = _routed_inputs(model, experts, windows)  # attention quantized, router untouched (gptq)
     counts = torch.bincount(idx.flatten(), minlength=8)
     e = int(counts.argmax())  # well above min_expert_tokens: no coverage blending
-    rows = (idx == e).any(-1)
-    xs, mass = X[rows], float(gate_w[idx == e].sum())
-
-    def deq(name):
-        qw = res.weights[f"model.layers.0.mlp.experts.{name}"]
-        return dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)[e].double()
-
-    q_gu = torch.cat([deq("gate_proj"), deq("up_proj")])
+    xs, mass, q_gu, q_dn = _expert_view(res, X, idx, gate_w, e)
     e_gu = fp["model.layers.0.mlp.experts.gate_up_proj"][e].double() - q_gu
     loss_gu = float(((xs @ e_gu.T) ** 2).sum(1).mean())  # tr(E H E^T), H = mean x x^T
     h = expert_gate(experts, q_gu[None].float(), 0, xs.float()).double()  # down's inputs through quantized gate/up
-    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - deq("down_proj")
+    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - q_dn
     loss_dn = float(((h @ e_dn.T) ** 2).sum(1).mean())
     width = res.summary["expert_bits"][0][e]
     recorded = res.summary["expert_damage"][0][e][levels.index(width)]
@@ -703,7 +708,6 @@ def test_per_projection_down_damage_is_measured_in_the_read_metric():
     from vsraq_plugin.capture import expert_gate
     from vsraq_plugin.models import get_adapter
     from vsraq_plugin.pipeline import _read_metric
-    from vsraq_plugin.solve import dequantize_grid
 
     def read_half(model):  # the layers' readers see little of half the stream: a read metric far from I
         with torch.no_grad():
@@ -722,16 +726,9 @@ def test_per_projection_down_damage_is_measured_in_the_read_metric():
     same = [e for e in range(8) if gu[e] == dn[e]]
     e = max(same, key=lambda j: int(counts[j]))
     assert int(counts[e]) >= 8
-    rows = (idx == e).any(-1)
-    xs, mass = X[rows], float(gate_w[idx == e].sum())
-
-    def deq(name):
-        qw = res.weights[f"model.layers.0.mlp.experts.{name}"]
-        return dequantize_grid(qw.codes, qw.scales, qw.zeros, qw.g_idx)[e].double()
-
-    q_gu = torch.cat([deq("gate_proj"), deq("up_proj")])
+    xs, mass, q_gu, q_dn = _expert_view(res, X, idx, gate_w, e)
     h = expert_gate(experts, q_gu[None].float(), 0, xs.float()).double()
-    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - deq("down_proj")
+    e_dn = fp["model.layers.0.mlp.experts.down_proj"][e].double() - q_dn
     rm = _read_metric(adapter, layer, res.config)
     M = _dense(rm)
     out = h @ e_dn.T  # (tokens, d): down's error in the stream

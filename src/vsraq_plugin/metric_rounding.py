@@ -159,11 +159,6 @@ def make_plan(G: torch.Tensor, block: int | None) -> Plan:
     return Plan(False, gt, [b - a for a, b in bounds], F, [G[:, a:b] for a, b in bounds])
 
 
-def nearest_plane_plan(G: torch.Tensor, block: int) -> Plan:
-    """``make_plan`` with the blocked nearest plane over row blocks of ``block`` rows."""
-    return make_plan(G, block)
-
-
 def default_plan(G: torch.Tensor) -> Plan | None:
     """The start the fast metric solve uses: the blocked nearest plane over ``DEFAULT_BLOCKS`` row blocks (one row
     per block when there are fewer rows: the exact nearest plane), or a start from nearest rounding; ``None``
@@ -180,8 +175,6 @@ class Grid:
     row costs ``neg_cost = -s^2 M_rr`` against ``scale2 = 2 s`` times its half-gradient; and the plan's row
     blocks of ``scale``, ``lo`` and ``hi``."""
 
-    scale: torch.Tensor
-    zero: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
     neg_cost: torch.Tensor
@@ -196,7 +189,7 @@ def grid_terms(scale: torch.Tensor, zero: torch.Tensor, maxq: int, Gsq: torch.Te
     blocks = []
     if plan is not None and plan.sizes:
         blocks = list(zip(scale.split(plan.sizes, 1), lo.split(plan.sizes, 1), hi.split(plan.sizes, 1), strict=True))
-    return Grid(scale, zero, lo, hi, -scale * scale * (1 + Gsq), 2 * scale, blocks)
+    return Grid(lo, hi, -scale * scale * (1 + Gsq), 2 * scale, blocks)
 
 
 def _blocked_nearest_plane(w: torch.Tensor, grid: Grid, plan: Plan):
@@ -258,8 +251,10 @@ def round_column(
         return (code, w) if fed else code
     if plan is None:
         plan = make_plan(G, None)
+    if Gsq is None:
+        Gsq = G.pow(2).sum(-1)
     if grid is None:
-        grid = grid_terms(scale, zero, maxq, G.pow(2).sum(-1) if Gsq is None else Gsq, plan)
+        grid = grid_terms(scale, zero, maxq, Gsq, plan)
     # Codes held centred (code - zero): integers either way, so the same values as nearest_codes' and one
     # operation less per use.
     code = torch.div(w, scale).round_().clamp_(grid.lo, grid.hi)
@@ -311,7 +306,7 @@ def round_column(
         return code
     q = scale * (code - zero)
     c = torch.addmm(e, z, plan.gt) if plan.gt is not None else e + _rmatvec(z, G)
-    u = q + c / (1 + (G.pow(2).sum(-1) if Gsq is None else Gsq))
+    u = q + c / (1 + Gsq)
     u = torch.where(nearest_codes(u, scale, zero, maxq) == code, u, q)
     return code, u
 
@@ -358,7 +353,6 @@ __all__ = [
     "make_plan",
     "metric_objective",
     "nearest_plane",
-    "nearest_plane_plan",
     "nearest_plane_vectors",
     "round_column",
 ]

@@ -145,6 +145,11 @@ class ReadMetric:
         return low if self.mu == 0 else low + self.mu * ((E @ H) * E).sum(dim=(-2, -1))
 
 
+def stream_sq_norms(v: torch.Tensor, read: ReadMetric | None = None) -> torch.Tensor:
+    """``v_t^T M v_t`` per row of ``v`` ``(N, d)``: in the read metric, or the plain ``||v_t||^2`` without one."""
+    return v.pow(2).sum(-1) if read is None else read.sq_norms(v)
+
+
 def read_metric(readers: list[torch.Tensor], rank: int = READ_RANK) -> ReadMetric:
     """``M = sum_j W_j^T W_j / ||W_j||_F^2``, scaled to mean eigenvalue 1, over the linears ``W_j`` ``(out_j, d)`` that
     read the residual stream (the layer's attention inputs and router, its shared or dense MLP's gate/up; the norm
@@ -231,8 +236,7 @@ def gate_up_output_loss(
             den[e] += ws.sum()
             for b, gu in quantized.items():
                 diff = (expert_gate(experts, gu, 0, xs) - h) @ dn[e].T
-                sq = diff.pow(2).sum(-1) if read is None else read.sq_norms(diff)
-                num[b][e] += (ws * sq.double()).sum()
+                num[b][e] += (ws * stream_sq_norms(diff, read).double()).sum()
     if dist is not None and dist.active:
         for t in (*num.values(), den):
             dist.all_reduce_sum_(t)

@@ -46,7 +46,7 @@ from .config import QuantConfig, dynamic_override
 from .distributed import SINGLE, Dist
 from .gptq import HessianAccumulator
 from .methods import RESIDUAL_WRITERS, LayerContext, LayerPlan, method_for, router_name, stream_readers
-from .mixed_precision import expert_damage, gate_up_output_loss, read_metric
+from .mixed_precision import expert_damage, gate_up_output_loss, read_metric, stream_sq_norms
 from .models import EXPERT_PROJECTIONS, MoEAdapter, MoELayer, record_router_logits, sequential_stages
 from .quantizer import QuantizedWeight, rtn
 from .resume import ResumeState, apply_layer, fingerprint
@@ -536,7 +536,6 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             # every width: 3 x 45 GB at DeepSeek-V3's widths); the batches in order, so the sums are the same.
             d = torch.zeros(2 if cfg.per_projection else 1, E, len(levels), dtype=torch.float64)
             read = _read_metric(store.adapter, layer, cfg)  # per projection: both terms in the read metric
-            norm = (lambda v: v.pow(2).sum(-1)) if read is None else read.sq_norms
             batches = [(x.reshape(-1, x.shape[-1]).float(), idx, w) for x, idx, w in seen]
             for e in range(E):
                 q_gu = {b: rtn(gu[e : e + 1], b, cfg.group_size, cfg.sym).weight for b in levels}
@@ -551,10 +550,10 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
                     h = expert_gate(experts, gu, e, xs)
                     for j, b in enumerate(levels):
                         if cfg.per_projection:  # gate/up's error in the residual stream, as down's
-                            gate_up_sq = norm((expert_gate(experts, q_gu[b], 0, xs) - h) @ dn[e].T)
+                            gate_up_sq = stream_sq_norms((expert_gate(experts, q_gu[b], 0, xs) - h) @ dn[e].T, read)
                         else:
                             gate_up_sq = (xs @ (gu[e] - q_gu[b][0]).T).pow(2).sum(-1)
-                        sq = (gate_up_sq, norm(h @ err_dn[b].T))
+                        sq = (gate_up_sq, stream_sq_norms(h @ err_dn[b].T, read))
                         for p, term in enumerate(sq if cfg.per_projection else (sq[0] + sq[1],)):
                             d[p, e, j] += float((g * term.double()).sum())
             if dist is not None and dist.active:

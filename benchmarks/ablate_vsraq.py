@@ -6,8 +6,9 @@ then VSRAQ with one family of terms at a time: value only (router re-fit), value
 rows + reweighting), experts only (FP decisions x affinity x downstream fragility + near misses), attention
 only (own-layer fragility weights), metric only (output metric of o_proj and the down projections, DESIGN
 3.5b), metric + v_proj (3.5d), metric + v_proj + gate/up (3.5d), FP targets of the residual writers only
-(3.5c); then full VSRAQ without the metrics, without the FP targets, with the router quantized, and with the
-defaults. Columns: top-k set agreement, top-1 agreement, perplexity, KL to FP, quantization time.
+(3.5c); then full VSRAQ without the metrics, without the FP targets, without the probe metrics of q/k and of the
+dense / shared MLPs' gate/up (3.5d), with the router quantized, and with the defaults. Columns: top-k set agreement,
+top-1 agreement, perplexity, KL to FP, quantization time.
 ``--rows`` keeps only the named rows; ``--attribution`` adds each MoE layer's local / inherited disagreement
 (DESIGN 3.5e; one extra attention + router pass per layer and model) and a per-layer table.
 
@@ -38,11 +39,14 @@ OFF = dict(
     lambda_metric=0.0,
     lambda_metric_v=0.0,
     lambda_metric_up=0.0,
+    lambda_metric_qk=0.0,
+    lambda_metric_mlp=0.0,
     fp_target_alpha=0.0,
     drift_beta=0.0,
     metric_horizon=1,
 )
-NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0)
+NO_PROBES = dict(lambda_metric_qk=0.0, lambda_metric_mlp=0.0)
+NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0, **NO_PROBES)
 ROWS: dict[str, dict] = {
     "rtn": dict(method="rtn"),
     "gptq reference (no GAR)": dict(method="gptq", act_group_aware=False),
@@ -66,7 +70,12 @@ ROWS: dict[str, dict] = {
     "vsraq full, next router only in the metric": dict(method="vsraq", metric_horizon=1),
     "vsraq full, FP targets alpha 0.5": dict(method="vsraq", fp_target_alpha=0.5),
     "vsraq full + drift 0.5": dict(method="vsraq", drift_beta=0.5),
-    "vsraq full as of 2026-12-01": dict(method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0),
+    "vsraq full without q/k probes": dict(method="vsraq", lambda_metric_qk=0.0),
+    "vsraq full without MLP probes": dict(method="vsraq", lambda_metric_mlp=0.0),
+    "vsraq full as of 2026-12-03": dict(method="vsraq", **NO_PROBES),
+    "vsraq full as of 2026-12-01": dict(
+        method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0, **NO_PROBES
+    ),
     "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),
 }

@@ -8,6 +8,7 @@ the sizes: a float32 dot product of length n is off by <= n u sum |terms| (u = 2
 with its Lipschitz constants (|silu'| <= 1.1, |silu''| <= 0.5); exact hand values are held to a few u.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -239,3 +240,97 @@ def test_with_coverage_blends_starved_experts_by_hand():
     Hw0 = (0.5 * torch.tensor([[1.0, 0.0], [0.0, 0.0]]) + 0.25 * torch.tensor([[0.0, 0.0], [0.0, 4.0]])) / 0.75
     H = _with_coverage(weighted, all_tokens.H, 7, [0], "w", [])
     torch.testing.assert_close(H[0], (0.75 * Hw0 + c * 7 * H_all) / (0.75 + c * 7), **exact)
+
+
+@pytest.mark.parametrize(
+    "family, layer_index, block, linear",
+    [
+        ("qwen3_moe", 1, "attention", "self_attn.q_proj"),  # through softmax attention to o_proj
+        ("deepseek_v3", 0, "mlp", "mlp.gate_proj"),  # the dense MLP, through its activation to down_proj
+        ("qwen2_moe", 1, "mlp", "mlp.shared_expert.up_proj"),  # a shared expert inside a MoE layer
+    ],
+)
+def test_probe_matrices_equal_the_jacobian_by_hand(family, layer_index, block, linear):
+    """``probe_matrices`` against the full Jacobian of the writer's output with respect to the linear's output,
+    ``B = sum_{s,t} J_st^T A J_st`` by hand (``torch.autograd.functional.jacobian``), for linears whose output at a
+    token reaches only that token: the probes are then exact (signs square to one) when ``A``'s rank is at most the
+    number of directions. Tolerance: float32 forward and backward passes against the same, on a matrix normalised
+    to top eigenvalue 1."""
+    from vsraq_plugin.capture import LayerRunner, StopForward
+    from vsraq_plugin.methods import probe_matrices
+
+    fp = tiny_model(family, seed=3)
+    adapter = get_adapter(fp)
+    windows = torch.randint(0, fp.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
+    runner = LayerRunner(fp, adapter, windows, 2)
+    layers = adapter.layers(fp)
+    with torch.no_grad():
+        hidden = runner.inputs
+        for lay in layers[:layer_index]:
+            hidden = runner.run(lay.layer, hidden)
+    layer = layers[layer_index]
+    linears = adapter.attention_linears(layer) if block == "attention" else adapter.dense_mlp_linears(layer)
+    writer = linears[next(n for n in linears if n.endswith(("o_proj", "down_proj")))]
+    lin = linears[linear]
+    d = fp.config.hidden_size
+    G = torch.randn(d, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A = G @ G.T  # rank 3 <= the 4 directions probed
+
+    def writer_output(h, kw, replace=None):
+        seen = {}
+
+        def swap(_m, _a, out):
+            seen["z"] = out
+            return out if replace is None else replace
+
+        def stop(_m, _a, out):
+            seen["y"] = out
+            raise StopForward
+
+        hooks = [lin.register_forward_hook(swap), writer.register_forward_hook(stop)]
+        try:
+            with torch.enable_grad(), contextlib.suppress(StopForward):
+                layer.layer(h, **kw)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return seen
+
+    ref = torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64)
+    for h, kw in zip(hidden, runner.kwargs, strict=True):
+        z0 = writer_output(h, kw)["z"].detach()
+        J = torch.autograd.functional.jacobian(lambda z, h=h, kw=kw: writer_output(h, kw, z)["y"], z0)
+        T = z0.shape[:-1].numel()
+        J = J.reshape(T, d, T, lin.out_features).double()
+        ref += torch.einsum("sdtn,de,setm->nm", J, A, J)
+    ref /= torch.linalg.eigvalsh(ref)[-1]
+    args = (runner, layer.layer, hidden, {linear: lin}, writer, A)
+    got = probe_matrices(*args, directions=4, batches=len(hidden))
+    assert torch.allclose(got[linear], ref, atol=1e-4), (got[linear] - ref).abs().max()
+    # Cut into diagonal blocks (real widths, probe_blocks): the same blocks, normalised together.
+    blocks = probe_matrices(*args, directions=4, batches=len(hidden), blocks={linear: 2})[linear]
+    m = lin.out_features // 2
+    ref_blocks = torch.stack([ref[:m, :m], ref[m:, m:]])
+    ref_blocks /= torch.linalg.eigvalsh(ref_blocks)[:, -1].max()
+    assert blocks.shape == (2, m, m) and torch.allclose(blocks, ref_blocks, atol=1e-4)
+
+
+def test_probe_blocks_follow_the_heads_at_real_widths():
+    """Whole up to the fast solve's rank limit; beyond, one block per head (kv heads for k_proj), or contiguous blocks
+    within the limit for an MLP (DeepSeek-V3's dense gate/up)."""
+    from types import SimpleNamespace
+
+    from vsraq_plugin.methods import METRIC_RANK, probe_blocks
+
+    qwen3_30b = SimpleNamespace(num_attention_heads=32, num_key_value_heads=4)
+    deepseek_v3 = SimpleNamespace(num_attention_heads=128, num_key_value_heads=128)
+    assert probe_blocks(qwen3_30b, "self_attn.q_proj", 128) == 1  # the fixtures: whole
+    assert probe_blocks(qwen3_30b, "self_attn.q_proj", 4096) == 32
+    assert probe_blocks(qwen3_30b, "self_attn.k_proj", 512) == 4
+    assert probe_blocks(deepseek_v3, "self_attn.q_b_proj", 24576) == 128
+    assert probe_blocks(deepseek_v3, "self_attn.kv_b_proj", 32768) == 128
+    assert probe_blocks(deepseek_v3, "self_attn.q_a_proj", 1536) == 6  # a latent: no heads
+    assert probe_blocks(deepseek_v3, "mlp.gate_proj", 18432) == 72
+    for n in (257, 1000, 18431):
+        nb = probe_blocks(deepseek_v3, "mlp.up_proj", n)
+        assert n % nb == 0 and n // nb <= METRIC_RANK

@@ -308,6 +308,8 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
         lambda_metric=0.0,
         lambda_metric_v=0.0,
         lambda_metric_up=0.0,
+        lambda_metric_qk=0.0,
+        lambda_metric_mlp=0.0,
         fp_target_alpha=0.0,
         drift_beta=0.0,
     )
@@ -436,14 +438,22 @@ def test_boundary_metric_equals_the_per_token_sum():
     assert torch.linalg.eigvalsh(M)[0] >= 1 - 1e-5  # I + PSD: the metric never discounts a direction
 
 
-_METRIC_TERMS = {"lambda_metric": 32.0, "lambda_metric_v": 256.0, "lambda_metric_up": 64.0}
+_METRIC_TERMS = {
+    "lambda_metric": 32.0,
+    "lambda_metric_v": 256.0,
+    "lambda_metric_up": 64.0,
+    "lambda_metric_qk": 32.0,
+    "lambda_metric_mlp": 128.0,
+}
 
 
 def _metric_targets(model, term):
     """The solves an output-metric term applies to, by result key (DESIGN 3.5b/3.5d): ``lambda_metric`` the
     residual writers (o_proj of an MoE layer, for its own router; every down projection, for a later router),
     ``lambda_metric_v`` v_proj of an MoE layer (through o_proj), ``lambda_metric_up`` the experts' fused gate/up
-    (through their down_proj, for a later router). Each entry is one solve: its keys and the weight shape."""
+    (through their down_proj, for a later router), ``lambda_metric_qk`` attention's other input projections of an MoE
+    layer (through softmax to o_proj, by probes), ``lambda_metric_mlp`` a dense or shared MLP's gate/up (through its
+    down_proj, for a later router). Each entry is one solve: its keys and the weight shape."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     moe = [layer.index for layer in layers if layer.is_moe]
@@ -464,6 +474,14 @@ def _metric_targets(model, term):
                         solves.append(([f"{prefix}.{name}"], (1, *lin.weight.shape)))
                 if layer.is_moe:
                     solves.append(([f"{prefix}.mlp.experts.down_proj"], tuple(layer.experts.down_proj.shape)))
+        if term == "lambda_metric_qk" and layer.is_moe:
+            for name, lin in attn.items():
+                if not name.endswith("o_proj"):
+                    solves.append(([f"{prefix}.{name}"], (1, *lin.weight.shape)))
+        if term == "lambda_metric_mlp" and later:
+            for name, lin in adapter.dense_mlp_linears(layer).items():
+                if not name.endswith("down_proj"):
+                    solves.append(([f"{prefix}.{name}"], (1, *lin.weight.shape)))
         if term == "lambda_metric_up" and layer.is_moe and later:
             keys = [f"{prefix}.mlp.experts.gate_proj", f"{prefix}.mlp.experts.up_proj"]
             solves.append((keys, tuple(layer.experts.gate_up_proj.shape)))
@@ -498,12 +516,12 @@ def _spy_metric_solves(monkeypatch):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_every_metric_term_runs_on_every_family(family, monkeypatch):
-    """Each output metric (o_proj/down, v_proj through o_proj, gate/up through down) on every adapter, one term at
-    a time against all three off: (1) the term reaches exactly the solves it applies to, and changes the codes of
-    every one of them compared with the same solve without it; (2) every target quantized before the first of
-    them is bit-identical to the run without the term (true-sequential: later ones see changed inputs), the
-    first differs, and so does every target the term applies to; a term with no target in the family (DeepSeek
-    has no v_proj) changes nothing at all. Weights are on the grid and in the model in every run."""
+    """Each output metric (o_proj/down, v_proj through o_proj, gate/up through down, q/k and the dense MLP by
+    probes) on every adapter, one term at a time against all of them off: (1) the term reaches exactly the solves it
+    applies to, and changes the codes of every one of them compared with the same solve without it; (2) every target
+    quantized before the first of them is bit-identical to the run without the term (true-sequential: later ones see
+    changed inputs), the first differs, and so does every target the term applies to; a term with no target in the
+    family (DeepSeek has no v_proj) changes nothing at all. Weights are on the grid and in the model in every run."""
     fp = tiny_model(family, seed=4)
     windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
     off = QuantConfig(bits=3, group_size=16, **dict.fromkeys(_METRIC_TERMS, 0.0))
@@ -733,7 +751,8 @@ def test_v_proj_metric_solved_per_kv_head_equals_the_whole_matrix(family, monkey
 
     fp = tiny_model(family, seed=5)
     windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(6))
-    cfg = QuantConfig(bits=3, group_size=16, metric_solve="exact")
+    # (the probe metrics off: their own blocks follow the rank limit too, test_pipeline_terms checks those)
+    cfg = QuantConfig(bits=3, group_size=16, metric_solve="exact", lambda_metric_qk=0.0, lambda_metric_mlp=0.0)
     whole = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False)
     solved = []
     real = methods.vsraq_plan

@@ -82,6 +82,10 @@ class QuantConfig:
     lambda_metric: float = 32.0  # output metric of the residual writers (DESIGN 3.5b): M = I + lambda * A / ||A||
     lambda_metric_v: float = 256.0  # the same metric carried back to v_proj through o_proj (DESIGN 3.5d)
     lambda_metric_up: float = 0.0  # ... and to the experts' gate/up through their down_proj (DESIGN 3.5d)
+    lambda_metric_qk: float = 32.0  # ... and to attention's other input projections (q, k) through softmax, by probes
+    lambda_metric_mlp: float = 128.0  # ... and to the dense / shared MLP's gate/up through its down_proj, by probes
+    probe_directions: int = 8  # the boundary matrix's top directions probed (one backward pass each, per batch)
+    probe_batches: int = 2  # the first calibration batches the probes run on
     # How a column is rounded under an output metric: "fast" (low-rank coordinate descent, DESIGN 3.5f, about
     # GPTQ's cost) or "exact" (nearest plane over the rows on a tiled wavefront, 5-20x GPTQ's solve).
     metric_solve: str = "fast"
@@ -193,6 +197,8 @@ class QuantConfig:
             "lambda_metric",
             "lambda_metric_v",
             "lambda_metric_up",
+            "lambda_metric_qk",
+            "lambda_metric_mlp",
             "near_miss_weight",
             "margin_band",
             "router_ridge",
@@ -206,6 +212,12 @@ class QuantConfig:
             raise ConfigError(
                 f"metric_horizon={self.metric_horizon!r} must be an int >= 1 (1: the next router only, e.g. 8)."
             )
+        for name in ("probe_directions", "probe_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{name}={value!r} must be an int >= 1 (defaults: probe_directions=8, probe_batches=2)."
+                )
         if not (0.0 < self.metric_decay <= 1.0):
             raise ConfigError(f"metric_decay={self.metric_decay} must lie in (0, 1], e.g. 0.5.")
         if not (0.0 <= self.fp_target_alpha <= 1.0):

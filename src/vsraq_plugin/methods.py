@@ -9,6 +9,7 @@ DESIGN 3.3-3.5d, computed here from the full-precision router logits with the pu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,11 @@ class LayerPlan:
     # (v_proj: one block per kv head, so no block exceeds the fast metric solve's rank limit).
     metric_blocks: dict[str, int] = field(default_factory=dict)
     boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
+    # By residual writer (o_proj, down_proj): its boundary matrix and the lambda of the metric that probes carry back
+    # to the linears feeding it (DESIGN 3.5d)
+    probe_A: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    first_batch: int = 0  # the run's index of this process's first calibration batch (probe_matrices)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes (probe_matrices)
     split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
     def metric_for(self, name: str) -> torch.Tensor | None:
@@ -98,6 +104,9 @@ class LayerPlan:
 
     def align_router(self, adapter, layer, routed, cfg, result) -> None:
         """Called once the experts' inputs are recorded, before their Hessians are built."""
+
+    def probe_metrics(self, runner, adapter, layer, x_q, linears, cfg: QuantConfig) -> None:
+        """Called before a stage is captured: output metrics of its linears that need the layer run (probes)."""
 
 
 class Method:
@@ -191,6 +200,29 @@ class VsraqPlan(LayerPlan):
     def align_router(self, adapter, layer, routed, cfg, result) -> None:
         align_router(adapter, layer, routed, cfg, self, result)
 
+    def probe_metrics(self, runner, adapter, layer, x_q, linears, cfg: QuantConfig) -> None:
+        """The metric carried back by probes (DESIGN 3.5d): to attention's input projections without one of their own
+        (q/k) through o_proj, to a dense or shared MLP's gate/up through its down_proj (``probe_matrices``)."""
+        from .vsraq import metric
+
+        blocks = [adapter.attention_linears(layer), adapter.dense_mlp_linears(layer)]
+        for block in blocks:
+            writer = next((n for n in block if n.endswith(RESIDUAL_WRITERS)), None)
+            leaf = None if writer is None else writer.rsplit(".", 1)[-1]
+            if leaf not in self.probe_A:
+                continue
+            todo = {n: m for n, m in linears.items() if n in block and n != writer and self.metric_for(n) is None}
+            if not todo:
+                continue
+            A, lam = self.probe_A[leaf]
+            nb = {n: probe_blocks(adapter.config, n, m.out_features) for n, m in todo.items()}
+            B = probe_matrices(runner, layer.layer, x_q, todo, block[writer], A, cfg.probe_directions,
+                               cfg.probe_batches, self.first_batch, self.reduce, nb)  # fmt: skip
+            for n, Bn in B.items():
+                self.metrics[n.rsplit(".", 1)[-1]] = metric(Bn, lam)
+                if nb[n] > 1:
+                    self.metric_blocks[n.rsplit(".", 1)[-1]] = nb[n]
+
 
 def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
     """What the VSRAQ terms need for one layer (DESIGN 3.3-3.6): token weights from this layer's FP margins,
@@ -218,7 +250,14 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
 
     def boundary_of(index: int | None) -> torch.Tensor | None:
         """The router's normalised boundary matrix A (DESIGN 3.5b), when some output metric needs it."""
-        if index is None or (cfg.lambda_metric <= 0 and cfg.lambda_metric_v <= 0 and cfg.lambda_metric_up <= 0):
+        lams = (
+            cfg.lambda_metric,
+            cfg.lambda_metric_v,
+            cfg.lambda_metric_up,
+            cfg.lambda_metric_qk,
+            cfg.lambda_metric_mlp,
+        )
+        if index is None or max(lams) <= 0:
             return None
         v = view(index)
         return boundary_matrix(v.weight, v.norm_weight, route(index).selection, k)
@@ -240,9 +279,16 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
 
         return horizon_matrix(A, [view(i) for i in far], cfg.metric_decay, METRIC_RANK)
 
-    plan = VsraqPlan(fp_targets=cfg.fp_target_alpha > 0)
-    if (m := residual_metric(reach(A_next))) is not None:
+    plan = VsraqPlan(
+        fp_targets=cfg.fp_target_alpha > 0,
+        first_batch=0 if ctx.batches is None else ctx.batches.start,
+        reduce=ctx.reduce,
+    )
+    A_down = reach(A_next)
+    if (m := residual_metric(A_down)) is not None:
         plan.metrics["down_proj"] = m
+    if A_down is not None and cfg.lambda_metric_mlp > 0:  # the dense / shared MLP's gate/up, through its down_proj
+        plan.probe_A["down_proj"] = (A_down, cfg.lambda_metric_mlp)
     if layer.index not in logits:  # a dense layer, or no FP pass
         return plan
     fp = route(layer.index)  # this layer's FP decisions, computed once
@@ -269,6 +315,8 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
         if B.shape[-1] > METRIC_RANK:  # the whole metric could exceed the fast solve's rank: solve per kv head
             plan.metric_blocks["v_proj"] = kv
+    if cfg.lambda_metric_qk > 0 and A_here is not None:
+        plan.probe_A["o_proj"] = (A_here, cfg.lambda_metric_qk)
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:
@@ -396,3 +444,110 @@ def gate_up_metric(
         up_scale[e] = act(g).pow(2).mean(0).sqrt()
         gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
     return metric(up_path_matrices(A, views["down_proj"][chunk].detach(), gate_scale, up_scale), lam)
+
+
+def probe_blocks(config, name: str, n: int) -> int:
+    """Into how many equal diagonal blocks the probe metric of a linear with ``n`` outputs is cut (1: whole). Whole
+    while ``n`` is within the fast solve's rank limit (every linear of the fixtures); beyond, one block per head of
+    a projection with heads (q_proj and MLA's q_b/kv_b: the query heads, k_proj: the kv heads), as v_proj's metric
+    is cut (its heads mix different tokens), else (a latent such as MLA's q_a, an MLP's gate/up: 18432 wide in
+    DeepSeek-V3's dense layers) contiguous blocks of at most that limit. The blocks keep the probes' memory at
+    ``n x limit`` instead of ``n^2`` (q_b_proj 24576, kv_b_proj 32768 wide in DeepSeek-V3: 5-9 GB a batch in float64
+    whole) and give each block up to ``limit`` directions in the solve instead of ``limit`` for the whole matrix."""
+    if n <= METRIC_RANK:
+        return 1
+    heads = getattr(config, "num_attention_heads", None) or 1
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    nb = {"q_proj": heads, "q_b_proj": heads, "kv_b_proj": heads, "k_proj": kv}.get(name.rsplit(".", 1)[-1])
+    if nb is not None and n % nb == 0 and n // nb <= METRIC_RANK:
+        return nb
+    return next(nb for nb in range(-(-n // METRIC_RANK), n + 1) if n % nb == 0)
+
+
+def probe_matrices(
+    runner,
+    layer: nn.Module,
+    x_q: list[torch.Tensor],
+    linears: dict[str, nn.Linear],
+    writer: nn.Linear,
+    A: torch.Tensor,
+    directions: int = 16,
+    batches: int = 4,
+    first_batch: int = 0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    blocks: dict[str, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A boundary matrix ``A`` at a residual writer's output carried back to the outputs of the ``linears`` that feed
+    it inside the layer (DESIGN 3.5d; q/k through attention's softmax, gate/up through the MLP's activation):
+    ``B = sum_s sum_t J_st^T A J_st``, ``J_st`` = d(writer's output at token s) / d(linear's output at token t),
+    normalised and cut to the fast solve's rank.
+
+    No closed form through softmax, so by probes: for each of ``A``'s top ``directions`` eigenvectors ``u`` (scaled by
+    the root of its eigenvalue), one backward pass of ``sum_s eps_s u . y_s`` with random signs ``eps_s`` per token.
+    Where a linear's output at t reaches only token t (q, an MLP's gate/up) the sum is exact for ``A`` of rank up to
+    ``directions``; where it reaches later tokens (k) the cross terms cancel in expectation. On the first ``batches``
+    calibration batches of the run; ``first_batch``: the run's index of ``x_q[0]`` (a distributed rank's share), the
+    signs seeded by it, per-batch terms summed over the processes by ``reduce`` and then in batch order, so every
+    world size gets the same matrices. ``blocks``: per linear, the number of equal diagonal blocks kept
+    (``probe_blocks``); such a linear's matrix comes back as ``(blocks, n / blocks, n / blocks)``, normalised together
+    (the largest top eigenvalue of the blocks is 1)."""
+    from .capture import StopForward
+    from .vsraq import top_directions
+
+    lam, V = torch.linalg.eigh(A.double())
+    keep = lam > lam[-1].clamp(min=1e-30) * 1e-6
+    lam, V = lam[keep][-directions:], V[:, keep][:, -directions:]
+    U = (V * lam.sqrt()).T.float()  # (r, d)
+    outs: dict[str, torch.Tensor] = {}
+    final: list[torch.Tensor] = []
+
+    def keep_out(name):
+        def hook(_m, _a, out):
+            outs[name] = out = out.detach().requires_grad_(True)  # the leaf the probes differentiate against
+            return out
+
+        return hook
+
+    def stop(_m, _a, out):
+        final.append(out)
+        raise StopForward
+
+    device = A.device
+    nb = {n: (blocks or {}).get(n, 1) for n in linears}
+    terms = {n: torch.zeros(batches, nb[n], lin.out_features // nb[n], lin.out_features // nb[n], dtype=torch.float64,
+                            device=device) for n, lin in linears.items()}  # fmt: skip
+    handles = [lin.register_forward_hook(keep_out(n)) for n, lin in linears.items()]
+    handles.append(writer.register_forward_hook(stop))
+    try:
+        with torch.enable_grad():
+            for i, (h, kw) in enumerate(zip(x_q, runner.kwargs, strict=True)):
+                b = first_batch + i
+                if b >= batches:
+                    break
+                with contextlib.suppress(StopForward):
+                    layer(runner.batch(h), **kw)
+                y = final.pop()
+                names = list(outs)
+                U_ = U.to(y.device, y.dtype)
+                gen = torch.Generator().manual_seed(b)
+                for u in U_:
+                    eps = (torch.randint(0, 2, (*y.shape[:-1], 1), generator=gen) * 2 - 1).to(y.device, y.dtype)
+                    grads = torch.autograd.grad(y, [outs[n] for n in names], eps * u, retain_graph=True)
+                    for n, g in zip(names, grads, strict=True):
+                        g = g.reshape(-1, nb[n], g.shape[-1] // nb[n]).double().transpose(0, 1)  # (blocks, T, m)
+                        terms[n][b] += g.transpose(1, 2) @ g
+                outs.clear()
+                del y
+    finally:
+        for hd in handles:
+            hd.remove()
+    out = {}
+    for n, t in terms.items():
+        if reduce is not None:
+            reduce(t)
+        B = t.sum(0)
+        if nb[n] == 1:
+            out[n] = top_directions(B[0], METRIC_RANK)
+        else:
+            out[n] = B / torch.linalg.eigvalsh(B)[:, -1].amax().clamp(min=1e-30)  # blocks within the rank limit
+    return out

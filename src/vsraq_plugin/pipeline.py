@@ -870,6 +870,8 @@ def quantize_layer(
         _note_overrides(result, cfg, {f"{prefix}.{n}": s for n, s in settings.items()})
         linears = {n: lin for n, lin in linears.items() if settings[n] is not None}  # "-:" modules stay as they are
         stage_fp = {n: fp_inputs.pop(n) for n in linears if plan.fp_target(n) and n in fp_inputs}
+        if linears:
+            plan.probe_metrics(runner, adapter, layer, x_q, linears, cfg)
         cap = StageCapture(
             linears,
             layer.experts if expert_stage == "gate_up" else None,
@@ -1145,9 +1147,12 @@ def _join_chunks(parts: list[tuple[slice, QuantizedWeight]], param: torch.Tensor
 
 
 def _blocks(W: torch.Tensor, H: torch.Tensor, metric: torch.Tensor, nb: int):
-    """One matrix ``(1, rows, in)`` with a block-diagonal output metric as ``nb`` matrices of ``rows / nb`` rows,
-    sharing the Hessian: GPTQ is separable over rows, and the metric couples only rows of the same block."""
+    """One matrix ``(1, rows, in)`` with a block-diagonal output metric (whole, or its ``(nb, r, r)`` blocks) as ``nb``
+    matrices of ``r = rows / nb`` rows sharing the Hessian: GPTQ is separable over rows, and the metric couples only
+    rows of the same block."""
     r = W.shape[1] // nb
+    if metric.ndim == 3:  # already the blocks (the probe metrics)
+        return W.reshape(nb, r, W.shape[2]), H.expand(nb, *H.shape[1:]), metric
     Mb = torch.stack([metric[i * r : (i + 1) * r, i * r : (i + 1) * r] for i in range(nb)])
     return W.reshape(nb, r, W.shape[2]), H.expand(nb, *H.shape[1:]), Mb
 

@@ -609,9 +609,14 @@ def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> tor
     A = A.clone()
     for j, v in enumerate(later, start=1):
         A += decay**j * uniform_boundary_matrix(v.weight.to(A.device), _maybe(v.norm_weight, A.device))
+    return top_directions(A, rank)
+
+
+def top_directions(A: torch.Tensor, rank: int) -> torch.Tensor:
+    """``A / ||A||`` cut to its top ``rank`` eigen-directions (the fast metric solve's limit), ``A`` PSD ``(n, n)``."""
     if A.shape[-1] <= rank:
         return _unit(A)
-    lam, V = torch.linalg.eigh(A)  # one (d, d) eigendecomposition per layer: the cut and the norm from it
+    lam, V = torch.linalg.eigh(A)  # one (n, n) eigendecomposition: the cut and the norm from it
     lam, V = lam[-rank:].clamp(min=0), V[:, -rank:]
     return (V * (lam / lam[-1].clamp(min=1e-30))) @ V.T
 

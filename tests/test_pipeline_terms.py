@@ -305,10 +305,12 @@ def test_probe_matrices_equal_the_jacobian_by_hand(family, layer_index, block, l
         ref += torch.einsum("sdtn,de,setm->nm", J, A, J)
     ref /= torch.linalg.eigvalsh(ref)[-1]
     args = (runner, layer.layer, hidden, {linear: lin}, writer, A)
-    got = probe_matrices(*args, directions=4, batches=len(hidden))
+    # an MLP is probed alone on its captured input (the pipeline's shortcut), the reference ran the whole layer
+    mlp = None if block == "attention" else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
+    got = probe_matrices(*args, directions=4, batches=len(hidden), block=mlp)
     assert torch.allclose(got[linear], ref, atol=1e-4), (got[linear] - ref).abs().max()
     # Cut into diagonal blocks (real widths, probe_blocks): the same blocks, normalised together.
-    blocks = probe_matrices(*args, directions=4, batches=len(hidden), blocks={linear: 2})[linear]
+    blocks = probe_matrices(*args, directions=4, batches=len(hidden), blocks={linear: 2}, block=mlp)[linear]
     m = lin.out_features // 2
     ref_blocks = torch.stack([ref[:m, :m], ref[m:, m:]])
     ref_blocks /= torch.linalg.eigvalsh(ref_blocks)[:, -1].max()

@@ -206,7 +206,7 @@ class VsraqPlan(LayerPlan):
         from .vsraq import metric
 
         blocks = [adapter.attention_linears(layer), adapter.dense_mlp_linears(layer)]
-        for block in blocks:
+        for attention, block in zip((True, False), blocks, strict=True):
             writer = next((n for n in block if n.endswith(RESIDUAL_WRITERS)), None)
             leaf = None if writer is None else writer.rsplit(".", 1)[-1]
             if leaf not in self.probe_A:
@@ -216,8 +216,10 @@ class VsraqPlan(LayerPlan):
                 continue
             A, lam = self.probe_A[leaf]
             nb = {n: probe_blocks(adapter.config, n, m.out_features) for n, m in todo.items()}
+            # The MLP alone on the MoE block's input (the layer's MLP input for a dense one): no routed experts
+            mlp = None if attention else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
             B = probe_matrices(runner, layer.layer, x_q, todo, block[writer], A, cfg.probe_directions,
-                               cfg.probe_batches, self.first_batch, self.reduce, nb)  # fmt: skip
+                               cfg.probe_batches, self.first_batch, self.reduce, nb, mlp)  # fmt: skip
             for n, Bn in B.items():
                 self.metrics[n.rsplit(".", 1)[-1]] = metric(Bn, lam)
                 if nb[n] > 1:
@@ -476,6 +478,7 @@ def probe_matrices(
     first_batch: int = 0,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     blocks: dict[str, int] | None = None,
+    block: tuple[nn.Module, nn.Module] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A boundary matrix ``A`` at a residual writer's output carried back to the outputs of the ``linears`` that feed
     it inside the layer (DESIGN 3.5d; q/k through attention's softmax, gate/up through the MLP's activation):
@@ -490,7 +493,9 @@ def probe_matrices(
     signs seeded by it, per-batch terms summed over the processes by ``reduce`` and then in batch order, so every
     world size gets the same matrices. ``blocks``: per linear, the number of equal diagonal blocks kept
     (``probe_blocks``); such a linear's matrix comes back as ``(blocks, n / blocks, n / blocks)``, normalised together
-    (the largest top eigenvalue of the blocks is 1)."""
+    (the largest top eigenvalue of the blocks is 1). ``block = (entry, module)``: the layer is run without autograd
+    only as far as ``entry``'s input, and ``module`` alone on it (a shared MLP takes the MoE block's input: the
+    routed experts, which run before it, are skipped)."""
     from .capture import StopForward
     from .vsraq import top_directions
 
@@ -516,26 +521,45 @@ def probe_matrices(
     nb = {n: (blocks or {}).get(n, 1) for n in linears}
     terms = {n: torch.zeros(batches, nb[n], lin.out_features // nb[n], lin.out_features // nb[n], dtype=torch.float64,
                             device=device) for n, lin in linears.items()}  # fmt: skip
+    entry: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs):
+        if not entry:  # (armed: the module itself may be the entry)
+            entry.append(args[0] if args else kwargs["hidden_states"])
+            raise StopForward
+
     handles = [lin.register_forward_hook(keep_out(n)) for n, lin in linears.items()]
     handles.append(writer.register_forward_hook(stop))
+    if block is not None:
+        handles.append(block[0].register_forward_pre_hook(grab, with_kwargs=True))
     try:
         with torch.enable_grad():
             for i, (h, kw) in enumerate(zip(x_q, runner.kwargs, strict=True)):
                 b = first_batch + i
                 if b >= batches:
                     break
-                with contextlib.suppress(StopForward):
-                    layer(runner.batch(h), **kw)
+                if block is None:
+                    with contextlib.suppress(StopForward):
+                        layer(runner.batch(h), **kw)
+                else:
+                    with torch.no_grad(), contextlib.suppress(StopForward):
+                        layer(runner.batch(h), **kw)  # stopped at the entry (grab)
+                    with contextlib.suppress(StopForward):
+                        block[1](entry[0])
+                    entry.clear()
                 y = final.pop()
                 names = list(outs)
                 U_ = U.to(y.device, y.dtype)
                 gen = torch.Generator().manual_seed(b)
+                per_probe: dict[str, list[torch.Tensor]] = {n: [] for n in names}
                 for u in U_:
                     eps = (torch.randint(0, 2, (*y.shape[:-1], 1), generator=gen) * 2 - 1).to(y.device, y.dtype)
                     grads = torch.autograd.grad(y, [outs[n] for n in names], eps * u, retain_graph=True)
                     for n, g in zip(names, grads, strict=True):
-                        g = g.reshape(-1, nb[n], g.shape[-1] // nb[n]).double().transpose(0, 1)  # (blocks, T, m)
-                        terms[n][b] += g.transpose(1, 2) @ g
+                        per_probe[n].append(g.reshape(-1, g.shape[-1]).float())
+                for n, gs in per_probe.items():  # the batch's term: one product over all its probes' rows
+                    g = torch.cat(gs).reshape(-1, nb[n], gs[0].shape[-1] // nb[n]).transpose(0, 1)  # (blocks, rows, m)
+                    terms[n][b] += (g.transpose(1, 2) @ g).double()
                 outs.clear()
                 del y
     finally:

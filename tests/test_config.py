@@ -32,7 +32,7 @@ def test_round_trip_preserves_every_field():
         ({"router_mode": "train"}, "router_mode"),
         ({"fp_target_alpha": 1.5}, "fp_target_alpha"),
         ({"lambda_metric_qk": -1.0}, "lambda_metric_qk"),
-        ({"probe_batches": 0}, "probe_batches"),
+        ({"probe_tokens": 0}, "probe_tokens"),
         ({"probe_directions": 2.0}, "probe_directions"),
         ({"dynamic": {"x": {"bits": 6}}}, "dynamic"),
         ({"expert_chunk": -1}, "expert_chunk"),

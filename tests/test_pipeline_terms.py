@@ -336,3 +336,12 @@ def test_probe_blocks_follow_the_heads_at_real_widths():
     for n in (257, 1000, 18431):
         nb = probe_blocks(deepseek_v3, "mlp.up_proj", n)
         assert n % nb == 0 and n // nb <= METRIC_RANK
+
+
+def test_probes_run_on_the_first_batches_that_hold_probe_tokens():
+    from vsraq_plugin.methods import _batches_for
+
+    assert _batches_for([2048] * 16, 4096) == 2  # the fixtures: 8 windows of 256 tokens a batch
+    assert _batches_for([2048] * 16, 4097) == 3
+    assert _batches_for([8192] * 4, 4096) == 1  # long real windows: one batch already holds them
+    assert _batches_for([128] * 3, 4096) == 3  # fewer tokens than asked: every batch

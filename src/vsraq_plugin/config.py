@@ -85,7 +85,7 @@ class QuantConfig:
     lambda_metric_qk: float = 32.0  # ... and to attention's other input projections (q, k) through softmax, by probes
     lambda_metric_mlp: float = 128.0  # ... and to the dense / shared MLP's gate/up through its down_proj, by probes
     probe_directions: int = 8  # the boundary matrix's top directions probed (one backward pass each, per batch)
-    probe_batches: int = 2  # the first calibration batches the probes run on
+    probe_tokens: int = 4096  # the probes run on the first calibration batches that hold this many tokens
     # How a column is rounded under an output metric: "fast" (low-rank coordinate descent, DESIGN 3.5f, about
     # GPTQ's cost) or "exact" (nearest plane over the rows on a tiled wavefront, 5-20x GPTQ's solve).
     metric_solve: str = "fast"
@@ -212,11 +212,11 @@ class QuantConfig:
             raise ConfigError(
                 f"metric_horizon={self.metric_horizon!r} must be an int >= 1 (1: the next router only, e.g. 8)."
             )
-        for name in ("probe_directions", "probe_batches"):
+        for name in ("probe_directions", "probe_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(
-                    f"{name}={value!r} must be an int >= 1 (defaults: probe_directions=8, probe_batches=2)."
+                    f"{name}={value!r} must be an int >= 1 (defaults: probe_directions=8, probe_tokens=4096)."
                 )
         if not (0.0 < self.metric_decay <= 1.0):
             raise ConfigError(f"metric_decay={self.metric_decay} must lie in (0, 1], e.g. 0.5.")

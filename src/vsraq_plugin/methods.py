@@ -86,6 +86,7 @@ class LayerPlan:
     # to the linears feeding it (DESIGN 3.5d)
     probe_A: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
     first_batch: int = 0  # the run's index of this process's first calibration batch (probe_matrices)
+    probe_batches: int = 1  # the run's first calibration batches that hold QuantConfig.probe_tokens tokens
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes (probe_matrices)
     split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
@@ -219,7 +220,7 @@ class VsraqPlan(LayerPlan):
             # The MLP alone on the MoE block's input (the layer's MLP input for a dense one): no routed experts
             mlp = None if attention else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
             B = probe_matrices(runner, layer.layer, x_q, todo, block[writer], A, cfg.probe_directions,
-                               cfg.probe_batches, self.first_batch, self.reduce, nb, mlp)  # fmt: skip
+                               self.probe_batches, self.first_batch, self.reduce, nb, mlp)  # fmt: skip
             for n, Bn in B.items():
                 self.metrics[n.rsplit(".", 1)[-1]] = metric(Bn, lam)
                 if nb[n] > 1:
@@ -285,6 +286,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         fp_targets=cfg.fp_target_alpha > 0,
         first_batch=0 if ctx.batches is None else ctx.batches.start,
         reduce=ctx.reduce,
+        probe_batches=_batches_for(ctx.batch_tokens, cfg.probe_tokens),
     )
     A_down = reach(A_next)
     if (m := residual_metric(A_down)) is not None:
@@ -324,6 +326,16 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
     if ctx.exact:
         _localise(plan, ctx)
     return plan
+
+
+def _batches_for(batch_tokens: list[int], tokens: int) -> int:
+    """How many of the run's first calibration batches hold at least ``tokens`` tokens (all of them if fewer)."""
+    total = 0
+    for i, n in enumerate(batch_tokens):
+        total += n
+        if total >= tokens:
+            return i + 1
+    return max(len(batch_tokens), 1)
 
 
 def _localise(plan: VsraqPlan, ctx: LayerContext) -> None:

@@ -257,7 +257,7 @@ def test_probe_matrices_equal_the_jacobian_by_hand(family, layer_index, block, l
     number of directions. Tolerance: float32 forward and backward passes against the same, on a matrix normalised
     to top eigenvalue 1."""
     from vsraq_plugin.capture import LayerRunner, StopForward
-    from vsraq_plugin.methods import probe_matrices
+    from vsraq_plugin.methods import probe_directions, probe_matrices
 
     fp = tiny_model(family, seed=3)
     adapter = get_adapter(fp)
@@ -304,13 +304,13 @@ def test_probe_matrices_equal_the_jacobian_by_hand(family, layer_index, block, l
         J = J.reshape(T, d, T, lin.out_features).double()
         ref += torch.einsum("sdtn,de,setm->nm", J, A, J)
     ref /= torch.linalg.eigvalsh(ref)[-1]
-    args = (runner, layer.layer, hidden, {linear: lin}, writer, A)
+    args = (runner, layer.layer, hidden, {linear: lin}, writer, probe_directions(A, 4))
     # an MLP is probed alone on its captured input (the pipeline's shortcut), the reference ran the whole layer
     mlp = None if block == "attention" else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
-    got = probe_matrices(*args, directions=4, batches=len(hidden), block=mlp)
+    got = probe_matrices(*args, batches=len(hidden), alone=mlp)
     assert torch.allclose(got[linear], ref, atol=1e-4), (got[linear] - ref).abs().max()
     # Cut into diagonal blocks (real widths, probe_blocks): the same blocks, normalised together.
-    blocks = probe_matrices(*args, directions=4, batches=len(hidden), blocks={linear: 2}, block=mlp)[linear]
+    blocks = probe_matrices(*args, batches=len(hidden), blocks={linear: 2}, alone=mlp)[linear]
     m = lin.out_features // 2
     ref_blocks = torch.stack([ref[:m, :m], ref[m:, m:]])
     ref_blocks /= torch.linalg.eigvalsh(ref_blocks)[:, -1].max()

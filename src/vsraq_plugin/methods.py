@@ -82,12 +82,6 @@ class LayerPlan:
     # (v_proj: one block per kv head, so no block exceeds the fast metric solve's rank limit).
     metric_blocks: dict[str, int] = field(default_factory=dict)
     boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
-    # By residual writer (o_proj, down_proj): its boundary matrix and the lambda of the metric that probes carry back
-    # to the linears feeding it (DESIGN 3.5d)
-    probe_A: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
-    first_batch: int = 0  # the run's index of this process's first calibration batch (probe_matrices)
-    probe_batches: int = 1  # the run's first calibration batches that hold QuantConfig.probe_tokens tokens
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes (probe_matrices)
     split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
     def metric_for(self, name: str) -> torch.Tensor | None:
@@ -189,6 +183,13 @@ def method_for(cfg: QuantConfig) -> Method:
 class VsraqPlan(LayerPlan):
     """The VSRAQ terms for one layer, from the FP router logits (DESIGN 3.3-3.6)."""
 
+    # By residual writer (o_proj, down_proj): the probe directions of its boundary matrix and the lambda of the metric
+    # they carry back to the linears feeding it (DESIGN 3.5d, probe_matrices)
+    probes: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    first_batch: int = 0  # the run's index of this process's first calibration batch
+    probe_batches: int = 1  # the run's first calibration batches that hold QuantConfig.probe_tokens tokens
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # in-place sum over the processes
+
     def gate_up_metric(
         self, adapter: MoEAdapter, experts: nn.Module, pairs, cfg: QuantConfig, chunk: slice | None = None
     ) -> torch.Tensor | None:
@@ -206,21 +207,21 @@ class VsraqPlan(LayerPlan):
         (q/k) through o_proj, to a dense or shared MLP's gate/up through its down_proj (``probe_matrices``)."""
         from .vsraq import metric
 
-        blocks = [adapter.attention_linears(layer), adapter.dense_mlp_linears(layer)]
-        for attention, block in zip((True, False), blocks, strict=True):
-            writer = next((n for n in block if n.endswith(RESIDUAL_WRITERS)), None)
+        groups = [adapter.attention_linears(layer), adapter.dense_mlp_linears(layer)]
+        for attention, group in zip((True, False), groups, strict=True):
+            writer = next((n for n in group if n.endswith(RESIDUAL_WRITERS)), None)
             leaf = None if writer is None else writer.rsplit(".", 1)[-1]
-            if leaf not in self.probe_A:
+            if leaf not in self.probes:
                 continue
-            todo = {n: m for n, m in linears.items() if n in block and n != writer and self.metric_for(n) is None}
+            todo = {n: m for n, m in linears.items() if n in group and n != writer and self.metric_for(n) is None}
             if not todo:
                 continue
-            A, lam = self.probe_A[leaf]
+            U, lam = self.probes[leaf]
             nb = {n: probe_blocks(adapter.config, n, m.out_features) for n, m in todo.items()}
             # The MLP alone on the MoE block's input (the layer's MLP input for a dense one): no routed experts
-            mlp = None if attention else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
-            B = probe_matrices(runner, layer.layer, x_q, todo, block[writer], A, cfg.probe_directions,
-                               self.probe_batches, self.first_batch, self.reduce, nb, mlp)  # fmt: skip
+            alone = None if attention else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
+            B = probe_matrices(runner, layer.layer, x_q, todo, group[writer], U, self.probe_batches, self.first_batch,
+                               self.reduce, nb, alone)  # fmt: skip
             for n, Bn in B.items():
                 self.metrics[n.rsplit(".", 1)[-1]] = metric(Bn, lam)
                 if nb[n] > 1:
@@ -291,8 +292,9 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
     A_down = reach(A_next)
     if (m := residual_metric(A_down)) is not None:
         plan.metrics["down_proj"] = m
-    if A_down is not None and cfg.lambda_metric_mlp > 0:  # the dense / shared MLP's gate/up, through its down_proj
-        plan.probe_A["down_proj"] = (A_down, cfg.lambda_metric_mlp)
+    if A_down is not None and cfg.lambda_metric_mlp > 0 and adapter.dense_mlp_linears(layer):
+        # the dense / shared MLP's gate/up, through its down_proj (the directions once per layer, not per stage)
+        plan.probes["down_proj"] = (probe_directions(A_down, cfg.probe_directions), cfg.lambda_metric_mlp)
     if layer.index not in logits:  # a dense layer, or no FP pass
         return plan
     fp = route(layer.index)  # this layer's FP decisions, computed once
@@ -319,8 +321,8 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
         if B.shape[-1] > METRIC_RANK:  # the whole metric could exceed the fast solve's rank: solve per kv head
             plan.metric_blocks["v_proj"] = kv
-    if cfg.lambda_metric_qk > 0 and A_here is not None:
-        plan.probe_A["o_proj"] = (A_here, cfg.lambda_metric_qk)
+    if cfg.lambda_metric_qk > 0 and A_here is not None:  # (MLA probes two stages: q_a/kv_a, then q_b/kv_b)
+        plan.probes["o_proj"] = (probe_directions(A_here, cfg.probe_directions), cfg.lambda_metric_qk)
     plan.fp_logits = logits[layer.index].to(device)
     plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:
@@ -478,43 +480,48 @@ def probe_blocks(config, name: str, n: int) -> int:
     return next(nb for nb in range(-(-n // METRIC_RANK), n + 1) if n % nb == 0)
 
 
+def probe_directions(A: torch.Tensor, k: int) -> torch.Tensor:
+    """The probes of ``probe_matrices``: ``A``'s top ``k`` eigenvectors (those above 1e-6 of the largest), each
+    scaled by the root of its eigenvalue, as rows ``(r, d)``: ``U^T U`` is ``A`` itself when its rank is at most ``k``.
+    One ``(d, d)`` eigendecomposition, made once per layer and writer."""
+    lam, V = torch.linalg.eigh(A.double())
+    keep = lam > lam[-1].clamp(min=1e-30) * 1e-6
+    lam, V = lam[keep][-k:], V[:, keep][:, -k:]
+    return (V * lam.sqrt()).T.float()
+
+
 def probe_matrices(
     runner,
     layer: nn.Module,
     x_q: list[torch.Tensor],
     linears: dict[str, nn.Linear],
     writer: nn.Linear,
-    A: torch.Tensor,
-    directions: int = 16,
+    U: torch.Tensor,
     batches: int = 4,
     first_batch: int = 0,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     blocks: dict[str, int] | None = None,
-    block: tuple[nn.Module, nn.Module] | None = None,
+    alone: tuple[nn.Module, nn.Module] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A boundary matrix ``A`` at a residual writer's output carried back to the outputs of the ``linears`` that feed
     it inside the layer (DESIGN 3.5d; q/k through attention's softmax, gate/up through the MLP's activation):
     ``B = sum_s sum_t J_st^T A J_st``, ``J_st`` = d(writer's output at token s) / d(linear's output at token t),
     normalised and cut to the fast solve's rank.
 
-    No closed form through softmax, so by probes: for each of ``A``'s top ``directions`` eigenvectors ``u`` (scaled by
-    the root of its eigenvalue), one backward pass of ``sum_s eps_s u . y_s`` with random signs ``eps_s`` per token.
-    Where a linear's output at t reaches only token t (q, an MLP's gate/up) the sum is exact for ``A`` of rank up to
-    ``directions``; where it reaches later tokens (k) the cross terms cancel in expectation. On the first ``batches``
-    calibration batches of the run; ``first_batch``: the run's index of ``x_q[0]`` (a distributed rank's share), the
-    signs seeded by it, per-batch terms summed over the processes by ``reduce`` and then in batch order, so every
-    world size gets the same matrices. ``blocks``: per linear, the number of equal diagonal blocks kept
-    (``probe_blocks``); such a linear's matrix comes back as ``(blocks, n / blocks, n / blocks)``, normalised together
-    (the largest top eigenvalue of the blocks is 1). ``block = (entry, module)``: the layer is run without autograd
-    only as far as ``entry``'s input, and ``module`` alone on it (a shared MLP takes the MoE block's input: the
-    routed experts, which run before it, are skipped)."""
+    No closed form through softmax, so by probes: for each row ``u`` of ``U`` (``probe_directions(A, k)``), one
+    backward pass of ``sum_s eps_s u . y_s`` with random signs ``eps_s`` per token. Where a linear's output at t
+    reaches only token t (q, an MLP's gate/up) the sum is exact for ``A`` of rank up to ``k``; where it reaches later
+    tokens (k) the cross terms cancel in expectation. On the first ``batches`` calibration batches of the run;
+    ``first_batch``: the run's index of ``x_q[0]`` (a distributed rank's share), the signs seeded by it, per-batch
+    terms summed over the processes by ``reduce`` and then in batch order, so every world size gets the same
+    matrices. ``blocks``: per linear, the number of equal diagonal blocks kept (``probe_blocks``); such a linear's
+    matrix comes back as ``(blocks, n / blocks, n / blocks)``, normalised together (the largest top eigenvalue of the
+    blocks is 1). ``alone = (entry, module)``: the layer is run without autograd only as far as ``entry``'s input, and
+    ``module`` alone on it (a shared MLP takes the MoE block's input: the routed experts, which run before it, are
+    skipped)."""
     from .capture import StopForward
     from .vsraq import top_directions
 
-    lam, V = torch.linalg.eigh(A.double())
-    keep = lam > lam[-1].clamp(min=1e-30) * 1e-6
-    lam, V = lam[keep][-directions:], V[:, keep][:, -directions:]
-    U = (V * lam.sqrt()).T.float()  # (r, d)
     outs: dict[str, torch.Tensor] = {}
     final: list[torch.Tensor] = []
 
@@ -529,7 +536,7 @@ def probe_matrices(
         final.append(out)
         raise StopForward
 
-    device = A.device
+    device = U.device
     nb = {n: (blocks or {}).get(n, 1) for n in linears}
     terms = {n: torch.zeros(batches, nb[n], lin.out_features // nb[n], lin.out_features // nb[n], dtype=torch.float64,
                             device=device) for n, lin in linears.items()}  # fmt: skip
@@ -542,22 +549,22 @@ def probe_matrices(
 
     handles = [lin.register_forward_hook(keep_out(n)) for n, lin in linears.items()]
     handles.append(writer.register_forward_hook(stop))
-    if block is not None:
-        handles.append(block[0].register_forward_pre_hook(grab, with_kwargs=True))
+    if alone is not None:
+        handles.append(alone[0].register_forward_pre_hook(grab, with_kwargs=True))
     try:
         with torch.enable_grad():
             for i, (h, kw) in enumerate(zip(x_q, runner.kwargs, strict=True)):
                 b = first_batch + i
                 if b >= batches:
                     break
-                if block is None:
+                if alone is None:
                     with contextlib.suppress(StopForward):
                         layer(runner.batch(h), **kw)
                 else:
                     with torch.no_grad(), contextlib.suppress(StopForward):
                         layer(runner.batch(h), **kw)  # stopped at the entry (grab)
                     with contextlib.suppress(StopForward):
-                        block[1](entry[0])
+                        alone[1](entry[0])
                     entry.clear()
                 y = final.pop()
                 names = list(outs)

@@ -160,6 +160,12 @@ def test_low_rank_factor():
     assert low_rank_factor(M.float(), max_rank=4) is None
     weak = torch.eye(50, dtype=F64) + U[0] @ U[0].T + 1e-5 * U[1, :, :2] @ U[1, :, :2].T
     assert low_rank_factor(weak.float()[None], max_rank=16).shape[-1] == 5  # the 1e-5 directions are dropped
+    # A metric of exactly max_rank strong directions plus weak ones above the pivot tolerance (what float32
+    # rounding leaves in a metric cut to max_rank directions, vsraq.top_directions): the weak pivots are taken and
+    # dropped, the solve stays on the fast path (it went to the exact one, 5-20x slower, before RANK_SLACK).
+    G = low_rank_factor(weak.float()[None], max_rank=5)
+    assert G is not None and G.shape[-1] == 5
+    torch.testing.assert_close(torch.eye(50) + G[0] @ G[0].T, weak.float(), rtol=0, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- inside GPTQ

@@ -49,6 +49,10 @@ DEFAULT_BLOCKS = 8
 # A metric direction whose weight (eigenvalue of G G^T) is below this, relative to the identity part, is
 # dropped: it moves ``e^T M e`` by less than that fraction of ``||e||^2``.
 DEFAULT_DROP = 1e-3
+# Pivots ``low_rank_factor`` may take beyond ``max_rank`` before it gives up: a float32 metric of exactly
+# ``max_rank`` directions (2048 rows, weights up to lambda = 128) left 1-2 pivots of weight 1e-5..5e-4 above the
+# pivot tolerance, which sent the solve to the exact path (5-20x slower) at real widths.
+RANK_SLACK = 16
 
 
 def low_rank_factor(
@@ -62,6 +66,9 @@ def low_rank_factor(
     the eigenvectors of ``G G^T`` (an eigen-solve of the k x k Gram) and those of weight below ``drop`` dropped.
     A metric shared by the batch (``M.expand(N, ...)``, stride 0) is factorised once and ``G`` comes back expanded.
     ``M - I`` must be positive semidefinite (the metric never discounts a direction); ``M = I`` gives ``k = 0``.
+    A metric cut to exactly ``max_rank`` directions (``vsraq.top_directions``) is stored in float32, whose rounding
+    leaves a few more pivots above the tolerance: up to ``RANK_SLACK`` of them are taken and then dropped with the
+    weak directions, so the limit is on the directions kept, not on the pivots.
     """
     N, R, _ = M.shape
     if N > 1 and M.stride(0) == 0:
@@ -69,7 +76,7 @@ def low_rank_factor(
         return None if G is None else G.expand(N, *G.shape[1:])
     diag = torch.diagonal(M, dim1=-2, dim2=-1).double() - 1  # M - I is never formed: k of its columns are read
     tol = rel_tol * diag.amax(-1).clamp(min=1.0)  # (N,)
-    cap = min(max_rank, R)
+    cap = min(max_rank + RANK_SLACK, R)
     L = torch.zeros(N, R, cap, dtype=torch.float64, device=M.device)
     batch = torch.arange(N, device=M.device)
     k = 0
@@ -93,6 +100,8 @@ def low_rank_factor(
     # Orthogonal directions, strongest first; drop the weak ones.
     lam, V = torch.linalg.eigh(L.transpose(1, 2) @ L)  # ascending
     keep = int((lam > drop).sum(-1).max())
+    if keep > max_rank:
+        return None
     G = (L @ V.flip(-1)[:, :, :keep]).float()
     return G
 
@@ -345,6 +354,7 @@ __all__ = [
     "DEFAULT_BLOCKS",
     "DEFAULT_PASSES",
     "DEFAULT_TAU",
+    "RANK_SLACK",
     "Grid",
     "Plan",
     "default_plan",

@@ -168,6 +168,21 @@ def test_low_rank_factor():
     torch.testing.assert_close(torch.eye(50) + G[0] @ G[0].T, weak.float(), rtol=0, atol=1e-3)
 
 
+def test_a_metric_cut_to_the_rank_limit_stays_on_the_fast_path():
+    """The pipeline cuts a deep metric to its top ``METRIC_RANK`` directions so that the solve stays on the fast
+    path (``vsraq.top_directions``, README "The metric over depth"). Stored in float32, such a metric has float
+    rounding above the pivot tolerance; this one (512 rows, seed 0) sent ``low_rank_factor`` to ``None``, i.e. the
+    exact solve, before ``RANK_SLACK``. Now: exactly the limit's directions, and ``I + G G^T`` is the metric."""
+    from vsraq_plugin.methods import METRIC_RANK
+    from vsraq_plugin.vsraq import metric, top_directions
+
+    R = torch.randn(300, 512, generator=torch.Generator().manual_seed(0))
+    M = metric(top_directions(R.T @ R, METRIC_RANK), 32.0)[None]
+    G = low_rank_factor(M, METRIC_RANK)
+    assert G is not None and G.shape == (1, 512, METRIC_RANK)
+    torch.testing.assert_close(torch.eye(512) + G[0] @ G[0].T, M[0], rtol=0, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------- inside GPTQ
 def _problem(B, R, d, seed):
     g = torch.Generator().manual_seed(seed)

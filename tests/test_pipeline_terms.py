@@ -304,7 +304,7 @@ def test_probe_matrices_equal_the_jacobian_by_hand(family, layer_index, block, l
         J = J.reshape(T, d, T, lin.out_features).double()
         ref += torch.einsum("sdtn,de,setm->nm", J, A, J)
     ref /= torch.linalg.eigvalsh(ref)[-1]
-    args = (runner, layer.layer, hidden, {linear: lin}, writer, probe_directions(A, 4))
+    args = (runner, layer.layer, hidden, {linear: lin}, writer, probe_directions(G, 4))  # A's factor
     # an MLP is probed alone on its captured input (the pipeline's shortcut), the reference ran the whole layer
     mlp = None if block == "attention" else (layer.mlp, layer.shared_experts if layer.is_moe else layer.mlp)
     got = probe_matrices(*args, batches=len(hidden), alone=mlp)

@@ -641,31 +641,50 @@ def test_writer_drift_target_is_the_least_squares_optimum():
     assert torch.equal(out[0], W.float())
 
 
-def test_horizon_matrix_against_the_explicit_pair_sums():
-    """``horizon_matrix`` == the normalised ``A_next + sum_j decay^j sum_{a<b} u_ab u_ab^T`` over every expert pair of
-    the later routers (``u = gamma * (r_a - r_b)``), and its rank cut == the top eigenpairs of that sum."""
+def test_horizon_factor_against_the_explicit_pair_sums():
+    """``horizon_factor`` multiplied out == the normalised ``A_next + sum_j decay^j sum_{a<b} u_ab u_ab^T`` over every
+    expert pair of the later routers (``u = gamma * (r_a - r_b)``), and its rank cut == the top eigenpairs of that
+    sum (a dense ``(d, d)`` eigendecomposition). Both sides of ``top_eigen``: fewer factor columns than rows
+    (``F^T F``, the real widths) and more (``F F^T``, a narrow model with many routers)."""
     from types import SimpleNamespace
 
-    from vsraq_plugin.vsraq import horizon_matrix
+    from vsraq_plugin.vsraq import horizon_factor
 
     g = torch.Generator().manual_seed(4)
-    d, E = 10, 4
-    B = torch.randn(d, 3, generator=g, dtype=torch.float64)
-    A_next = B @ B.T
-    A_next /= torch.linalg.eigvalsh(A_next)[-1]
-    routers = [SimpleNamespace(weight=torch.randn(E, d, generator=g), norm_weight=torch.rand(d, generator=g) + 0.5)
-               for _ in range(2)]  # fmt: skip
-    ref = A_next.clone()
-    for j, r in enumerate(routers, start=1):
-        D = r.weight.double() * r.norm_weight.double()  # rows gamma * r_a
-        S = sum(torch.outer(D[a] - D[b], D[a] - D[b]) for a in range(E) for b in range(a + 1, E))
-        ref += 0.5**j * S / torch.linalg.eigvalsh(S)[-1]
-    full = horizon_matrix(A_next, routers, 0.5, rank=d)
-    torch.testing.assert_close(full, ref / torch.linalg.eigvalsh(ref)[-1], rtol=1e-10, atol=1e-12)
-    lam, V = torch.linalg.eigh(ref)
-    top = (V[:, -4:] * lam[-4:]) @ V[:, -4:].T
-    torch.testing.assert_close(horizon_matrix(A_next, routers, 0.5, rank=4), top / lam[-1], rtol=1e-9, atol=1e-12)
-    assert int((torch.linalg.eigvalsh(horizon_matrix(A_next, routers, 0.5, rank=4)) > 1e-9).sum()) == 4
+    for d, E in ((10, 4), (16, 3)):  # factor columns 3 + 2 * 4 = 11 > 10, and 3 + 2 * 3 = 9 < 16
+        B = torch.randn(d, 3, generator=g, dtype=torch.float64)
+        F_next = B / torch.linalg.matrix_norm(B, ord=2)  # A_next = F F^T, largest eigenvalue 1
+        routers = [SimpleNamespace(weight=torch.randn(E, d, generator=g), norm_weight=torch.rand(d, generator=g) + 0.5)
+                   for _ in range(2)]  # fmt: skip
+        ref = F_next @ F_next.T
+        for j, r in enumerate(routers, start=1):
+            D = r.weight.double() * r.norm_weight.double()  # rows gamma * r_a
+            S = sum(torch.outer(D[a] - D[b], D[a] - D[b]) for a in range(E) for b in range(a + 1, E))
+            ref += 0.5**j * S / torch.linalg.eigvalsh(S)[-1]
+        full = horizon_factor(F_next, routers, 0.5, rank=d)
+        torch.testing.assert_close(full @ full.T, ref / torch.linalg.eigvalsh(ref)[-1], rtol=1e-10, atol=1e-12)
+        lam, V = torch.linalg.eigh(ref)
+        top = (V[:, -4:] * lam[-4:]) @ V[:, -4:].T
+        cut = horizon_factor(F_next, routers, 0.5, rank=4)
+        assert cut.shape == (d, 4)
+        torch.testing.assert_close(cut @ cut.T, top / lam[-1], rtol=1e-9, atol=1e-12)
+
+
+def test_probe_directions_are_the_top_eigenpairs_of_the_factored_matrix():
+    """``probe_directions(F, k)`` == the top ``k`` eigenvectors of ``A = F F^T`` scaled by the root of their
+    eigenvalue (a dense eigendecomposition of ``A``), up to sign; directions below 1e-6 of the largest are dropped."""
+    from vsraq_plugin.methods import probe_directions
+
+    g = torch.Generator().manual_seed(5)
+    for d, r in ((40, 6), (5, 9)):  # F^T F side, F F^T side (rank 5)
+        F = torch.randn(d, r, generator=g, dtype=torch.float64)
+        lam, V = torch.linalg.eigh(F @ F.T)
+        U = probe_directions(F, 3).double()
+        ref = (V[:, -3:] * lam[-3:].sqrt()).T
+        signs = torch.sign((U * ref).sum(1))
+        torch.testing.assert_close(U * signs[:, None], ref, rtol=1e-5, atol=1e-5 * float(lam[-1].sqrt()))
+    F = torch.cat([torch.randn(30, 2, generator=g, dtype=torch.float64), torch.zeros(30, 2, dtype=torch.float64)], 1)
+    assert probe_directions(F, 4).shape == (2, 30)  # rank 2: the two null directions are not probes
 
 
 def test_metric_horizon_and_drift_target_reach_exactly_their_writers():

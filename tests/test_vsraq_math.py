@@ -42,9 +42,10 @@ def test_value_path_matrix_equals_the_per_head_loop_and_the_boundary_energy():
     g = torch.Generator().manual_seed(0)
     d, heads, kv, hd = 24, 6, 2, 4  # 3 query heads per kv head
     group = heads // kv
-    A = _psd(d, 5, g)
+    F = torch.randn(d, 5, generator=g, dtype=torch.float64)  # the boundary matrix's factor, A = F F^T
+    A = F @ F.T
     Wo = torch.randn(d, heads * hd, generator=g, dtype=torch.float64)
-    B = value_path_matrix(A, Wo, heads, kv)
+    B = value_path_matrix(F, Wo, heads, kv)
 
     ref = torch.zeros(kv * hd, kv * hd, dtype=torch.float64)
     for h in range(kv):

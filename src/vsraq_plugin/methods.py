@@ -232,7 +232,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
     """What the VSRAQ terms need for one layer (DESIGN 3.3-3.6): token weights from this layer's FP margins,
     the experts' FP (token, expert, weight) triples, and the output metrics of the residual writers."""
     from .routing import boundary_margin
-    from .vsraq import boundary_matrix, expert_pairs_fp, margin_scale, metric, token_weights, value_path_matrix
+    from .vsraq import boundary_factor, expert_pairs_fp, margin_scale, metric, token_weights, value_path_matrix
 
     adapter, layer, logits = ctx.adapter, ctx.layer, ctx.fp_logits
     k = adapter.router_rule().top_k if logits else 0
@@ -253,7 +253,8 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         return routes[index]
 
     def boundary_of(index: int | None) -> torch.Tensor | None:
-        """The router's normalised boundary matrix A (DESIGN 3.5b), when some output metric needs it."""
+        """The router's normalised boundary matrix A (DESIGN 3.5b) as its factor ``F`` (``A = F F^T``, rank < E),
+        when some output metric needs it."""
         lams = (
             cfg.lambda_metric,
             cfg.lambda_metric_v,
@@ -264,24 +265,25 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         if index is None or max(lams) <= 0:
             return None
         v = view(index)
-        return boundary_matrix(v.weight, v.norm_weight, route(index).selection, k)
+        return boundary_factor(v.weight, v.norm_weight, route(index).selection, k)
 
-    def residual_metric(A: torch.Tensor | None) -> torch.Tensor | None:
-        return None if A is None or cfg.lambda_metric <= 0 else metric(A, cfg.lambda_metric)
+    def residual_metric(F: torch.Tensor | None) -> torch.Tensor | None:
+        return None if F is None or cfg.lambda_metric <= 0 else metric(F @ F.T, cfg.lambda_metric)
 
     later = sorted(i for i in logits if i > layer.index)
-    A_next = boundary_of(later[0] if later else None)  # each router's A is built once per layer
+    F_next = boundary_of(later[0] if later else None)  # each router's A (its factor) is built once per layer
     onward = [i for i in ctx.moe_indices if i > (later[0] if later else layer.index)]
 
-    def reach(A: torch.Tensor | None) -> torch.Tensor | None:
+    def reach(F: torch.Tensor | None) -> torch.Tensor | None:
         """What a write into the residual stream before the next router sees (DESIGN 3.5e (i)): the next router's
-        boundary matrix ``A``, then the ``metric_horizon - 1`` routers after it (FP decisions not known yet)."""
+        boundary matrix ``A``, then the ``metric_horizon - 1`` routers after it (FP decisions not known yet), as
+        factors (``A = F F^T``)."""
         far = onward[: cfg.metric_horizon - 1]
-        if A is None or not far or cfg.lambda_metric <= 0:  # (A_next may exist for the v_proj / gate/up metrics)
-            return A
-        from .vsraq import horizon_matrix
+        if F is None or not far or cfg.lambda_metric <= 0:  # (F_next may exist for the v_proj / gate/up metrics)
+            return F
+        from .vsraq import horizon_factor
 
-        return horizon_matrix(A, [view(i) for i in far], cfg.metric_decay, METRIC_RANK)
+        return horizon_factor(F, [view(i) for i in far], cfg.metric_decay, METRIC_RANK)
 
     plan = VsraqPlan(
         fp_targets=cfg.fp_target_alpha > 0,
@@ -289,12 +291,12 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         reduce=ctx.reduce,
         probe_batches=_batches_for(ctx.batch_tokens, cfg.probe_tokens),
     )
-    A_down = reach(A_next)
-    if (m := residual_metric(A_down)) is not None:
+    F_down = reach(F_next)
+    if (m := residual_metric(F_down)) is not None:
         plan.metrics["down_proj"] = m
-    if A_down is not None and cfg.lambda_metric_mlp > 0 and adapter.dense_mlp_linears(layer):
+    if F_down is not None and cfg.lambda_metric_mlp > 0 and adapter.dense_mlp_linears(layer):
         # the dense / shared MLP's gate/up, through its down_proj (the directions once per layer, not per stage)
-        plan.probes["down_proj"] = (probe_directions(A_down, cfg.probe_directions), cfg.lambda_metric_mlp)
+        plan.probes["down_proj"] = (probe_directions(F_down, cfg.probe_directions), cfg.lambda_metric_mlp)
     if layer.index not in logits:  # a dense layer, or no FP pass
         return plan
     fp = route(layer.index)  # this layer's FP decisions, computed once
@@ -310,21 +312,21 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
         plan.expert_pairs = expert_pairs_fp(
             fp, k, nm, cfg.lambda_expert, cfg.near_miss_weight, cfg.margin_band, tau_next, tau
         )
-    A_here = boundary_of(layer.index)
-    if (m_here := residual_metric(A_here)) is not None:  # (the later routers added to o_proj's metric: no gain)
+    F_here = boundary_of(layer.index)
+    if (m_here := residual_metric(F_here)) is not None:  # (the later routers added to o_proj's metric: no gain)
         plan.metrics["o_proj"] = m_here
     lins = adapter.attention_linears(layer)
     if cfg.lambda_metric_v > 0 and "self_attn.v_proj" in lins and "self_attn.o_proj" in lins:
         c = adapter.config
         heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        B = value_path_matrix(A_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
+        B = value_path_matrix(F_here, lins["self_attn.o_proj"].weight.detach(), heads, kv)
         plan.metrics["v_proj"] = metric(B, cfg.lambda_metric_v)
         if B.shape[-1] > METRIC_RANK:  # the whole metric could exceed the fast solve's rank: solve per kv head
             plan.metric_blocks["v_proj"] = kv
-    if cfg.lambda_metric_qk > 0 and A_here is not None:  # (MLA probes two stages: q_a/kv_a, then q_b/kv_b)
-        plan.probes["o_proj"] = (probe_directions(A_here, cfg.probe_directions), cfg.lambda_metric_qk)
+    if cfg.lambda_metric_qk > 0 and F_here is not None:  # (MLA probes two stages: q_a/kv_a, then q_b/kv_b)
+        plan.probes["o_proj"] = (probe_directions(F_here, cfg.probe_directions), cfg.lambda_metric_qk)
     plan.fp_logits = logits[layer.index].to(device)
-    plan.boundary_next = A_next if cfg.lambda_metric_up > 0 else None
+    plan.boundary_next = F_next @ F_next.T if cfg.lambda_metric_up > 0 and F_next is not None else None
     if ctx.exact:
         _localise(plan, ctx)
     return plan
@@ -480,14 +482,15 @@ def probe_blocks(config, name: str, n: int) -> int:
     return next(nb for nb in range(-(-n // METRIC_RANK), n + 1) if n % nb == 0)
 
 
-def probe_directions(A: torch.Tensor, k: int) -> torch.Tensor:
-    """The probes of ``probe_matrices``: ``A``'s top ``k`` eigenvectors (those above 1e-6 of the largest), each
-    scaled by the root of its eigenvalue, as rows ``(r, d)``: ``U^T U`` is ``A`` itself when its rank is at most ``k``.
-    One ``(d, d)`` eigendecomposition, made once per layer and writer."""
-    lam, V = torch.linalg.eigh(A.double())
+def probe_directions(F: torch.Tensor, k: int) -> torch.Tensor:
+    """The probes of ``probe_matrices`` for ``A = F F^T`` (``F`` ``(d, r)``): ``A``'s top ``k`` eigenvectors (those
+    above 1e-6 of the largest), each scaled by the root of its eigenvalue, as rows ``(k, d)``: ``U^T U`` is ``A``
+    itself when its rank is at most ``k``. Made once per layer and writer, from the ``(r, r)`` Gram of ``F``."""
+    from .vsraq import top_eigen
+
+    lam, U = top_eigen(F.double(), k)
     keep = lam > lam[-1].clamp(min=1e-30) * 1e-6
-    lam, V = lam[keep][-k:], V[:, keep][:, -k:]
-    return (V * lam.sqrt()).T.float()
+    return U[:, keep].T.float()
 
 
 def probe_matrices(

@@ -561,16 +561,21 @@ def expert_pairs_fp(
 
 
 # ---------------------------------------------------------------------------------------------- residual metric
-def boundary_matrix(
+# Every boundary matrix has rank at most E - 1 (its directions are differences of router rows), far below the
+# residual width, so it is kept as a factor ``F`` ``(d, r)``, ``A = F F^T``: its eigenpairs come from the ``(r, r)``
+# Gram ``F^T F`` (the same nonzero eigenvalues; ``F w = sqrt(lam) v``), never from a ``(d, d)`` eigendecomposition
+# (DeepSeek-V3: d = 7168, E = 256, each one 47 s on a CPU thread and several per layer).
+def boundary_factor(
     router_weight: torch.Tensor, norm_weight: torch.Tensor | None, selection: torch.Tensor, k: int
 ) -> torch.Tensor:
-    """``A / ||A||`` of DESIGN 3.5b (float64, ``(d, d)``): ``A = sum_t phi(m_t) u_t u_t^T``,
-    ``u_t = gamma * (r_(k) - r_(k+1))``, ``||A||`` its largest eigenvalue.
+    """``F`` ``(d, r)`` float64 with ``F F^T = A / ||A||`` of DESIGN 3.5b, ``r <= E``:
+    ``A = sum_t phi(m_t) u_t u_t^T``, ``u_t = gamma * (r_(k) - r_(k+1))``, ``||A||`` its largest eigenvalue.
 
     A router reads the residual through its norm: a residual error ``e`` moves token t's boundary margin by
     about ``u_t . e / rms``. ``A`` is built through the expert pairs, ``A = D P D^T`` with ``D = gamma * R^T``
-    ``(d, E)`` and ``P = sum_t phi_t (e_i - e_j)(e_i - e_j)^T`` ``(E, E)``: one ``(d, E)`` product, no per-token
-    outer products. (The per-token ``1 / rms^2`` is left out: ``phi`` already ranks the tokens.)
+    ``(d, E)`` and ``P = sum_t phi_t (e_i - e_j)(e_i - e_j)^T`` ``(E, E)`` (PSD, factored by its own ``(E, E)``
+    eigendecomposition): no per-token outer products. (The per-token ``1 / rms^2`` is left out: ``phi`` already
+    ranks the tokens.)
     """
     E = selection.shape[-1]
     order = selection.topk(k + 1, dim=-1).indices
@@ -582,8 +587,17 @@ def boundary_matrix(
     P.index_put_((j, j), phi, accumulate=True)
     P.index_put_((i, j), -phi, accumulate=True)
     P.index_put_((j, i), -phi, accumulate=True)
-    D = _directions(router_weight, norm_weight)
-    return _unit(D @ P @ D.T)
+    s, S = torch.linalg.eigh(P)
+    keep = s > s[-1].clamp(min=1e-300) * 1e-12  # P's null space (at least the all-ones vector) and its rounding
+    return unit_factor(_directions(router_weight, norm_weight) @ (S[:, keep] * s[keep].sqrt()))
+
+
+def boundary_matrix(
+    router_weight: torch.Tensor, norm_weight: torch.Tensor | None, selection: torch.Tensor, k: int
+) -> torch.Tensor:
+    """``A / ||A||`` of DESIGN 3.5b, ``(d, d)`` float64 (``boundary_factor`` multiplied out)."""
+    F = boundary_factor(router_weight, norm_weight, selection, k)
+    return F @ F.T
 
 
 def _directions(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -592,28 +606,54 @@ def _directions(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -
     return D if norm_weight is None else D * norm_weight.double()[:, None]
 
 
-def uniform_boundary_matrix(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
-    """``A / ||A||`` with every expert pair equally weighted: ``D (E I - 1 1^T) D^T`` (a router whose FP decisions
-    are not known yet, DESIGN 3.5e (i))."""
+def uniform_boundary_factor(router_weight: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """The factor of ``A / ||A||`` with every expert pair equally weighted, ``A = D (E I - 1 1^T) D^T = E Dc Dc^T``
+    (``Dc`` = ``D`` less its mean column; a router whose FP decisions are not known yet, DESIGN 3.5e (i))."""
     D = _directions(router_weight, norm_weight)
-    Dc = D - D.mean(1, keepdim=True)
-    top = torch.linalg.eigvalsh(Dc.T @ Dc)[-1].clamp(min=1e-30)  # ||Dc Dc^T|| from the (E, E) Gram, not (d, d)
-    return (Dc @ Dc.T) / top
+    return unit_factor(D - D.mean(1, keepdim=True))
 
 
-def horizon_matrix(A: torch.Tensor, later: list, decay: float, rank: int) -> torch.Tensor:
-    """``A / ||A||`` of a residual write that reaches several routers (DESIGN 3.5e (i)): the next router's boundary
-    matrix ``A`` (normalised) plus ``decay^j`` times the uniform-pair matrix of the j-th router after it (``later``:
-    ``RouterView``-like, ``.weight`` and ``.norm_weight``), cut to its top ``rank`` directions (the fast metric
-    solve's limit: depth never sends the solve to the exact path)."""
-    A = A.clone()
+def top_eigen(F: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``q`` eigenpairs of ``F F^T`` (``F`` ``(d, r)``) as ``(lam, U)``, ``lam`` ascending ``(q,)`` and
+    ``U = V sqrt(lam)`` ``(d, q)``: ``U U^T`` is the rank-``q`` cut. From the smaller of ``F^T F`` and ``F F^T``."""
+    d, r = F.shape
+    if r < d:
+        lam, W = torch.linalg.eigh(F.T @ F)
+        lam, W = lam[-q:].clamp(min=0), W[:, -q:]
+        return lam, F @ W  # F w_i = sqrt(lam_i) v_i
+    lam, V = torch.linalg.eigh(F @ F.T)
+    lam, V = lam[-q:].clamp(min=0), V[:, -q:]
+    return lam, V * lam.sqrt()
+
+
+def unit_factor(F: torch.Tensor) -> torch.Tensor:
+    """``F`` scaled so that ``F F^T`` has largest eigenvalue 1 (``||F||_2 = 1``)."""
+    return F / top_eigen(F, 1)[0][-1].clamp(min=1e-300).sqrt()
+
+
+def horizon_factor(F: torch.Tensor, later: list, decay: float, rank: int) -> torch.Tensor:
+    """The factor of ``A / ||A||`` of a residual write that reaches several routers (DESIGN 3.5e (i)): the next
+    router's boundary matrix ``F F^T`` (normalised) plus ``decay^j`` times the uniform-pair matrix of the j-th
+    router after it (``later``: ``RouterView``-like, ``.weight`` and ``.norm_weight``), cut to its top ``rank``
+    directions (the fast metric solve's limit: depth never sends the solve to the exact path)."""
+    parts = [F]
     for j, v in enumerate(later, start=1):
-        A += decay**j * uniform_boundary_matrix(v.weight.to(A.device), _maybe(v.norm_weight, A.device))
-    return top_directions(A, rank)
+        parts.append(decay ** (j / 2) * uniform_boundary_factor(v.weight.to(F.device), _maybe(v.norm_weight, F.device)))
+    return top_factor(torch.cat(parts, 1), rank)
+
+
+def top_factor(F: torch.Tensor, rank: int) -> torch.Tensor:
+    """The factor of ``F F^T / ||F F^T||`` cut to its top ``rank`` eigen-directions (the fast metric solve's
+    limit); uncut (only normalised) when ``F F^T`` cannot exceed ``rank`` directions."""
+    if min(F.shape) <= rank:
+        return unit_factor(F)
+    lam, U = top_eigen(F, rank)
+    return U / lam[-1].clamp(min=1e-300).sqrt()
 
 
 def top_directions(A: torch.Tensor, rank: int) -> torch.Tensor:
-    """``A / ||A||`` cut to its top ``rank`` eigen-directions (the fast metric solve's limit), ``A`` PSD ``(n, n)``."""
+    """``A / ||A||`` cut to its top ``rank`` eigen-directions (the fast metric solve's limit), ``A`` PSD ``(n, n)``
+    (a dense matrix, e.g. a probed one; boundary matrices are cut as factors, ``top_factor``)."""
     if A.shape[-1] <= rank:
         return _unit(A)
     lam, V = torch.linalg.eigh(A)  # one (n, n) eigendecomposition: the cut and the norm from it
@@ -642,8 +682,8 @@ def boundary_metric(
     return metric(boundary_matrix(router_weight, norm_weight, selection, k), lam)
 
 
-def value_path_matrix(A: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """The boundary matrix carried back through ``o_proj`` to ``v_proj``'s output rows (DESIGN 3.5d):
+def value_path_matrix(F: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The boundary matrix ``A = F F^T`` carried back through ``o_proj`` to ``v_proj``'s output rows (DESIGN 3.5d):
     ``B_h = sum_{q in group(h)} W_o[:, q]^T A W_o[:, q]`` for each kv head ``h`` (block diagonal: different heads
     mix different tokens), normalised. Attention mixes values linearly for fixed attention weights, so an
     error in head h's values reaches the residual through the o_proj columns of the query heads it serves."""
@@ -651,11 +691,10 @@ def value_path_matrix(A: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num
     hd = d_in // num_heads
     group = num_heads // num_kv_heads
     Wo = o_proj.double().reshape(d_out, num_kv_heads, group, hd)
-    B = torch.zeros(num_kv_heads * hd, num_kv_heads * hd, dtype=torch.float64, device=o_proj.device)
-    for h in range(num_kv_heads):
-        blk = slice(h * hd, (h + 1) * hd)
-        B[blk, blk] = torch.einsum("dqi,de,eqj->ij", Wo[:, h], A, Wo[:, h])
-    return _unit(B)
+    G = torch.einsum("dhqi,dr->hqir", Wo, F.double())  # W_o[:, q]^T F per query head, (kv, group, hd, r)
+    blocks = torch.einsum("hqir,hqjr->hij", G, G)  # (kv, hd, hd)
+    top = torch.linalg.eigvalsh(blocks)[:, -1].amax().clamp(min=1e-30)  # a block diagonal's norm: its largest block's
+    return torch.block_diag(*(blocks / top))
 
 
 def up_path_matrices(

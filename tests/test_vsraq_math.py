@@ -23,11 +23,6 @@ U32 = 2.0**-24  # float32 unit roundoff
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
 
-def _psd(d, rank, g):
-    F = torch.randn(d, rank, generator=g, dtype=torch.float64)
-    return F @ F.T
-
-
 def _within(got, ref, bound, what):
     err = (got.double() - ref).abs()
     assert (err <= bound).all(), f"{what}: max err {err.max():.3g}, its bound {bound.flatten()[err.argmax()]:.3g}"
@@ -101,21 +96,24 @@ def _first_order_energy(x, Wg, Wu, Wd, A, dg, du, h=1e-5):
 
 
 def test_up_path_matrices_equal_the_per_expert_loop():
+    """Against ``W_down^T A W_down`` per expert and an elementwise loop; the norm from either side of the factor's
+    Gram (rank 4 below and above the expert width)."""
     g = torch.Generator().manual_seed(1)
-    E, d, inter = 3, 10, 6
-    A = _psd(d, 4, g)
-    down = torch.randn(E, d, inter, generator=g, dtype=torch.float64)
-    sg = torch.rand(E, inter, generator=g, dtype=torch.float64) + 0.1
-    su = torch.rand(E, inter, generator=g, dtype=torch.float64) + 0.1
-    got = up_path_matrices(A, down, sg, su)
-    for e in range(E):
-        B = down[e].T @ A @ down[e]
-        ref = torch.zeros(2 * inter, 2 * inter, dtype=torch.float64)
-        for i in range(inter):
-            for j in range(inter):
-                ref[i, j] = sg[e, i] * B[i, j] * sg[e, j]  # gate rows
-                ref[inter + i, inter + j] = su[e, i] * B[i, j] * su[e, j]  # up rows; no gate/up cross terms
-        torch.testing.assert_close(got[e], ref / torch.linalg.eigvalsh(ref)[-1], **F64)
+    for E, d, inter in ((3, 10, 6), (2, 10, 3)):
+        F = torch.randn(d, 4, generator=g, dtype=torch.float64)  # A = F F^T
+        A = F @ F.T
+        down = torch.randn(E, d, inter, generator=g, dtype=torch.float64)
+        sg = torch.rand(E, inter, generator=g, dtype=torch.float64) + 0.1
+        su = torch.rand(E, inter, generator=g, dtype=torch.float64) + 0.1
+        got = up_path_matrices(F, down, sg, su)
+        for e in range(E):
+            B = down[e].T @ A @ down[e]
+            ref = torch.zeros(2 * inter, 2 * inter, dtype=torch.float64)
+            for i in range(inter):
+                for j in range(inter):
+                    ref[i, j] = sg[e, i] * B[i, j] * sg[e, j]  # gate rows
+                    ref[inter + i, inter + j] = su[e, i] * B[i, j] * su[e, j]  # up rows; no gate/up cross terms
+            torch.testing.assert_close(got[e], ref / torch.linalg.eigvalsh(ref)[-1], **F64)
 
 
 def test_up_path_quadratic_form_is_the_first_order_output_change():
@@ -127,7 +125,8 @@ def test_up_path_quadratic_form_is_the_first_order_output_change():
     whole quadratic form on the gate rows and on the up rows equals the first-order energy for any error."""
     g = torch.Generator().manual_seed(2)
     d, inter, T = 12, 5, 40
-    A = _psd(d, 4, g)
+    F = torch.randn(d, 4, generator=g, dtype=torch.float64)  # A = F F^T
+    A = F @ F.T
     Wg, Wu, Wd = _expert(g, d, inter)
     x = torch.randn(T, d, generator=g, dtype=torch.float64)
     gg, uu = x @ Wg.T, x @ Wu.T
@@ -135,7 +134,7 @@ def test_up_path_quadratic_form_is_the_first_order_output_change():
     d_act = sig * (1 + gg * (1 - sig))  # silu'
     s_gate = (d_act * uu).pow(2).mean(0).sqrt()
     s_up = torch.nn.functional.silu(gg).pow(2).mean(0).sqrt()
-    M = up_path_matrices(A, Wd[None], s_gate[None], s_up[None])[0]
+    M = up_path_matrices(F, Wd[None], s_gate[None], s_up[None])[0]
     zero = torch.zeros(inter, dtype=torch.float64)
     energies = []
     for i in range(2 * inter):
@@ -153,7 +152,7 @@ def test_up_path_quadratic_form_is_the_first_order_output_change():
     g1, u1 = x1 @ Wg1.T, x1 @ Wu1.T
     assert (g1 > 0).all() and (u1 > 0).all()
     sig1 = torch.sigmoid(g1)
-    M1 = up_path_matrices(A, Wd[None], (sig1 * (1 + g1 * (1 - sig1)) * u1), torch.nn.functional.silu(g1))[0]
+    M1 = up_path_matrices(F, Wd[None], (sig1 * (1 + g1 * (1 - sig1)) * u1), torch.nn.functional.silu(g1))[0]
     B = Wd.T @ A @ Wd
     ga, ua = (sig1 * (1 + g1 * (1 - sig1)) * u1)[0], torch.nn.functional.silu(g1)[0]
     scale = torch.linalg.eigvalsh(torch.block_diag(ga[:, None] * B * ga, ua[:, None] * B * ua))[-1]

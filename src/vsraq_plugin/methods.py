@@ -81,7 +81,7 @@ class LayerPlan:
     # Leaf kinds whose metric is block diagonal in this many equal blocks, solved as that many separate matrices
     # (v_proj: one block per kv head, so no block exceeds the fast metric solve's rank limit).
     metric_blocks: dict[str, int] = field(default_factory=dict)
-    boundary_next: torch.Tensor | None = None  # the next router's normalised boundary matrix (gate/up metric)
+    boundary_next: torch.Tensor | None = None  # the next router's normalised boundary factor (gate/up metric)
     split: TokenSplit | None = None  # exact sums: this process's tokens and batches (fp_logits: every token)
 
     def metric_for(self, name: str) -> torch.Tensor | None:
@@ -326,7 +326,7 @@ def vsraq_plan(ctx: LayerContext, cfg: QuantConfig) -> VsraqPlan:
     if cfg.lambda_metric_qk > 0 and F_here is not None:  # (MLA probes two stages: q_a/kv_a, then q_b/kv_b)
         plan.probes["o_proj"] = (probe_directions(F_here, cfg.probe_directions), cfg.lambda_metric_qk)
     plan.fp_logits = logits[layer.index].to(device)
-    plan.boundary_next = F_next @ F_next.T if cfg.lambda_metric_up > 0 and F_next is not None else None
+    plan.boundary_next = F_next if cfg.lambda_metric_up > 0 else None
     if ctx.exact:
         _localise(plan, ctx)
     return plan
@@ -437,10 +437,11 @@ def router_name(layer: MoELayer) -> str:
 
 
 def gate_up_metric(
-    adapter: MoEAdapter, experts: nn.Module, pairs, A: torch.Tensor, lam: float, chunk: slice | None = None
+    adapter: MoEAdapter, experts: nn.Module, pairs, F: torch.Tensor, lam: float, chunk: slice | None = None
 ) -> torch.Tensor:
     """Per-expert output metric of the fused gate/up rows (DESIGN 3.5d), from the FP expert weights and the
-    tokens the FP router sends to each expert; ``chunk``: only those experts' (the metric is ``(E, 2I, 2I)``)."""
+    tokens the FP router sends to each expert (``F``: the next router's boundary factor, ``A = F F^T``); ``chunk``:
+    only those experts' (the metric is ``(E, 2I, 2I)``)."""
     from .capture import expert_groups, in_chunk
     from .vsraq import metric, up_path_matrices
 
@@ -461,7 +462,7 @@ def gate_up_metric(
             (d_act,) = torch.autograd.grad(act(gg).sum(), gg)
         up_scale[e] = act(g).pow(2).mean(0).sqrt()
         gate_scale[e] = (d_act * u).pow(2).mean(0).sqrt()
-    return metric(up_path_matrices(A, views["down_proj"][chunk].detach(), gate_scale, up_scale), lam)
+    return metric(up_path_matrices(F, views["down_proj"][chunk].detach(), gate_scale, up_scale), lam)
 
 
 def probe_blocks(config, name: str, n: int) -> int:

@@ -698,23 +698,26 @@ def value_path_matrix(F: torch.Tensor, o_proj: torch.Tensor, num_heads: int, num
 
 
 def up_path_matrices(
-    A: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor
+    F: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor, up_scale: torch.Tensor
 ) -> torch.Tensor:
-    """The boundary matrix carried back through each expert's ``down_proj`` to its gate/up rows (DESIGN 3.5d),
-    ``(E, 2I, 2I)``, normalised per expert: an error ``e`` in up's output reaches the residual as
+    """The boundary matrix ``A = F F^T`` carried back through each expert's ``down_proj`` to its gate/up rows (DESIGN
+    3.5d), ``(E, 2I, 2I)``, normalised per expert: an error ``e`` in up's output reaches the residual as
     ``W_down (act(g) * e)``, one in gate's as ``W_down (act'(g) u * e)``; with ``B = W_down^T A W_down`` the
     blocks are ``diag(s) B diag(s)``, ``s`` the per-unit RMS of ``act(g)`` (up) or ``act'(g) u`` (gate) over the
-    expert's tokens. Cross terms between gate and up rows are left out."""
-    Wd = down.double()  # (E, d, I)
-    B = Wd.transpose(1, 2) @ A @ Wd  # (E, I, I)
-    sg, su = gate_scale.double(), up_scale.double()
-    Mg = sg[:, :, None] * B * sg[:, None, :]
-    Mu = su[:, :, None] * B * su[:, None, :]
-    E, inter = sg.shape
-    out = torch.zeros(E, 2 * inter, 2 * inter, dtype=torch.float64, device=Wd.device)
-    out[:, :inter, :inter], out[:, inter:, inter:] = Mg, Mu
-    top = torch.linalg.eigvalsh(out)[:, -1].clamp(min=1e-30)
-    return out / top[:, None, None]
+    expert's tokens. Cross terms between gate and up rows are left out. Built from ``W_down^T F`` ``(E, I, r)``
+    (never ``W_down^T A``: ``d`` times fewer products at DeepSeek-V3's widths), normalised from ``(r, r)`` Grams."""
+    G = down.double().transpose(1, 2) @ F.double()  # (E, I, r)
+    Gg, Gu = gate_scale.double()[:, :, None] * G, up_scale.double()[:, :, None] * G
+    E, inter, r = G.shape
+
+    def top(X: torch.Tensor) -> torch.Tensor:  # largest eigenvalue of X X^T per expert, from the smaller Gram
+        return torch.linalg.eigvalsh(X.transpose(1, 2) @ X if r < inter else X @ X.transpose(1, 2))[:, -1]
+
+    norm = torch.maximum(top(Gg), top(Gu)).clamp(min=1e-30)[:, None, None]  # a block diagonal's: its largest block's
+    out = torch.zeros(E, 2 * inter, 2 * inter, dtype=torch.float64, device=G.device)
+    out[:, :inter, :inter] = Gg @ Gg.transpose(1, 2) / norm
+    out[:, inter:, inter:] = Gu @ Gu.transpose(1, 2) / norm
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- FP targets

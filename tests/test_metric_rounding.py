@@ -161,7 +161,7 @@ def test_low_rank_factor():
     weak = torch.eye(50, dtype=F64) + U[0] @ U[0].T + 1e-5 * U[1, :, :2] @ U[1, :, :2].T
     assert low_rank_factor(weak.float()[None], max_rank=16).shape[-1] == 5  # the 1e-5 directions are dropped
     # A metric of exactly max_rank strong directions plus weak ones above the pivot tolerance (what float32
-    # rounding leaves in a metric cut to max_rank directions, vsraq.top_directions): the weak pivots are taken and
+    # rounding leaves in a metric cut to max_rank directions, vsraq.top_factor): the weak pivots are taken and
     # dropped, the solve stays on the fast path (it went to the exact one, 5-20x slower, before RANK_SLACK).
     G = low_rank_factor(weak.float()[None], max_rank=5)
     assert G is not None and G.shape[-1] == 5
@@ -170,9 +170,11 @@ def test_low_rank_factor():
 
 def test_a_metric_cut_to_the_rank_limit_stays_on_the_fast_path():
     """The pipeline cuts a deep metric to its top ``METRIC_RANK`` directions so that the solve stays on the fast
-    path (``vsraq.top_directions``, README "The metric over depth"). Stored in float32, such a metric has float
-    rounding above the pivot tolerance; this one (512 rows, seed 0) sent ``low_rank_factor`` to ``None``, i.e. the
-    exact solve, before ``RANK_SLACK``. Now: exactly the limit's directions, and ``I + G G^T`` is the metric."""
+    path (``vsraq.top_factor``, README "The metric over depth"). Stored in float32, such a metric has float
+    rounding above the pivot tolerance; this one (512 rows, seed 0, cut from a float32 matrix: more rounding than
+    the pipeline's float64 factors leave, which did not trip it on 18 random spectra of 512-2048 rows) sent
+    ``low_rank_factor`` to ``None``, i.e. the exact solve, before ``RANK_SLACK``. Now: exactly the limit's
+    directions, and ``I + G G^T`` is the metric."""
     from vsraq_plugin.methods import METRIC_RANK
     from vsraq_plugin.vsraq import metric, top_directions
 

@@ -66,7 +66,7 @@ def low_rank_factor(
     the eigenvectors of ``G G^T`` (an eigen-solve of the k x k Gram) and those of weight below ``drop`` dropped.
     A metric shared by the batch (``M.expand(N, ...)``, stride 0) is factorised once and ``G`` comes back expanded.
     ``M - I`` must be positive semidefinite (the metric never discounts a direction); ``M = I`` gives ``k = 0``.
-    A metric cut to exactly ``max_rank`` directions (``vsraq.top_directions``) is stored in float32, whose rounding
+    A metric cut to exactly ``max_rank`` directions (``vsraq.top_factor``) is stored in float32, whose rounding
     leaves a few more pivots above the tolerance: up to ``RANK_SLACK`` of them are taken and then dropped with the
     weak directions, so the limit is on the directions kept, not on the pivots.
     """

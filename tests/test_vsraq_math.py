@@ -265,6 +265,27 @@ def test_boundary_matrix_equals_the_per_token_sum_in_float64():
         _within(got, ref / top, 2 * rel * mag / top + 1e-14, "A / ||A||")
 
 
+def test_a_router_without_boundary_tokens_gives_no_directions():
+    """Every margin infinite (exactly k experts eligible, e.g. group-limited routing): ``A = 0``, so the factor has
+    no columns, the metric is the identity, nothing is probed, and a horizon over it keeps the later routers'."""
+    from types import SimpleNamespace
+
+    from vsraq_plugin.methods import probe_directions
+    from vsraq_plugin.vsraq import boundary_factor, horizon_factor, metric
+
+    g = torch.Generator().manual_seed(3)
+    E, d, k = 6, 10, 2
+    R = torch.randn(E, d, generator=g)
+    sel = torch.full((5, E), float("-inf"))
+    sel[:, :k] = torch.randn(5, k, generator=g)
+    F = boundary_factor(R, None, sel, k)
+    assert F.shape == (d, 0)
+    assert torch.equal(metric(F @ F.T, 32.0), torch.eye(d))
+    assert probe_directions(F, 8).shape == (0, d)
+    H = horizon_factor(F, [SimpleNamespace(weight=R, norm_weight=None)], 0.5, 4)
+    assert H.shape == (d, 4) and abs(float(torch.linalg.matrix_norm(H, ord=2)) - 1) < 1e-12
+
+
 # ---------------------------------------------------------------------------------------------- FP targets (3.5c)
 def test_damped_fp_target_is_the_ridge_least_squares_optimum():
     """Weighted tokens, damping and a column no token activates: the closed form equals lstsq of the blended target

@@ -490,6 +490,8 @@ def probe_directions(F: torch.Tensor, k: int) -> torch.Tensor:
     from .vsraq import top_eigen
 
     lam, U = top_eigen(F.double(), k)
+    if not lam.numel():
+        return U.T.float()  # (0, d): A = 0, nothing to probe
     keep = lam > lam[-1].clamp(min=1e-30) * 1e-6
     return U[:, keep].T.float()
 

@@ -617,6 +617,8 @@ def top_eigen(F: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``q`` eigenpairs of ``F F^T`` (``F`` ``(d, r)``) as ``(lam, U)``, ``lam`` ascending ``(q,)`` and
     ``U = V sqrt(lam)`` ``(d, q)``: ``U U^T`` is the rank-``q`` cut. From the smaller of ``F^T F`` and ``F F^T``."""
     d, r = F.shape
+    if r == 0:  # A = 0 (no token near a boundary): no directions
+        return F.new_zeros(0), F
     if r < d:
         lam, W = torch.linalg.eigh(F.T @ F)
         lam, W = lam[-q:].clamp(min=0), W[:, -q:]
@@ -627,8 +629,9 @@ def top_eigen(F: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unit_factor(F: torch.Tensor) -> torch.Tensor:
-    """``F`` scaled so that ``F F^T`` has largest eigenvalue 1 (``||F||_2 = 1``)."""
-    return F / top_eigen(F, 1)[0][-1].clamp(min=1e-300).sqrt()
+    """``F`` scaled so that ``F F^T`` has largest eigenvalue 1 (``||F||_2 = 1``); ``A = 0`` stays 0."""
+    lam = top_eigen(F, 1)[0]
+    return F / lam[-1].clamp(min=1e-300).sqrt() if lam.numel() else F
 
 
 def horizon_factor(F: torch.Tensor, later: list, decay: float, rank: int) -> torch.Tensor:
@@ -648,7 +651,7 @@ def top_factor(F: torch.Tensor, rank: int) -> torch.Tensor:
     if min(F.shape) <= rank:
         return unit_factor(F)
     lam, U = top_eigen(F, rank)
-    return U / lam[-1].clamp(min=1e-300).sqrt()
+    return U / lam[-1].clamp(min=1e-300).sqrt() if lam.numel() else U
 
 
 def top_directions(A: torch.Tensor, rank: int) -> torch.Tensor:

@@ -515,7 +515,9 @@ def probe_matrices(
     normalised and cut to the fast solve's rank.
 
     No closed form through softmax, so by probes: for each row ``u`` of ``U`` (``probe_directions(A, k)``), one
-    backward pass of ``sum_s eps_s u . y_s`` with random signs ``eps_s`` per token. Where a linear's output at t
+    backward pass of ``sum_s eps_s u . y_s`` with random signs ``eps_s`` per token. The writer is linear, so that is
+    the pass of ``sum_s eps_s (W^T u) . x_s`` from its input ``x``: the backward starts below the writer (at
+    Qwen3-30B-A3B's o_proj, 4096 x 2048, most of each pass's work). Where a linear's output at t
     reaches only token t (q, an MLP's gate/up) the sum is exact for ``A`` of rank up to ``k``; where it reaches later
     tokens (k) the cross terms cancel in expectation. On the first ``batches`` calibration batches of the run;
     ``first_batch``: the run's index of ``x_q[0]`` (a distributed rank's share), the signs seeded by it, per-batch
@@ -538,8 +540,8 @@ def probe_matrices(
 
         return hook
 
-    def stop(_m, _a, out):
-        final.append(out)
+    def stop(_m, args, kwargs):  # the writer's input: its output is never computed
+        final.append(args[0] if args else kwargs["input"])
         raise StopForward
 
     device = U.device
@@ -553,8 +555,9 @@ def probe_matrices(
             entry.append(args[0] if args else kwargs["hidden_states"])
             raise StopForward
 
+    U_in = U.to(writer.weight.device).float() @ writer.weight.detach().float()  # rows W^T u: probes of the input
     handles = [lin.register_forward_hook(keep_out(n)) for n, lin in linears.items()]
-    handles.append(writer.register_forward_hook(stop))
+    handles.append(writer.register_forward_pre_hook(stop, with_kwargs=True))
     if alone is not None:
         handles.append(alone[0].register_forward_pre_hook(grab, with_kwargs=True))
     try:
@@ -574,7 +577,7 @@ def probe_matrices(
                     entry.clear()
                 y = final.pop()
                 names = list(outs)
-                U_ = U.to(y.device, y.dtype)
+                U_ = U_in.to(y.device, y.dtype)
                 gen = torch.Generator().manual_seed(b)
                 per_probe: dict[str, list[torch.Tensor]] = {n: [] for n in names}
                 for u in U_:

@@ -10,7 +10,8 @@ only (own-layer fragility weights), metric only (output metric of o_proj and the
 dense / shared MLPs' gate/up (3.5d), with the router quantized, and with the defaults. Columns: top-k set agreement,
 top-1 agreement, perplexity, KL to FP, quantization time.
 ``--rows`` keeps only the named rows; ``--attribution`` adds each MoE layer's local / inherited disagreement
-(DESIGN 3.5e; one extra attention + router pass per layer and model) and a per-layer table.
+(DESIGN 3.5e; one extra attention + router pass per layer and model) and a per-layer table; ``--write-sources``
+each MoE router's logit error split over the residual writes before it (``evaluation.py``), as report.md's table.
 
 ``--refine``: instead, block-wise refinement (DESIGN 3.7, ``refine.py``) on top of gptq and of vsraq:
 reconstruction only (AutoRound-like), + value term, + structure term (``--refine-steps`` per block).
@@ -103,6 +104,7 @@ def measure(
     seq_len: int = 256,
     peers=None,
     attribution: bool = False,
+    write_sources: bool = False,
 ) -> dict:
     """Quantize the fixture (``model_path``, default the shipped one) with every row's settings at every width;
     evaluate all against FP in one pass (``eval_windows``: at most that many, None for all of eval.txt).
@@ -134,7 +136,7 @@ def measure(
         for label, (model, secs) in (peers(calib, bits) if peers else {}).items():
             models[label], seconds[label] = model, secs
             print(f"  quantized {label} in {secs:.1f}s", flush=True)
-    metrics = evaluate(fp, models, ev, progress=False, attribution=attribution)
+    metrics = evaluate(fp, models, ev, progress=False, attribution=attribution, write_sources=write_sources)
     report = build_report(metrics, str(path), str(path / "eval.txt"), ev.numel())
     for label, s in seconds.items():
         report["models"][label]["seconds"] = s
@@ -213,6 +215,9 @@ def main() -> None:
     ap.add_argument("--fixture", "--model", dest="fixture", type=Path, help="model folder with calib.txt and eval.txt")
     ap.add_argument("--rows", nargs="+", help="only these rows (names as printed, e.g. gptq 'vsraq full')")
     ap.add_argument("--attribution", action="store_true", help="local / inherited flips per MoE layer")
+    ap.add_argument(
+        "--write-sources", action="store_true", help="each router's logit error split over the writes before it"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
     ap.add_argument("--refine", action="store_true", help="the refinement rows instead of the VSRAQ terms")
     ap.add_argument("--refine-steps", type=int, default=100)
@@ -241,10 +246,15 @@ def main() -> None:
         args.fixture,
         peers=peers,
         attribution=args.attribution,
+        write_sources=args.write_sources,
     )
     print(table(report))
     print()
     print(layer_table(report))
+    if args.write_sources:
+        from vsraq_plugin.evaluation import markdown_table
+
+        print("Router-logit error" + markdown_table(report).split("\n\nRouter-logit error", 1)[1])
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

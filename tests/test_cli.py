@@ -114,8 +114,13 @@ def test_eval_attribution_splits_flips_into_local_and_inherited(saved_pair, tmp_
     root = saved_pair
     args = ["eval", "--reference", str(root / "fp"), "--model", str(root / "q"), "--text", str(root / "text.txt")]
     args += ["--out", str(tmp_path), "--seq-len", "32", "--max-windows", "4", "--threads", "1", "--attribution"]
-    assert main(args) == 0
+    assert main([*args, "--write-sources"]) == 0
     pl = json.loads((tmp_path / "report.json").read_text())["models"][str(root / "q")]["per_layer"]
+    # Write sources: router 0's error is the router itself, exactly (its input is FP); router 1's comes from the
+    # writes that router 0's flips changed (layer 0's MLP) and what they moved (layer 1's attention).
+    src = pl["write_sources"]
+    assert src[0]["router"] == pytest.approx(1.0, abs=1e-12) and pl["write_sources_fit"][0] == pytest.approx(1.0)
+    assert src[1]["router"] == 0.0 and src[1]["layer 0 attention"] == 0.0 and src[1]["layer 0 mlp"] > 0.0
     # Layer 0's router is negated: every token flips there, all locally; layer 1 is unchanged, so whatever
     # flips there is inherited from layer 0's changed output.
     assert pl["local_disagreement"][0] == 1.0 and pl["inherited_disagreement"][0] == 0.0

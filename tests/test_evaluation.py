@@ -252,3 +252,110 @@ def test_component_groups_cover_every_module_and_are_put_back():
     comps = component_attribution(ref, one, ids, batch_size=2, progress=False)
     assert comps["attention"]["disagreement_share"] == 1.0 and comps["attention"]["topk_set_agreement"] == 1.0
     assert all(comps[k]["disagreement_share"] == 0.0 for k in comps if k != "attention")
+
+
+# ---------------------------------------------------------------------------------------------- write sources
+def test_logit_error_sources_match_autograd_jvps():
+    """The linearised router-logit error and every source's term, against jvps of the router-through-its-norm map
+    taken by autograd (an independent derivative), and the linearisation against the exact difference."""
+    from vsraq_plugin.evaluation import logit_error_sources
+
+    g = torch.Generator().manual_seed(3)
+    T, d, E, eps = 40, 16, 6, 1e-6
+    h = 3.0 * torch.randn(T, d, generator=g, dtype=torch.float64)
+    gamma = 1.0 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    R = torch.randn(E, d, generator=g, dtype=torch.float64)
+    Rq = R + 0.01 * torch.randn(E, d, generator=g, dtype=torch.float64)
+    deltas = {f"s{i}": 1e-4 * torch.randn(T, d, generator=g, dtype=torch.float64) for i in range(3)}
+
+    def norm(x):
+        return gamma * x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+
+    x_q = norm(h + sum(deltas.values()))
+    e, terms = logit_error_sources(h, deltas, x_q, R, Rq, gamma, eps)
+    parts = {n: torch.func.jvp(lambda x: norm(x) @ R.T, (h,), (dh,))[1] for n, dh in deltas.items()}
+    parts["router"] = x_q @ (Rq - R).T
+    torch.testing.assert_close(e, sum(parts.values()), rtol=1e-10, atol=1e-14)
+    for n, p in parts.items():
+        assert terms[n] == pytest.approx(float((p * e).sum()), rel=1e-9, abs=1e-18), n
+    assert sum(terms.values()) == pytest.approx(float(e.pow(2).sum()), rel=1e-9)  # the shares add up to one
+    exact = x_q @ Rq.T - norm(h) @ R.T
+    assert float((exact - e).norm() / exact.norm()) < 1e-3  # second order in the 1e-4 writes
+
+
+def _sourced(reference, model, windows) -> dict:
+    return evaluate(reference, {"q": model}, windows, batch_size=4, progress=False, write_sources=True)["q"][
+        "per_layer"
+    ]
+
+
+def test_write_sources_name_the_changed_write_and_nothing_before_it():
+    """Three MoE layers, only layer 1's attention changed: routers 0 has no error; router 1's error is all layer 1's
+    attention (every other write is bit-identical, so their terms are exactly 0); router 2's comes from layer 1's
+    attention and what it moved after it (layer 1's MLP, layer 2's attention), never from before layer 1."""
+    ref = _three_layer_mixtral(seed=3)
+    windows = torch.randint(0, ref.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(2))
+    q = copy.deepcopy(ref)
+    _perturb_attention(q, layer=1, scale=0.02)
+    pl = _sourced(ref, q, windows)
+    src, fit = pl["write_sources"], pl["write_sources_fit"]
+    assert src[0] == {} and fit[0] is None
+    assert src[1]["layer 1 attention"] == pytest.approx(1.0, abs=1e-12)
+    assert all(v == 0.0 for n, v in src[1].items() if n != "layer 1 attention")
+    for n in ("embeddings", "layer 0 attention", "layer 0 mlp", "router"):
+        assert src[2][n] == 0.0, n
+    assert sum(src[2].values()) == pytest.approx(1.0, abs=1e-6)
+    assert src[2]["layer 1 attention"] > 0.1 and src[2]["layer 1 mlp"] != 0.0 and src[2]["layer 2 attention"] != 0.0
+    assert fit[1] > 0.99 and fit[2] > 0.95  # small writes: the linearisation explains nearly all of the error
+
+
+def test_write_sources_a_changed_router_is_its_own_source_exactly():
+    ref = _three_layer_mixtral(seed=4)
+    windows = torch.randint(0, ref.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(3))
+    q = copy.deepcopy(ref)
+    with torch.no_grad():
+        q.model.layers[2].mlp.gate.weight.mul_(1.1)  # a re-fitted router: its input is unchanged
+    pl = _sourced(ref, q, windows)
+    assert pl["write_sources"][0] == {} and pl["write_sources"][1] == {}
+    assert pl["write_sources"][2]["router"] == pytest.approx(1.0, abs=1e-12)
+    assert pl["write_sources_fit"][2] == pytest.approx(1.0, abs=1e-6)  # the router term is exact, not linearised
+
+
+def test_write_sources_on_deepseek_dense_first_layer_and_in_the_report(tmp_path):
+    """DeepSeek-V3 (dense layer 0, MLA, shared experts): a change of the dense MLP reaches the first router (MoE slot 0,
+    decoder layer 1) as the source "layer 0 mlp"; the table of report.md lists it."""
+    ref = tiny_model("deepseek_v3", seed=2)
+    windows = torch.randint(0, ref.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(4))
+    q = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for lin in q.model.layers[0].mlp.modules():
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight.add_(0.02 * lin.weight.std() * torch.randn(lin.weight.shape, generator=gen))
+    metrics = evaluate(ref, {"q": q}, windows, batch_size=4, progress=False, write_sources=True)
+    pl = metrics["q"]["per_layer"]
+    first = pl["write_sources"][0]
+    assert set(first) == {"router", "embeddings", "layer 0 attention", "layer 0 mlp", "layer 1 attention"}
+    assert first["embeddings"] == first["layer 0 attention"] == first["router"] == 0.0
+    assert first["layer 0 mlp"] > 0.5 and sum(first.values()) == pytest.approx(1.0, abs=1e-6)
+    assert pl["write_sources_fit"][0] > 0.95
+    report = build_report(metrics, "fp", "t.txt", windows.numel())
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    rms = pl["router_logit_error_rms"][0]
+    assert (
+        f"| q | 0 | {rms:.4f} | {pl['write_sources_fit'][0]:.3f} | layer 0 mlp {100 * first['layer 0 mlp']:.0f} %" in md
+    )
+    from vsraq_plugin.models import get_adapter, record_router_logits
+
+    adapter = get_adapter(ref)  # the rms against the two models' router logits, recorded directly
+    with (
+        torch.no_grad(),
+        record_router_logits(adapter.moe_layers(ref)) as zr,
+        record_router_logits(adapter.moe_layers(q)) as zq,
+    ):
+        ref(input_ids=windows, use_cache=False)
+        q(input_ids=windows, use_cache=False)
+    assert rms == pytest.approx(float((zq[0][0] - zr[0][0]).pow(2).mean().sqrt()), rel=1e-4)
+    plain = build_report(evaluate(ref, {"q": q}, windows, progress=False), "fp", "t.txt", windows.numel())
+    assert "write_sources" not in plain["models"]["q"]["per_layer"] and "by its source" not in markdown_table(plain)

@@ -372,7 +372,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_vocab({f"--reference {args.reference}": reference, **{f"--model {k}": v for k, v in models.items()}},
                  windows)  # fmt: skip
     report = build_report(
-        evaluate(reference, models, windows, args.batch_size, attribution=args.attribution),
+        evaluate(
+            reference, models, windows, args.batch_size, attribution=args.attribution, write_sources=args.write_sources
+        ),
         args.reference,
         str(text_path),
         windows.numel(),
@@ -447,7 +449,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             quantize_model(model, calib, cfg, batch_size=args.batch_size)
             models[f"{method} W{bits}g{args.group_size}"] = model
             print(f"{method} W{bits}g{args.group_size}: {time.perf_counter() - t0:.1f}s")
-    metrics = evaluate(reference, models, windows, args.batch_size, attribution=args.attribution)
+    metrics = evaluate(
+        reference, models, windows, args.batch_size, attribution=args.attribution, write_sources=args.write_sources
+    )
     report = build_report(metrics, str(path), str(text), windows.numel())
     paths = write_report(report, out)
     print()
@@ -482,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="split each MoE layer's routing flips into local (the layer fed the FP stream) and inherited "
             "(total - local)",
+        )
+        sp.add_argument(
+            "--write-sources",
+            action="store_true",
+            help="split each MoE router's logit error over the residual writes before it (embeddings, every "
+            "layer's attention and MLP) and the router itself: which layers' errors the flips come from",
         )
 
     q = sub.add_parser("quantize", help="quantize a model and write a GPTQ v1 checkpoint")

@@ -15,6 +15,18 @@ top-k set differs from the reference's (``1 - topk_set_agreement``):
   reported: ``drift_flips`` (tokens that disagree in the candidate's own run but not locally) minus
   ``drift_unflips`` (tokens that disagree locally but not in the candidate's own run) equals I_l.
 
+Write sources (``write_sources=True``): where the router-logit error of MoE layer l comes from. The router reads
+the residual stream ``h`` through its norm, ``z = R x``, ``x = gamma * h * r(h)``, ``r = (mean(h^2) + eps)^-1/2``;
+the candidate's ``h`` differs from the reference's by the sum of every residual write before the router: the
+embeddings, each earlier layer's attention and MLP outputs and layer l's own attention output (candidate minus
+reference, each in its own model's run). Linearised at the reference's ``h`` (norm Jacobian
+``J = gamma * r (I - h h^T r^2 / d)``), the logit error is ``e = (R_q - R) x_q + R J dh`` (the first term: the
+candidate's router itself, e.g. VSRAQ's re-fit), and each source s, ``e_s = R J dh_s``, gets the share
+``<e_s, e> / ||e||^2`` (summed over tokens and batches): the shares add up to 1 and a negative one cancels error.
+``write_sources_fit`` is ``1 - ||e_actual - e||^2 / ||e_actual||^2``, how much of the recorded logit error the
+linearisation explains, and ``router_logit_error_rms`` the recorded error's root mean square (a source's share
+times its square compares models in absolute terms).
+
 Components (``component_attribution``): which parts of a quantized model the routing flips come from. Each group
 of modules (every layer's attention, routers, routed experts, shared experts, dense MLPs; or each of those per
 layer) is put back to the reference's, alone, and the model evaluated again; the fall in top-k disagreement is
@@ -75,10 +87,14 @@ class _Accumulator:
     drift_flips: list[float] = field(default_factory=list)
     drift_unflips: list[float] = field(default_factory=list)
     route_tokens: int = 0
+    sources: list[dict[str, float]] = field(default_factory=list)  # write sources: <e_s, e> per MoE layer
+    source_terms: list[list[float]] = field(default_factory=list)  # ||e||^2, ||e_actual - e||^2, ||e_actual||^2
 
     def __post_init__(self) -> None:
         for name in ("topk_set", "overlap", "top1", "local", "drift_flips", "drift_unflips"):
             setattr(self, name, [0.0] * self.num_layers)
+        self.sources = [{} for _ in range(self.num_layers)]
+        self.source_terms = [[0.0, 0.0, 0.0] for _ in range(self.num_layers)]
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
@@ -134,6 +150,78 @@ def _local_logits(layer: MoELayer, hidden: torch.Tensor, kwargs: dict) -> torch.
     return out[0]
 
 
+class _Writes:
+    """Forward hooks for write-source attribution (module docstring) on one model: the embeddings (the first layer's
+    input), every layer's attention and MLP outputs (its two residual writes) and, per MoE layer, the input of the
+    norm in front of the router (``h``) and the router's own input (``x``), as ``(tokens, d)`` float32."""
+
+    def __init__(self, layers: list[MoELayer]) -> None:
+        self.t: dict = {}
+        self.handles = [layers[0].layer.register_forward_pre_hook(self._hook("embeddings", pre=True), with_kwargs=True)]
+        for layer in layers:
+            self.handles.append(layer.attention.register_forward_hook(self._hook(f"layer {layer.index} attention")))
+            self.handles.append(layer.mlp.register_forward_hook(self._hook(f"layer {layer.index} mlp")))
+            if layer.is_moe:
+                norm = _router_norm(layer)
+                self.handles.append(norm.register_forward_pre_hook(self._hook(("h", layer.index), pre=True),
+                                                                   with_kwargs=True))  # fmt: skip
+                self.handles.append(layer.router.register_forward_pre_hook(self._hook(("x", layer.index), pre=True),
+                                                                           with_kwargs=True))  # fmt: skip
+
+    def _hook(self, key, pre: bool = False):
+        def keep(x: torch.Tensor) -> None:
+            self.t[key] = x.detach().float().reshape(-1, x.shape[-1])
+
+        if pre:
+            return lambda _m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"])
+        return lambda _m, _args, out: keep(out[0] if isinstance(out, tuple) else out)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _router_norm(layer: MoELayer) -> nn.Module:
+    norm = getattr(layer.layer, "post_attention_layernorm", None)
+    if norm is None:
+        raise NotImplementedError(
+            f"layer {layer.index} ({type(layer.layer).__name__}) has no post_attention_layernorm in front of its "
+            "router; write-source attribution knows only that layout (run without write_sources)."
+        )
+    return norm
+
+
+def logit_error_sources(
+    h: torch.Tensor,
+    deltas: dict[str, torch.Tensor],
+    x_q: torch.Tensor,
+    weight: torch.Tensor,
+    weight_q: torch.Tensor,
+    gamma: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One MoE router's linearised logit error ``e`` ``(T, E)`` and every source's ``<e_s, e>`` (module docstring).
+
+    ``h`` ``(T, d)``: the reference's input of the router's RMSNorm; ``deltas``: source -> ``(T, d)`` candidate minus
+    reference residual write (they sum to the candidate's ``h`` minus the reference's); ``x_q``: the candidate's router
+    input; ``weight`` / ``weight_q``: the reference's and the candidate's router weights ``(E, d)``; ``gamma``, ``eps``:
+    the norm's scale (None: 1) and epsilon. The candidate's router change enters as the source ``"router"``."""
+    d = h.shape[-1]
+    g = torch.ones(d, dtype=h.dtype, device=h.device) if gamma is None else gamma.to(h.dtype)
+    r = (h.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    R = weight.to(h.dtype)
+
+    def jac(v: torch.Tensor) -> torch.Tensor:  # J v = gamma * r (v - h (h.v) r^2 / d): symmetric but for gamma
+        return r * (v - h * ((h * v).sum(-1, keepdim=True) * r.pow(2) / d))
+
+    e_router = x_q.to(h.dtype) @ (weight_q.to(h.dtype) - R).T
+    e = e_router + (g * jac(sum(deltas.values()))) @ R.T
+    back = jac(g * (e @ R))  # J^T R^T e: <e_s, e> = <dh_s, back> for every source without forming e_s
+    terms = {"router": float((e_router * e).sum())}
+    terms.update({name: float((dh * back).sum()) for name, dh in deltas.items()})
+    return e, terms
+
+
 @torch.no_grad()
 def evaluate(
     reference: nn.Module,
@@ -142,12 +230,17 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     attribution: bool = False,
+    write_sources: bool = False,
 ) -> dict:
     """Metrics of every model against the reference on ``windows`` (the ``models`` part of report.json).
 
-    ``attribution``: also split each MoE layer's disagreement into local and inherited (module docstring)."""
+    ``attribution``: also split each MoE layer's disagreement into local and inherited (module docstring).
+    ``write_sources``: also split each MoE router's logit error over the residual writes before it (module
+    docstring); holds every layer's two writes of the batch, twice, while it runs (use a small ``batch_size`` on a
+    large model)."""
     adapter = get_adapter(reference)
     ref_layers = adapter.moe_layers(reference)
+    ref_all = adapter.layers(reference) if write_sources else None
     num_layers = len(ref_layers)
     E = adapter.num_experts() if num_layers else 0
     acc = {name: _Accumulator(num_layers) for name in models}
@@ -161,12 +254,14 @@ def evaluate(
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
         ids = windows[start : start + batch_size].to(device)
         ref_inputs = _LayerInputs(ref_layers) if attribution else None
+        ref_writes = _Writes(ref_all) if write_sources else None
         try:
             with record_router_logits(ref_layers) as ref_store:
                 ref_logits = reference(input_ids=ids, use_cache=False).logits.float()
         finally:
-            if ref_inputs is not None:
-                ref_inputs.close()
+            for hooks in (ref_inputs, ref_writes):
+                if hooks is not None:
+                    hooks.close()
         ref_routes = [adapter.route(store[0], layer.router) for store, layer in zip(ref_store, ref_layers, strict=True)]
         ref_lp = F.log_softmax(ref_logits, dim=-1)
         nll, count = _nll(ref_logits, ids)
@@ -175,12 +270,14 @@ def evaluate(
         for name, model in models.items():
             a, layers = acc[name], model_layers[name]
             own_inputs = _LayerInputs(layers) if attribution else None  # the candidate's own layer kwargs
+            own_writes = _Writes(adapter.layers(model)) if write_sources else None
             try:
                 with record_router_logits(layers) as store:
                     logits = model(input_ids=ids, use_cache=False).logits.float()
             finally:
-                if own_inputs is not None:
-                    own_inputs.close()
+                for hooks in (own_inputs, own_writes):
+                    if hooks is not None:
+                        hooks.close()
             nll, count = _nll(logits, ids)
             a.nll += nll
             a.nll_tokens += count
@@ -201,6 +298,10 @@ def evaluate(
                     a.local[i] += float((1 - local_same).sum())
                     a.drift_flips[i] += float(((1 - same) * local_same).sum())
                     a.drift_unflips[i] += float(((1 - local_same) * same).sum())
+                if write_sources:
+                    _add_sources(a, i, ref_layers[i], layer, ref_writes.t, own_writes.t, s[0] - ref_store[i][0])
+            if own_writes is not None:
+                own_writes.t.clear()
             a.route_tokens += ids.numel()
 
     out: dict = {"__reference__": {"perplexity": math.exp(ref_acc.nll / ref_acc.nll_tokens)}}
@@ -217,6 +318,17 @@ def evaluate(
             ]
             per_layer["drift_flips"] = [x / a.route_tokens for x in a.drift_flips]
             per_layer["drift_unflips"] = [x / a.route_tokens for x in a.drift_unflips]
+        if write_sources:  # shares of the linearised logit error (sum 1), and how much of the real one it explains
+            per_layer["write_sources"] = [
+                {n: v / den for n, v in src.items()} if den > 0 else {}
+                for src, (den, _, _) in zip(a.sources, a.source_terms, strict=True)
+            ]
+            per_layer["write_sources_fit"] = [1 - res / act if act > 0 else None for _, res, act in a.source_terms]
+            per_layer[
+                "router_logit_error_rms"
+            ] = [  # the recorded error, for comparing models' sources in absolute terms
+                math.sqrt(act / (a.route_tokens * E)) for _, _, act in a.source_terms
+            ]
 
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
@@ -230,6 +342,28 @@ def evaluate(
             "per_layer": per_layer,
         }
     return out
+
+
+def _add_sources(
+    a: _Accumulator, slot: int, ref: MoELayer, own: MoELayer, ref_t: dict, own_t: dict, actual: torch.Tensor
+) -> None:
+    """One batch's write-source terms of MoE layer ``ref.index`` into ``a`` (``actual``: the candidate's recorded
+    router logits minus the reference's)."""
+    L = ref.index
+    names = ["embeddings"] + [f"layer {j} {kind}" for j in range(L) for kind in ("attention", "mlp")]
+    names.append(f"layer {L} attention")
+    deltas = {n: own_t[n] - ref_t[n] for n in names}
+    norm = _router_norm(ref)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    gamma = getattr(norm, "weight", None)
+    e, terms = logit_error_sources(ref_t[("h", L)], deltas, own_t[("x", L)], ref.router.weight, own.router.weight,
+                                   None if gamma is None else gamma.detach(), eps)  # fmt: skip
+    for n, v in terms.items():
+        a.sources[slot][n] = a.sources[slot].get(n, 0.0) + v
+    t = a.source_terms[slot]
+    t[0] += float(e.pow(2).sum())
+    t[1] += float((actual - e).pow(2).sum())
+    t[2] += float(actual.pow(2).sum())
 
 
 COMPONENT_KINDS = ("attention", "routers", "routed experts", "shared experts", "dense MLPs")
@@ -328,6 +462,9 @@ def build_report(metrics: dict, reference_path: str, text_path: str, tokens: int
     }
 
 
+SOURCES_SHOWN = 4  # write sources per MoE layer in report.md (report.json has all)
+
+
 def markdown_table(report: dict) -> str:
     """One row per model, plus the reference's perplexity."""
 
@@ -361,6 +498,22 @@ def markdown_table(report: dict) -> str:
                 for loc, inh in zip(pl["local_disagreement"], pl["inherited_disagreement"], strict=True)
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    sourced = {n: m["per_layer"] for n, m in report["models"].items() if "write_sources" in m["per_layer"]}
+    if sourced:
+        lines += [
+            "",
+            "Router-logit error per MoE layer by its source (rms: the recorded error's root mean square; share of the "
+            "linearised error, largest first; fit: the share of the recorded error the linearisation explains):",
+            "",
+            "| model | MoE layer | rms | fit | largest sources |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name, pl in sourced.items():
+            rows = zip(pl["write_sources"], pl["write_sources_fit"], pl["router_logit_error_rms"], strict=True)
+            for i, (src, fit, rms) in enumerate(rows):
+                top = sorted(src.items(), key=lambda kv: -abs(kv[1]))[:SOURCES_SHOWN]
+                cells = ", ".join(f"{n} {100 * v:.0f} %" for n, v in top) or "no error"
+                lines.append(f"| {name} | {i} | {rms:.4f} | {'-' if fit is None else f'{fit:.3f}'} | {cells} |")
     if report.get("components"):
         lines += ["", component_table(report["components"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

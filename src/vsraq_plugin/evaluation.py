@@ -324,11 +324,9 @@ def evaluate(
                 for src, (den, _, _) in zip(a.sources, a.source_terms, strict=True)
             ]
             per_layer["write_sources_fit"] = [1 - res / act if act > 0 else None for _, res, act in a.source_terms]
-            per_layer[
-                "router_logit_error_rms"
-            ] = [  # the recorded error, for comparing models' sources in absolute terms
-                math.sqrt(act / (a.route_tokens * E)) for _, _, act in a.source_terms
-            ]
+            # the recorded error's size: a share times its square compares models in absolute terms
+            rms = [math.sqrt(act / (a.route_tokens * E)) for _, _, act in a.source_terms]
+            per_layer["router_logit_error_rms"] = rms
 
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None

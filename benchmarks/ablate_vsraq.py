@@ -252,9 +252,9 @@ def main() -> None:
     print()
     print(layer_table(report))
     if args.write_sources:
-        from vsraq_plugin.evaluation import markdown_table
+        from vsraq_plugin.evaluation import source_table
 
-        print("Router-logit error" + markdown_table(report).split("\n\nRouter-logit error", 1)[1])
+        print(source_table(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -199,13 +199,15 @@ def logit_error_sources(
     weight_q: torch.Tensor,
     gamma: torch.Tensor | None,
     eps: float,
+    total: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One MoE router's linearised logit error ``e`` ``(T, E)`` and every source's ``<e_s, e>`` (module docstring).
 
     ``h`` ``(T, d)``: the reference's input of the router's RMSNorm; ``deltas``: source -> ``(T, d)`` candidate minus
     reference residual write (they sum to the candidate's ``h`` minus the reference's); ``x_q``: the candidate's router
     input; ``weight`` / ``weight_q``: the reference's and the candidate's router weights ``(E, d)``; ``gamma``, ``eps``:
-    the norm's scale (None: 1) and epsilon. The candidate's router change enters as the source ``"router"``."""
+    the norm's scale (None: 1) and epsilon; ``total``: the deltas' sum when the caller has it already. The
+    candidate's router change enters as the source ``"router"``."""
     d = h.shape[-1]
     g = torch.ones(d, dtype=h.dtype, device=h.device) if gamma is None else gamma.to(h.dtype)
     r = (h.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
@@ -215,7 +217,7 @@ def logit_error_sources(
         return r * (v - h * ((h * v).sum(-1, keepdim=True) * r.pow(2) / d))
 
     e_router = x_q.to(h.dtype) @ (weight_q.to(h.dtype) - R).T
-    e = e_router + (g * jac(sum(deltas.values()))) @ R.T
+    e = e_router + (g * jac(sum(deltas.values()) if total is None else total)) @ R.T
     back = jac(g * (e @ R))  # J^T R^T e: <e_s, e> = <dh_s, back> for every source without forming e_s
     terms = {"router": float((e_router * e).sum())}
     terms.update({name: float((dh * back).sum()) for name, dh in deltas.items()})
@@ -278,6 +280,8 @@ def evaluate(
                 for hooks in (own_inputs, own_writes):
                     if hooks is not None:
                         hooks.close()
+            if write_sources:  # the candidate's writes minus the reference's, once per batch
+                sources = _Sources(ref_writes.t, own_writes.t)
             nll, count = _nll(logits, ids)
             a.nll += nll
             a.nll_tokens += count
@@ -299,7 +303,7 @@ def evaluate(
                     a.drift_flips[i] += float(((1 - same) * local_same).sum())
                     a.drift_unflips[i] += float(((1 - local_same) * same).sum())
                 if write_sources:
-                    _add_sources(a, i, ref_layers[i], layer, ref_writes.t, own_writes.t, s[0] - ref_store[i][0])
+                    sources.add(a, i, ref_layers[i], layer, s[0] - ref_store[i][0])
             if own_writes is not None:
                 own_writes.t.clear()
             a.route_tokens += ids.numel()
@@ -342,26 +346,39 @@ def evaluate(
     return out
 
 
-def _add_sources(
-    a: _Accumulator, slot: int, ref: MoELayer, own: MoELayer, ref_t: dict, own_t: dict, actual: torch.Tensor
-) -> None:
-    """One batch's write-source terms of MoE layer ``ref.index`` into ``a`` (``actual``: the candidate's recorded
-    router logits minus the reference's)."""
-    L = ref.index
-    names = ["embeddings"] + [f"layer {j} {kind}" for j in range(L) for kind in ("attention", "mlp")]
-    names.append(f"layer {L} attention")
-    deltas = {n: own_t[n] - ref_t[n] for n in names}
-    norm = _router_norm(ref)
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    gamma = getattr(norm, "weight", None)
-    e, terms = logit_error_sources(ref_t[("h", L)], deltas, own_t[("x", L)], ref.router.weight, own.router.weight,
-                                   None if gamma is None else gamma.detach(), eps)  # fmt: skip
-    for n, v in terms.items():
-        a.sources[slot][n] = a.sources[slot].get(n, 0.0) + v
-    t = a.source_terms[slot]
-    t[0] += float(e.pow(2).sum())
-    t[1] += float((actual - e).pow(2).sum())
-    t[2] += float(actual.pow(2).sum())
+class _Sources:
+    """One candidate's batch for write-source attribution: every write's difference to the reference's, formed once
+    (the candidate's own copies are dropped as they are taken), and the running sum of the differences in stream
+    order, so MoE layer l adds only the writes since the previous MoE layer: O(layers) work per batch on top of
+    the per-source products, not O(layers^2)."""
+
+    def __init__(self, ref_t: dict, own_t: dict) -> None:
+        self.ref_t, self.own_t = ref_t, own_t
+        self.deltas = {k: own_t.pop(k) - ref_t[k] for k in [k for k in own_t if isinstance(k, str)]}
+        self.order = list(self.deltas)  # hook order = stream order: embeddings, layer 0 attention, layer 0 mlp, ...
+        self.done, self.total = 0, None
+
+    def add(self, a: _Accumulator, slot: int, ref: MoELayer, own: MoELayer, actual: torch.Tensor) -> None:
+        """MoE layer ``ref.index``'s terms into ``a`` (``actual``: the candidate's recorded router logits minus the
+        reference's); MoE layers come in increasing order."""
+        L = ref.index
+        upto = self.order.index(f"layer {L} attention") + 1  # every write before this layer's router
+        for name in self.order[self.done : upto]:
+            self.total = self.deltas[name] if self.total is None else self.total + self.deltas[name]
+        self.done = upto
+        norm = _router_norm(ref)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        gamma = getattr(norm, "weight", None)
+        deltas = {n: self.deltas[n] for n in self.order[:upto]}
+        e, terms = logit_error_sources(self.ref_t[("h", L)], deltas, self.own_t[("x", L)], ref.router.weight,
+                                       own.router.weight, None if gamma is None else gamma.detach(), eps,
+                                       total=self.total)  # fmt: skip
+        for n, v in terms.items():
+            a.sources[slot][n] = a.sources[slot].get(n, 0.0) + v
+        t = a.source_terms[slot]
+        t[0] += float(e.pow(2).sum())
+        t[1] += float((actual - e).pow(2).sum())
+        t[2] += float(actual.pow(2).sum())
 
 
 COMPONENT_KINDS = ("attention", "routers", "routed experts", "shared experts", "dense MLPs")
@@ -432,6 +449,28 @@ def component_attribution(
     return out
 
 
+def source_table(report: dict) -> str:
+    """The write sources of the report's models that have them (``write_sources=True``) as markdown: per MoE layer
+    the recorded logit error's rms, the linearisation's fit and the largest sources."""
+    lines = [
+        "Router-logit error per MoE layer by its source (rms: the recorded error's root mean square; share of the "
+        "linearised error, largest first; fit: the share of the recorded error the linearisation explains):",
+        "",
+        "| model | MoE layer | rms | fit | largest sources |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, m in report["models"].items():
+        pl = m["per_layer"]
+        if "write_sources" not in pl:
+            continue
+        rows = zip(pl["write_sources"], pl["write_sources_fit"], pl["router_logit_error_rms"], strict=True)
+        for i, (src, fit, rms) in enumerate(rows):
+            top = sorted(src.items(), key=lambda kv: -abs(kv[1]))[:SOURCES_SHOWN]
+            cells = ", ".join(f"{n} {100 * v:.0f} %" for n, v in top) or "no error"
+            lines.append(f"| {name} | {i} | {rms:.4f} | {'-' if fit is None else f'{fit:.3f}'} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def component_table(components: dict[str, dict[str, dict]]) -> str:
     """``report.json``'s ``components`` (per model: per group) as markdown."""
     lines = [
@@ -496,22 +535,8 @@ def markdown_table(report: dict) -> str:
                 for loc, inh in zip(pl["local_disagreement"], pl["inherited_disagreement"], strict=True)
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    sourced = {n: m["per_layer"] for n, m in report["models"].items() if "write_sources" in m["per_layer"]}
-    if sourced:
-        lines += [
-            "",
-            "Router-logit error per MoE layer by its source (rms: the recorded error's root mean square; share of the "
-            "linearised error, largest first; fit: the share of the recorded error the linearisation explains):",
-            "",
-            "| model | MoE layer | rms | fit | largest sources |",
-            "|---|---:|---:|---:|---|",
-        ]
-        for name, pl in sourced.items():
-            rows = zip(pl["write_sources"], pl["write_sources_fit"], pl["router_logit_error_rms"], strict=True)
-            for i, (src, fit, rms) in enumerate(rows):
-                top = sorted(src.items(), key=lambda kv: -abs(kv[1]))[:SOURCES_SHOWN]
-                cells = ", ".join(f"{n} {100 * v:.0f} %" for n, v in top) or "no error"
-                lines.append(f"| {name} | {i} | {rms:.4f} | {'-' if fit is None else f'{fit:.3f}'} | {cells} |")
+    if any("write_sources" in m["per_layer"] for m in report["models"].values()):
+        lines += ["", source_table(report).rstrip("\n")]
     if report.get("components"):
         lines += ["", component_table(report["components"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -346,3 +346,32 @@ def test_pairs_by_batch_keeps_the_masks_pairs_in_their_order(runs):
         sel = (tokens >= t0) & (tokens < t1)
         assert torch.equal(x, X[t0:t1])
         assert torch.equal(tk, tokens[sel] - t0) and torch.equal(e, eids[sel]) and torch.equal(ww, w[sel])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_the_lookahead_attention_replayed_changes_nothing(family, monkeypatch):
+    """The look-ahead runs the next layer's attention on the FP stream to reach its router; that layer's own FP
+    forward replays it (and its o_proj's FP inputs) instead of computing it again. Same input, same weights: the
+    quantized model must be the same bit for bit as with the attention computed twice, and the replay must happen
+    (once per MoE layer after the first layer; DeepSeek-V3's first layer is dense)."""
+    import vsraq_plugin.pipeline as pipeline
+
+    fp = tiny_model(family, seed=4)
+    windows = _windows(fp, n=4, seq=24)
+    cfg = QuantConfig(bits=3, group_size=16, method="vsraq")
+    replays, lookahead, replayed = [], pipeline._lookahead_logits, pipeline._replayed
+
+    def counting(*args):
+        replays.append(args[0])
+        return replayed(*args)
+
+    monkeypatch.setattr(pipeline, "_replayed", counting)
+    a = copy.deepcopy(fp)
+    quantize_model(a, windows, cfg, batch_size=2, progress=False)
+    assert len(replays) == len(fp.model.layers) - 1
+    monkeypatch.setattr(pipeline, "_lookahead_logits", lambda *args: (lookahead(*args)[0], None))
+    b = copy.deepcopy(fp)
+    quantize_model(b, windows, cfg, batch_size=2, progress=False)
+    assert len(replays) == len(fp.model.layers) - 1  # no replay without the kept attention
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name

@@ -345,3 +345,135 @@ def test_probes_run_on_the_first_batches_that_hold_probe_tokens():
     assert _batches_for([2048] * 16, 4097) == 3
     assert _batches_for([8192] * 4, 4096) == 1  # long real windows: one batch already holds them
     assert _batches_for([128] * 3, 4096) == 3  # fewer tokens than asked: every batch
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_expert_stash_forward_equals_the_family_forward(family):
+    """While attached, ``ExpertStash`` is the experts module's forward: its output against the family's own eager
+    loop, and each stashed row (token t, slot j) against ``act(gate) * up`` of expert ``idx[t, j]`` in float64.
+    Tolerances: float32 products of length d and I (<= 96) summed over top-k experts, against the same in another
+    order: a few hundred u of the magnitudes involved."""
+    from vsraq_plugin.capture import ExpertStash, stashable
+
+    model = tiny_model(family, seed=3)
+    adapter = get_adapter(model)
+    experts = adapter.moe_layers(model)[0].experts
+    experts.config._experts_implementation = "eager"
+    assert stashable(experts)
+    E, two_i, d = experts.gate_up_proj.shape
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, d, generator=g)
+    idx = torch.randn(30, E, generator=g).topk(2, dim=-1).indices
+    w = torch.rand(30, 2, generator=g)
+    with torch.no_grad():
+        ref = experts(x, idx, w)
+        stash = ExpertStash()
+        with stash.attach(experts):
+            out = experts(x, idx, w)
+        assert "forward" not in vars(experts)  # detached again: the class's forward
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        (kept,) = stash.batches
+        gu = experts.gate_up_proj.double()
+        for t in range(30):
+            for j in range(2):
+                g_, u = (x[t].double() @ gu[idx[t, j]].T).chunk(2)
+                want = experts.act_fn(g_) * u
+                torch.testing.assert_close(kept.h[t * 2 + j].double(), want, rtol=1e-5, atol=1e-6)
+    assert stash.bytes == 30 * 2 * (two_i // 2) * 4
+    own = experts.forward  # an instance forward another library set (e.g. a kernel hub) comes back afterwards
+    experts.forward = own
+    with ExpertStash().attach(experts):
+        assert experts.forward is not own
+    assert vars(experts)["forward"] is own
+    del experts.forward
+    full = ExpertStash(limit=stash.bytes - 1)  # past the limit: computed, nothing kept
+    with torch.no_grad(), full.attach(experts):
+        torch.testing.assert_close(experts(x, idx, w), ref, rtol=1e-5, atol=1e-6)
+    assert full.batches == [None] and full.bytes == 0
+
+
+def test_a_completed_stash_gives_the_cross_gram_without_the_fp_weights():
+    """The FP forward stashes the FP choices of two batches, ``complete`` adds near-miss pairs from the FP weights;
+    then the weights change (as the gate/up solve writes them) and the cross-Gram built from the stash alone, with
+    no FP copy, equals the one built from an FP copy (the products are the same float32 ones, up to the order of
+    rows inside a matrix product: a few u of the magnitudes). A stash past its limit is not completed."""
+    from vsraq_plugin.capture import ExpertStash
+
+    _, fp_experts, q_experts = _experts(seed=1)
+    E, two_i, d = fp_experts.gate_up_proj.shape
+    experts = copy.deepcopy(fp_experts)
+    experts.config._experts_implementation = "eager"
+    g = torch.Generator().manual_seed(7)
+    x_fp = [torch.randn(20, d, generator=g) for _ in range(2)]
+    routing = [torch.randn(20, E, generator=g) for _ in range(2)]
+    stash = ExpertStash()
+    with torch.no_grad(), stash.attach(experts):
+        for x, s in zip(x_fp, routing, strict=True):
+            experts(x, s.topk(2, dim=-1).indices, torch.ones(20, 2))
+    # VSRAQ's pairs: the FP choices of both batches (tokens numbered across them), then near misses (third choice)
+    choices = torch.cat([s.topk(3, dim=-1).indices for s in routing])
+    tokens = torch.cat([torch.arange(40).repeat_interleave(2), torch.arange(0, 40, 3)])
+    eids = torch.cat([choices[:, :2].reshape(-1), choices[::3, 2]])
+    w = torch.rand(tokens.numel(), generator=g) + 0.1
+    fp_copy = experts.gate_up_proj.detach().clone()
+    assert stash.complete(experts, x_fp, tokens, eids, [(0, 20), (20, 40)]) and stash.whole
+    assert stash.bytes == (80 + 14) * (two_i // 2) * 4
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(q_experts.gate_up_proj)  # "quantized" in place: the FP weights are gone
+    gate_up = experts.gate_up_proj.detach().float()
+    x_q = [x + 0.1 * torch.randn(x.shape, generator=g) for x in x_fp]
+    crosses = [ExpertCross(fp_copy, x_fp, True), ExpertCross(None, x_fp, True, stash, 0, (E, two_i // 2))]
+    for cross in crosses:
+        for b in range(2):
+            sel = ((tokens >= 20 * b) & (tokens < 20 * b + 20)).nonzero().flatten()
+            cross.add(experts, gate_up, x_q[b], b, tokens[sel] - 20 * b, eids[sel], w[sel])
+    ref, got = crosses[0].matrix(), crosses[1].matrix()
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="whole stash"):
+        ExpertCross(None, x_fp, True, ExpertStash(), 0, (E, two_i // 2))
+    small = ExpertStash(limit=0)
+    with torch.no_grad(), small.attach(experts):
+        experts(x_fp[0], routing[0].topk(2, dim=-1).indices, torch.ones(20, 2))
+    assert not small.complete(experts, x_fp[:1], tokens[:40], eids[:40], [(0, 20)]) and not small.whole
+
+
+def test_the_pipeline_takes_the_fp_inputs_from_the_stash(monkeypatch):
+    """A VSRAQ run builds the down projections' cross-Gram from the FP forward's stash, completed with the near
+    misses, and copies no FP gate/up; with the stash off (limit 0) it copies them as before. With the family's eager
+    loop (the stash's own order of operations) both runs compute the same float32 products: the same cross-Grams and
+    the same quantized model, bit for bit."""
+    import vsraq_plugin.capture as capture
+    import vsraq_plugin.pipeline as pipeline
+    from vsraq_plugin.config import QuantConfig
+
+    copies, seen = [], []
+    host_copy, matrix = pipeline._host_copy, capture.ExpertCross.matrix
+    monkeypatch.setattr(pipeline, "_host_copy", lambda t: copies.append(t.shape) or host_copy(t))
+    monkeypatch.setattr(capture.ExpertCross, "matrix", lambda self, *a: seen.append(matrix(self, *a)) or seen[-1])
+    added, complete = [], capture.ExpertStash.complete
+
+    def counting(self, *args):
+        before = self.bytes
+        ok = complete(self, *args)
+        added.append(self.bytes - before)
+        return ok
+
+    monkeypatch.setattr(capture.ExpertStash, "complete", counting)
+    fp = tiny_model("qwen3_moe", seed=2)
+    fp.set_experts_implementation("eager")
+    windows = torch.randint(0, fp.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=16, method="vsraq", near_miss_weight=0.5, margin_band=4.0)
+    runs = []
+    for limit in (capture.STASH_BYTES, 0):
+        monkeypatch.setattr(capture, "STASH_BYTES", limit)
+        copies.clear(), seen.clear()
+        model = copy.deepcopy(fp)
+        pipeline.quantize_model(model, windows, cfg, batch_size=2, progress=False)
+        runs.append((list(copies), list(seen), model.state_dict()))
+    (copies_on, seen_on, on), (copies_off, seen_off, off) = runs
+    assert copies_on == [] and len(copies_off) == 2  # one FP gate/up copy per MoE layer without the stash
+    assert len(added) == 4 and min(added[:2]) > 0 and added[2:] == [0, 0]  # near misses added; none past the limit
+    assert len(seen_on) == len(seen_off) == 2 and all(map(torch.equal, seen_on, seen_off))
+    for name in on:
+        assert torch.equal(on[name], off[name]), name

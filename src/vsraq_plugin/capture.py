@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -317,30 +318,191 @@ def down_hessians(
     return acc, cov
 
 
+# Bytes of FP expert hidden states an ``ExpertStash`` keeps per layer (float32 ``(T, k, I)``): 32768 calibration tokens
+# of Qwen3-30B-A3B (top-8, I = 768) take 0.8 GB, of DeepSeek-V3 2.1 GB, of Mixtral-8x7B 1.9 GB. Batches past it are
+# not kept: their FP products are computed again in the cross-Gram, as without a stash.
+STASH_BYTES = 4 << 30
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward):
+    """``module.forward`` is ``forward`` inside the context (hooks still run around it); whatever it was before
+    (the class's, or an instance attribute another library set) comes back after."""
+    before = vars(module).get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
+
+
+def stashable(experts: nn.Module) -> bool:
+    """Whether ``ExpertStash`` can stand in for this experts module's forward: the transformers-5 fused layout
+    (``gate_up_proj`` ``(E, 2I, d)``, ``down_proj`` ``(E, d, I)``) without biases, outputs combined by the gate
+    weights after ``down_proj`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3)."""
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor) or gu.dim() != 3 or down.dim() != 3:
+        return False
+    if any(getattr(experts, n, None) is not None for n in ("gate_up_proj_bias", "down_proj_bias")):
+        return False
+    return down.shape[0] == gu.shape[0] and down.shape[2] * 2 == gu.shape[1] and down.shape[1] == gu.shape[2]
+
+
+class ExpertStash:
+    """The FP stream's expert hidden states ``h = gate(x W_gu[e]^T)`` (the down projections' FP inputs), kept while
+    the FP forward computes them: the experts module's forward is this loop for the duration of ``attach``, so the
+    FP cross-Gram (DESIGN 3.5c) looks them up instead of computing every FP product a second time; ``complete``
+    adds the pairs the FP forward did not run (VSRAQ's near misses) while the weights are still FP, after which
+    the cross-Gram needs no copy of the FP gate/up. Per batch: the routing ``(T, k)`` and the rows ``(T k + m, I)``
+    in float32 (the FP choices token-major, then the ``m`` added pairs), or None past ``limit`` bytes."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit, self.bytes, self.num_experts = STASH_BYTES if limit is None else limit, 0, 0
+        self.batches: list[_Kept | None] = []
+        self.whole = False  # every pair of the layer's expert problem is in the stash (``complete``)
+        self._map: tuple[int, torch.Tensor] | None = None
+
+    def attach(self, experts: nn.Module):
+        """A context in which ``experts``' forward is this stash's loop."""
+        return forward_replaced(experts, lambda *args, **kwargs: self._forward(experts, args, kwargs))
+
+    def _forward(self, experts: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``sum_j w_j down_e(h)`` per token, in float32 (the cross-Gram's precision), cast back to the input's
+        dtype: the family's own forward up to summation order."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        x, idx, w = routing_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1])
+        (T, k), (E, two_i, _) = idx.shape, experts.gate_up_proj.shape
+        self.num_experts = E
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        nbytes = T * k * (two_i // 2) * 4
+        keep = self.bytes + nbytes <= self.limit
+        h_all = torch.empty(T * k, two_i // 2, device=x.device) if keep else None
+        out = torch.zeros(T, x.shape[-1], device=x.device)
+        tokens, eids = expert_pairs(x, idx)  # pair p = t k + j: row p of h_all is (token t, slot j)
+        wf = w.reshape(-1)
+        for e, sel in expert_groups(eids, E):
+            toks = tokens[sel]
+            h = expert_gate(experts, gate_up, e, x[toks].float())
+            if keep:
+                h_all[sel] = h
+            out.index_add_(0, toks, (h @ down[e].T.float()).mul_(wf[sel, None]))
+        self.bytes += nbytes if keep else 0
+        self.batches.append(_Kept(idx.long(), h_all) if keep else None)
+        return out.to(hidden.dtype).view(hidden.shape)
+
+    def complete(
+        self, experts: nn.Module, x_fp: list[torch.Tensor], tokens: torch.Tensor, eids: torch.Tensor, bounds: list
+    ) -> bool:
+        """Add the (token, expert) pairs (tokens numbered across the batches, ``bounds`` each batch's range) that the
+        FP forward did not run, from the experts' weights as they are now (call it before they are quantized).
+        True, and ``whole`` set, when every batch was kept (else nothing is added: the caller keeps an FP copy)."""
+        if not self.batches or any(kept is None for kept in self.batches) or len(self.batches) != len(bounds):
+            return False
+        gate_up = experts.gate_up_proj.detach()
+        for b, (t0, t1) in enumerate(bounds):
+            sel = ((tokens >= t0) & (tokens < t1)).nonzero().flatten()
+            t, e = tokens[sel] - t0, eids[sel]
+            miss = self._rows(b)[t, e] < 0
+            t, e = t[miss], e[miss]
+            if not t.numel():
+                continue
+            kept = self.batches[b]
+            extra = torch.empty(t.numel(), kept.h.shape[-1], device=kept.h.device)
+            for ex, part in expert_groups(e, self.num_experts):
+                extra[part] = expert_gate(experts, gate_up, ex, x_fp[b][t[part]].float())
+            kept.h = torch.cat([kept.h, extra])
+            kept.extra = (t, e)
+            self.bytes += extra.numel() * 4
+            self._map = None
+        self.whole = True
+        return True
+
+    def _rows(self, batch: int) -> torch.Tensor:
+        """The batch's (token, expert) -> row map ``(T, E)`` int32 (-1: not stashed), built once per batch (only the
+        last one is held)."""
+        if self._map is None or self._map[0] != batch:
+            kept = self.batches[batch]
+            T, k = kept.idx.shape
+            rows = torch.full((T, self.num_experts), -1, dtype=torch.int32, device=kept.idx.device)
+            rows.scatter_(1, kept.idx, torch.arange(T * k, dtype=torch.int32, device=rows.device).view(T, k))
+            if kept.extra is not None:
+                t, e = kept.extra
+                rows[t, e] = torch.arange(T * k, T * k + t.numel(), dtype=torch.int32, device=rows.device)
+            self._map = (batch, rows)
+        return self._map[1]
+
+    def lookup(self, batch: int, e: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Expert ``e``'s stashed FP hidden states for ``tokens`` of ``batch``: ``(h, found)``, ``h`` ``(n, I)``
+        with the rows where ``found`` is False left to the caller; None when the batch was not kept."""
+        kept = self.batches[batch] if batch < len(self.batches) else None
+        if kept is None:
+            return None
+        r = self._rows(batch)[tokens, e]
+        return kept.h[r.clamp(min=0).long()], r >= 0
+
+
+@dataclass
+class _Kept:
+    idx: torch.Tensor  # (T, k) the FP forward's routing
+    h: torch.Tensor  # (T k + m, I) its hidden states, then the m pairs ``complete`` added
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None  # those m pairs' (tokens, experts)
+
+
 class ExpertCross:
     """Per expert, ``sum w h~ h^T`` of the down projections' inputs, quantized stream (current gate/up) against FP
     stream (the original gate/up ``fp_gate_up`` on ``x_fp``, the FP hidden states of every routed batch), built in
     ``down_hessians``' pass: each quantized input is computed once for the Hessian and the cross-Gram (DESIGN
-    3.5c). Exact mode: float64 sums of per-batch float32 terms (``reduce`` over the ranks)."""
+    3.5c). Exact mode: float64 sums of per-batch float32 terms (``reduce`` over the ranks). ``stash``: the FP
+    hidden states the FP forward kept (looked up, computed only where missing); ``offset``: the global id of
+    ``fp_gate_up``'s first expert (an expert chunk)."""
 
-    def __init__(self, fp_gate_up: torch.Tensor, x_fp: list[torch.Tensor], exact: bool) -> None:
-        E, two_i, _ = fp_gate_up.shape
-        self.fp_gate_up, self.x_fp = fp_gate_up.detach().float(), x_fp
+    def __init__(
+        self,
+        fp_gate_up: torch.Tensor | None,
+        x_fp: list[torch.Tensor],
+        exact: bool,
+        stash: ExpertStash | None = None,
+        offset: int = 0,
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        if fp_gate_up is None and (stash is None or not stash.whole or shape is None):
+            raise ValueError("ExpertCross needs the FP gate/up, or a whole stash and the (experts, I) shape.")
+        E, inter = shape if fp_gate_up is None else (fp_gate_up.shape[0], fp_gate_up.shape[1] // 2)
+        device = x_fp[0].device if fp_gate_up is None else fp_gate_up.device
+        self.fp_gate_up = None if fp_gate_up is None else fp_gate_up.detach().float()
+        self.x_fp, self.stash, self.offset = x_fp, stash, offset
         dt = torch.float64 if exact else torch.float32
-        self.S = torch.zeros(E, two_i // 2, two_i // 2, dtype=dt, device=fp_gate_up.device)
-        self.wsum = torch.zeros(E, dtype=torch.float64, device=fp_gate_up.device)
+        self.S = torch.zeros(E, inter, inter, dtype=dt, device=device)
+        self.wsum = torch.zeros(E, dtype=torch.float64, device=device)
+
+    def fp_hidden(self, experts, batch: int, e: int, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``e``'s (local id) FP hidden states for ``tokens`` of ``batch``: from the stash where it has them."""
+        xfp = self.x_fp[batch]
+        got = None if self.stash is None else self.stash.lookup(batch, e + self.offset, tokens)
+        if got is None:
+            return expert_gate(experts, self.fp_gate_up, e, xfp[tokens].to(dtype))
+        h, found = got
+        if not bool(found.all()):
+            if self.fp_gate_up is None:  # never: ``complete`` stashed every pair of the problem
+                raise RuntimeError(f"expert {e + self.offset}: a pair missing from a whole stash.")
+            miss = (~found).nonzero().flatten()
+            h[miss] = expert_gate(experts, self.fp_gate_up, e, xfp[tokens[miss]].to(dtype))
+        return h.to(dtype)
 
     def add(self, experts, gate_up, x, batch: int, tokens, eids, w, acc: HessianAccumulator | None = None) -> None:
         """One routed batch: per expert, its tokens' quantized inputs into ``acc`` (when given) and, with the FP
         inputs, into S. With ``acc``, one ``acc.add`` for the batch whose per-expert transform also folds the
         cross term: the accumulator visits the experts in the order of ``expert_groups`` (the same stable sort),
         so both see the same samples, and each Hessian gets the same sums as from one call per expert."""
-        xfp = self.x_fp[batch]
 
         def fold(e: int, sel: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
             h_q = expert_gate(experts, gate_up, e, xs)
             we = w[sel].float()
-            h_fp = expert_gate(experts, self.fp_gate_up, e, xfp[tokens[sel]].to(h_q.dtype))
+            h_fp = self.fp_hidden(experts, batch, e, tokens[sel], h_q.dtype)
             self.S[e] += ((h_q * we[:, None]).T @ h_fp).to(self.S.dtype)
             self.wsum[e] += float(we.sum())
             return h_q

@@ -18,6 +18,7 @@ safetensors shards, each finished layer written to the checkpoint and freed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationError, calibration_windows
 from .capture import (
     ExpertCross,
+    ExpertStash,
     LayerRunner,
     StageCapture,
     StopForward,
@@ -40,6 +42,8 @@ from .capture import (
     expert_cross,
     expert_hessians,
     expert_pairs,
+    forward_replaced,
+    stashable,
     to_store,
 )
 from .config import QuantConfig, dynamic_override
@@ -433,6 +437,8 @@ def _run(
     bar = tqdm(total=len(layers), initial=first, desc=f"{cfg.method} W{cfg.bits}g{cfg.group_size}", unit="layer",
                disable=not progress)  # fmt: skip
 
+    carried: dict[str, _Attention] = {}  # what a step leaves to the next: the next layer's FP attention
+
     def step(index: int, x_q: list[torch.Tensor], x_fp: list[torch.Tensor] | None):
         """onload -> stages -> solve -> write -> offload for one layer; its locals (the layer's results, the FP
         copy, the plan) are gone when it returns, so nothing of layer l is alive while layer l+1 runs."""
@@ -442,27 +448,33 @@ def _run(
         # The FP stream past this layer, from its weights before they are quantized (the next layer's FP input and
         # the refinement's target), recording on the way this layer's FP router logits and the FP inputs of its
         # residual writers (FP targets, DESIGN 3.5c); then the next MoE layer's FP logits (its margins).
-        x_fp_next, fp_inputs, fp_gate_up = None, None, None
+        x_fp_next, fp_inputs, fp_gate_up, stash = None, None, None, None
         if fp_stream:
             watch = _residual_writers(adapter, layer) if method.fp_targets else {}
-            x_fp_next, fp_inputs, logits = _fp_forward(runner, layer, x_fp, watch)
+            attention = carried.pop("attention", None)
+            x_fp_next, fp_inputs, logits, stash = _fp_forward(runner, layer, x_fp, watch, attention)
             if method.needs_fp_logits:  # per-token FP quantities: every rank holds every token's (in order)
                 if logits is not None:
                     result.fp_router_logits[index] = dist.all_gather_cat(logits)
-                ahead = _lookahead_logits(store, runner, index, x_fp_next)
+                ahead, attention = _lookahead_logits(store, runner, index, x_fp_next, method.fp_targets)
                 result.fp_router_logits.update({i: dist.all_gather_cat(z) for i, z in ahead.items()})
-            if method.fp_targets and layer.is_moe:
-                fp_gate_up = _host_copy(layer.experts.gate_up_proj.detach())  # the FP experts' down inputs need it
+                if attention is not None:  # the next layer's attention on the FP stream: its FP forward replays it
+                    carried["attention"] = attention
         ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
                            cfg.exact_sums or dist.active, dist.all_reduce_sum_,
                            [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
+        plan = method.plan(ctx)
+        exact = cfg.exact_sums or dist.active  # the FP experts' down inputs below: stashed whole, or an FP copy
+        if fp_stream and method.fp_targets and layer.is_moe and not _complete_stash(stash, layer, fp_inputs, plan, x_q,
+                                                                                     exact):  # fmt: skip
+            fp_gate_up = _host_copy(layer.experts.gate_up_proj.detach())
         drift = None
         if method.drift_targets and x_fp is not None:
             writers = [n for n in adapter.attention_linears(layer) if n.endswith("o_proj")]
             drift = {n: _Diff(x_fp, x_q, runner.device) for n in writers}
-        quantize_layer(runner, adapter, layer, x_q, cfg, method.plan(ctx), result, bits, fp_inputs, fp_gate_up, dist,
-                       widths, drift)  # fmt: skip
-        del fp_inputs, fp_gate_up, ctx
+        quantize_layer(runner, adapter, layer, x_q, cfg, plan, result, bits, fp_inputs, fp_gate_up, dist, widths, drift,
+                       stash)  # fmt: skip
+        del fp_inputs, fp_gate_up, stash, ctx, plan
         if cfg.refine_steps > 0:
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
         x_q = runner.run(layer.layer, x_q)
@@ -623,32 +635,95 @@ def _read_metric(adapter: MoEAdapter, layer: MoELayer, cfg: QuantConfig):
     return read_metric(stream_readers(adapter, layer))
 
 
-def _fp_forward(runner: LayerRunner, layer: MoELayer, hidden: list[torch.Tensor], watch: dict[str, nn.Module]):
+@dataclass
+class _Attention:
+    """A layer's attention on the FP stream, from the look-ahead that ran it to reach the router: its output per
+    batch (the store's device) and the FP inputs of its residual writers (o_proj). That layer's own FP forward takes
+    them instead of computing the attention a second time (the same input and weights: the same values)."""
+
+    index: int
+    outputs: list[torch.Tensor]
+    writer_inputs: dict[str, list[torch.Tensor]]
+
+
+def _record_inputs(inputs: dict[str, list[torch.Tensor]], name: str):
+    """A forward pre-hook appending the module's input as ``(tokens, d)`` float32 to ``inputs[name]``."""
+
+    def fn(_module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        inputs[name].append(x.detach().reshape(-1, x.shape[-1]).float())
+
+    return fn
+
+
+def _replayed(attention: nn.Module, outputs: list[torch.Tensor], runner: LayerRunner):
+    """A context in which the attention module returns ``outputs`` in turn, one per call, instead of computing them
+    (as ``(output, None)``: every supported family unpacks ``hidden, _ = self.self_attn(...)``)."""
+    it = iter(outputs)
+    return forward_replaced(attention, lambda *_a, **_k: (runner.batch(next(it)), None))
+
+
+def _fp_forward(runner: LayerRunner, layer: MoELayer, hidden: list[torch.Tensor], watch: dict[str, nn.Module],
+                ahead: _Attention | None = None):  # fmt: skip
     """The layer (still full precision) on the FP stream: its outputs, the inputs ``(tokens, d)`` of the ``watch``
-    modules per batch, and its router logits ``(T, E)`` on the host (None for a dense layer)."""
+    modules per batch, its router logits ``(T, E)`` on the host (None for a dense layer) and, when ``watch`` has
+    the experts, their hidden states (``capture.ExpertStash``, else None): the FP cross-Gram's FP half. ``ahead``:
+    this layer's attention from the previous step's look-ahead (replayed, not computed)."""
+    ahead = ahead if ahead is not None and ahead.index == layer.index else None
+    if ahead is not None:
+        watch = {n: m for n, m in watch.items() if n not in ahead.writer_inputs}
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in watch}
+    experts = watch.get("experts")
+    stash = ExpertStash() if experts is not None and stashable(experts) else None
 
-    def hook(name):
-        def fn(_module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            inputs[name].append(x.detach().reshape(-1, x.shape[-1]).float())
-
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in watch.items()]
+    handles = [m.register_forward_pre_hook(_record_inputs(inputs, n), with_kwargs=True) for n, m in watch.items()]
     try:
-        with record_router_logits([layer] if layer.is_moe else []) as rec:
+        loop = stash.attach(experts) if stash is not None else contextlib.nullcontext()
+        replay = _replayed(layer.attention, ahead.outputs, runner) if ahead is not None else contextlib.nullcontext()
+        with record_router_logits([layer] if layer.is_moe else []) as rec, loop, replay:
             out = runner.run(layer.layer, hidden)
     finally:
         for h in handles:
             h.remove()
+    if ahead is not None:
+        inputs.update(ahead.writer_inputs)
     logits = torch.cat(rec[0]).cpu() if layer.is_moe else None
-    return out, inputs, logits
+    return out, inputs, logits, stash
 
 
-def _lookahead_logits(store, runner: LayerRunner, index: int, hidden: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+def _complete_stash(stash: ExpertStash | None, layer: MoELayer, fp_inputs, plan: LayerPlan, x_q, exact: bool) -> bool:
+    """Whether the FP forward's stash holds every FP input the down projections' cross-Gram will ask for, after
+    adding VSRAQ's near-miss pairs from the still-FP experts (exact sums, whose cross-Gram goes batch by batch)."""
+    if stash is None or not exact or plan.expert_pairs is None or "experts" not in (fp_inputs or {}):
+        return False
+    offsets = [0, *torch.tensor([h.shape[0] * h.shape[1] for h in x_q]).cumsum(0).tolist()]
+    tokens, eids, _ = plan.expert_pairs
+    return stash.complete(layer.experts, fp_inputs["experts"], tokens, eids, list(itertools.pairwise(offsets)))
+
+
+def _keep_attention(kept: _Attention, layer: MoELayer, adapter: MoEAdapter, runner: LayerRunner, fp_targets: bool):
+    """Hooks that fill ``kept`` while the layer runs: its attention's output, and with ``fp_targets`` the FP inputs
+    of the attention's residual writers (as ``_fp_forward`` records them)."""
+
+    def output(_module, _args, out):
+        kept.outputs.append(to_store(out[0].detach(), runner.store))
+
+    handles = [layer.attention.register_forward_hook(output)]
+    writers = _residual_writers(adapter, layer) if fp_targets else {}
+    for n, m in writers.items():
+        if n.startswith("self_attn."):
+            kept.writer_inputs[n] = []
+            handles.append(m.register_forward_pre_hook(_record_inputs(kept.writer_inputs, n), with_kwargs=True))
+    return handles
+
+
+def _lookahead_logits(
+    store, runner: LayerRunner, index: int, hidden: list[torch.Tensor], fp_targets: bool = False
+) -> tuple[dict[int, torch.Tensor], _Attention | None]:
     """The FP router logits of the next MoE layer after ``index`` on the FP stream ``hidden`` (its input), by a
-    forward stopped at that router (dense layers in between run whole). Each layer is onloaded for this only."""
+    forward stopped at that router (dense layers in between run whole). Each layer is onloaded for this only.
+    When that layer is the next one, also its attention (``_Attention``: with ``fp_targets`` its writers' FP
+    inputs too) for its own FP forward at the next step."""
     for nxt in range(index + 1, len(store.layers)):
         layer = store.onload(nxt, experts=False)  # a MoE layer without its experts: the forward stops at the router
         try:
@@ -659,16 +734,19 @@ def _lookahead_logits(store, runner: LayerRunner, index: int, hidden: list[torch
             def stop(*_):
                 raise StopForward
 
+            kept = _Attention(nxt, [], {}) if nxt == index + 1 else None
+            handles = _keep_attention(kept, layer, store.adapter, runner, fp_targets) if kept is not None else []
             with record_router_logits([layer]) as rec:
-                handle = layer.router.register_forward_hook(stop)  # after the recording hook: logits, then stop
+                handles.append(layer.router.register_forward_hook(stop))  # after the recording hook: logits, then stop
                 try:
                     runner.capture(layer.layer, hidden)
                 finally:
-                    handle.remove()
-            return {nxt: torch.cat(rec[0]).cpu()}
+                    for h in handles:
+                        h.remove()
+            return {nxt: torch.cat(rec[0]).cpu()}, kept
         finally:
             store.offload(nxt)
-    return {}
+    return {}, None
 
 
 def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResult, cfg, progress) -> None:
@@ -847,10 +925,12 @@ def quantize_layer(
     dist: Dist | None = None,
     allocator: _ExpertWidths | None = None,
     drift: dict[str, list[torch.Tensor]] | None = None,
+    fp_stash: ExpertStash | None = None,
 ) -> None:
     """Quantize one layer, stage by stage, each stage seeing the stages before it already quantized.
     ``fp_inputs``: the FP stream's inputs of the layer's residual writers and experts, per batch, and
-    ``fp_gate_up`` the experts' original gate/up weights (FP targets, DESIGN 3.5c). ``dist``: the ranks of a
+    ``fp_gate_up`` the experts' original gate/up weights (FP targets, DESIGN 3.5c); ``fp_stash`` the FP experts'
+    hidden states the FP forward kept (``capture.ExpertStash``). ``dist``: the ranks of a
     distributed run: statistics are exact sums reduced over them, solves are shared (``distributed.py``)."""
     prefix = f"model.layers.{layer.index}"
     distributed = dist is not None and dist.active
@@ -978,7 +1058,8 @@ def quantize_layer(
                 for ch in chunks:
                     notes, sub = [], []
                     W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist,
-                                                 fp_experts_x, fp_gate_up, cfg, down_name, notes, ch)  # fmt: skip
+                                                 fp_experts_x, fp_gate_up, cfg, down_name, notes, ch,
+                                                 fp_stash)  # fmt: skip
                     if width == measured.levels[0]:  # coverage notes: once, not per width
                         fallbacks.extend({**f, "index": ch.start + f["index"]} for f in notes)
                     qw = solve_shared(dist, W, H, cfg, down_name, sub, torch.full((W.shape[0],), width), metric)
@@ -999,7 +1080,7 @@ def quantize_layer(
                 if not mine.numel():
                     continue
                 W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
-                                             fp_gate_up, cfg, down_name, [], ch)  # fmt: skip
+                                             fp_gate_up, cfg, down_name, [], ch, fp_stash)  # fmt: skip
                 for width in sorted(set(dn_bits[mine].tolist())):
                     ids = mine[dn_bits[mine] == width]
                     sub, dev = [], (ids - ch.start).to(W.device)
@@ -1015,7 +1096,7 @@ def quantize_layer(
         for ch in _expert_chunks(E, experts.down_proj.shape[-1], exact, cfg, experts.down_proj.device):
             sub = []
             W, H, metric = _down_problem(experts, pairs, routed, plan, starved, exact, bounds, dist, fp_experts_x,
-                                         fp_gate_up, cfg, down_name, sub, ch)  # fmt: skip
+                                         fp_gate_up, cfg, down_name, sub, ch, fp_stash)  # fmt: skip
             bits = None if expert_bits is None else expert_bits[ch]
             parts.append(_chunk_solve(dist, experts.down_proj, ch, H, cfg, down_name, sub, bits, metric, fallbacks, W))
             del W, H
@@ -1168,20 +1249,22 @@ def _join_blocks(qw: QuantizedWeight) -> QuantizedWeight:
 
 def _down_problem(experts, pairs, routed, plan: LayerPlan, starved: list[int], exact: bool, bounds, dist,
                   fp_experts_x, fp_gate_up, cfg: QuantConfig, down_name: str, fallbacks: list[dict],
-                  ch: slice | None = None):  # fmt: skip
+                  ch: slice | None = None, stash: ExpertStash | None = None):  # fmt: skip
     """The down projections' weights (or FP targets), Hessians and metric, with the experts' current (quantized)
     gate/up: what the solve of the down stage sees. ``ch``: only those experts (indices in ``fallbacks`` local
-    to the chunk)."""
+    to the chunk). ``stash``: the FP experts' hidden states the FP forward kept."""
     ch = slice(0, experts.down_proj.shape[0]) if ch is None else ch
     starved = [e - ch.start for e in starved if ch.start <= e < ch.stop]
-    targets = fp_experts_x is not None and pairs is not None and fp_gate_up is not None
-    fp_chunk = fp_gate_up[ch].to(experts.down_proj.device) if targets else None  # (kept in host memory)
+    whole = exact and stash is not None and stash.whole  # the stash has every FP input: no FP gate/up copy needed
+    targets = fp_experts_x is not None and pairs is not None and (fp_gate_up is not None or whole)
+    fp_chunk = fp_gate_up[ch].to(experts.down_proj.device) if targets and not whole else None  # (kept in host memory)
     cross = None
     if pairs is not None:
         X, tokens, eids, w = pairs
         if exact:  # the pairs of each calibration batch on that batch's tokens
             parts, chunks = _pairs_by_batch(pairs, bounds)
-            cross = ExpertCross(fp_chunk, fp_experts_x, True) if targets else None
+            shape = (ch.stop - ch.start, experts.down_proj.shape[-1])
+            cross = ExpertCross(fp_chunk, fp_experts_x, True, stash, ch.start, shape) if targets else None
             acc, cov = down_hessians(experts, parts, False, starved, pairs=chunks, exact=True, cross=cross, chunk=ch)
             acc.reduce(dist)
             if cov is not None:

@@ -74,10 +74,8 @@ def main() -> None:
         near = torch.arange(0, T, args.near_every)
         chosen = torch.arange(T).repeat_interleave(TOP_K)
         pairs = [(torch.cat([chosen, near]), torch.cat([i[:, :TOP_K].reshape(-1), i[near, TOP_K]])) for i in idx]
-        tokens = torch.cat([t + b * T for b, (t, _) in enumerate(pairs)])
-        eids = torch.cat([e for _, e in pairs])
         t0 = time.perf_counter()
-        stash.complete(fp, xs, tokens, eids, [(b * T, (b + 1) * T) for b in range(B)])
+        stash.complete(fp, xs, pairs)
         t_complete = time.perf_counter() - t0
         fp_copy = fp.gate_up_proj.detach().clone()
         gate_up = quantized.gate_up_proj.detach().float()

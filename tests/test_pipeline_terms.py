@@ -416,7 +416,9 @@ def test_a_completed_stash_gives_the_cross_gram_without_the_fp_weights():
     eids = torch.cat([choices[:, :2].reshape(-1), choices[::3, 2]])
     w = torch.rand(tokens.numel(), generator=g) + 0.1
     fp_copy = experts.gate_up_proj.detach().clone()
-    assert stash.complete(experts, x_fp, tokens, eids, [(0, 20), (20, 40)]) and stash.whole
+    per_batch = [(tokens[(tokens >= t0) & (tokens < t0 + 20)] - t0, eids[(tokens >= t0) & (tokens < t0 + 20)])
+                 for t0 in (0, 20)]  # fmt: skip
+    assert stash.complete(experts, x_fp, per_batch) and stash.whole
     assert stash.bytes == (80 + 14) * (two_i // 2) * 4
     with torch.no_grad():
         experts.gate_up_proj.copy_(q_experts.gate_up_proj)  # "quantized" in place: the FP weights are gone
@@ -435,7 +437,7 @@ def test_a_completed_stash_gives_the_cross_gram_without_the_fp_weights():
     small = ExpertStash(limit=0)
     with torch.no_grad(), small.attach(experts):
         experts(x_fp[0], routing[0].topk(2, dim=-1).indices, torch.ones(20, 2))
-    assert not small.complete(experts, x_fp[:1], tokens[:40], eids[:40], [(0, 20)]) and not small.whole
+    assert not small.complete(experts, x_fp[:1], per_batch[:1]) and not small.whole
 
 
 def test_the_pipeline_takes_the_fp_inputs_from_the_stash(monkeypatch):

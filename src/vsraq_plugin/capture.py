@@ -394,18 +394,14 @@ class ExpertStash:
         self.batches.append(_Kept(idx.long(), h_all) if keep else None)
         return out.to(hidden.dtype).view(hidden.shape)
 
-    def complete(
-        self, experts: nn.Module, x_fp: list[torch.Tensor], tokens: torch.Tensor, eids: torch.Tensor, bounds: list
-    ) -> bool:
-        """Add the (token, expert) pairs (tokens numbered across the batches, ``bounds`` each batch's range) that the
-        FP forward did not run, from the experts' weights as they are now (call it before they are quantized).
+    def complete(self, experts: nn.Module, x_fp: list[torch.Tensor], pairs: list) -> bool:
+        """Add the (token, expert) pairs that the FP forward did not run, from the experts' weights as they are now
+        (call it before they are quantized). ``pairs``: per batch ``(tokens, experts)``, tokens local to the batch.
         True, and ``whole`` set, when every batch was kept (else nothing is added: the caller keeps an FP copy)."""
-        if not self.batches or any(kept is None for kept in self.batches) or len(self.batches) != len(bounds):
+        if not self.batches or any(kept is None for kept in self.batches) or len(self.batches) != len(pairs):
             return False
         gate_up = experts.gate_up_proj.detach()
-        for b, (t0, t1) in enumerate(bounds):
-            sel = ((tokens >= t0) & (tokens < t1)).nonzero().flatten()
-            t, e = tokens[sel] - t0, eids[sel]
+        for b, (t, e) in enumerate(pairs):
             miss = self._rows(b)[t, e] < 0
             t, e = t[miss], e[miss]
             if not t.numel():

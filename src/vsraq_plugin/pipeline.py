@@ -460,11 +460,11 @@ def _run(
                 result.fp_router_logits.update({i: dist.all_gather_cat(z) for i, z in ahead.items()})
                 if attention is not None:  # the next layer's attention on the FP stream: its FP forward replays it
                     carried["attention"] = attention
-        ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine,
-                           cfg.exact_sums or dist.active, dist.all_reduce_sum_,
-                           [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
+        exact = cfg.exact_sums or dist.active
+        ctx = LayerContext(adapter, layer, all_batch_tokens, result.fp_router_logits, store.router, mine, exact,
+                           dist.all_reduce_sum_, [i for i, lay in enumerate(store.layers) if lay.is_moe])  # fmt: skip
         plan = method.plan(ctx)
-        exact = cfg.exact_sums or dist.active  # the FP experts' down inputs below: stashed whole, or an FP copy
+        # The FP experts' down inputs: stashed whole by the FP forward, or an FP copy of gate/up.
         if fp_stream and method.fp_targets and layer.is_moe and not _complete_stash(stash, layer, fp_inputs, plan, x_q,
                                                                                      exact):  # fmt: skip
             fp_gate_up = _host_copy(layer.experts.gate_up_proj.detach())
@@ -691,14 +691,19 @@ def _fp_forward(runner: LayerRunner, layer: MoELayer, hidden: list[torch.Tensor]
     return out, inputs, logits, stash
 
 
+def _batch_bounds(x: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each calibration batch's token range ``(t0, t1)`` in the tokens numbered across the batches ``(b, s, d)``."""
+    offsets = [0, *torch.tensor([h.shape[0] * h.shape[1] for h in x]).cumsum(0).tolist()]
+    return list(itertools.pairwise(offsets))
+
+
 def _complete_stash(stash: ExpertStash | None, layer: MoELayer, fp_inputs, plan: LayerPlan, x_q, exact: bool) -> bool:
     """Whether the FP forward's stash holds every FP input the down projections' cross-Gram will ask for, after
     adding VSRAQ's near-miss pairs from the still-FP experts (exact sums, whose cross-Gram goes batch by batch)."""
     if stash is None or not exact or plan.expert_pairs is None or "experts" not in (fp_inputs or {}):
         return False
-    offsets = [0, *torch.tensor([h.shape[0] * h.shape[1] for h in x_q]).cumsum(0).tolist()]
-    tokens, eids, _ = plan.expert_pairs
-    return stash.complete(layer.experts, fp_inputs["experts"], tokens, eids, list(itertools.pairwise(offsets)))
+    per_batch = _split_pairs(*plan.expert_pairs, _batch_bounds(x_q))
+    return stash.complete(layer.experts, fp_inputs["experts"], [(t, e) for t, e, _ in per_batch])
 
 
 def _keep_attention(kept: _Attention, layer: MoELayer, adapter: MoEAdapter, runner: LayerRunner, fp_targets: bool):
@@ -935,8 +940,7 @@ def quantize_layer(
     prefix = f"model.layers.{layer.index}"
     distributed = dist is not None and dist.active
     exact = cfg.exact_sums or distributed
-    offsets = [0, *torch.tensor([h.shape[0] * h.shape[1] for h in x_q]).cumsum(0).tolist()]
-    bounds = list(itertools.pairwise(offsets))  # each calibration batch's token range
+    bounds = _batch_bounds(x_q)
     fallbacks = result.summary["fallbacks"]
     fp_inputs = dict(fp_inputs or {}) if plan.fp_targets else {}
     routed: list = []
@@ -1167,10 +1171,14 @@ def _gate_up_hessians(routed, pairs, weighted: bool, exact: bool, bounds, dist, 
 
 def _pairs_by_batch(pairs, bounds) -> tuple[list, list]:
     """VSRAQ's (token, expert, weight) pairs split by calibration batch (``bounds``: each batch's token range): each
-    batch's inputs ``(X_b, None, None)`` and its pairs with tokens local to it, one term per batch as every exact
-    sum."""
+    batch's inputs ``(X_b, None, None)`` and its pairs with tokens local to it (``_split_pairs``), one term per batch
+    as every exact sum."""
     X, tokens, eids, w = pairs
-    inputs = [(X[t0:t1], None, None) for t0, t1 in bounds]
+    return [(X[t0:t1], None, None) for t0, t1 in bounds], _split_pairs(tokens, eids, w, bounds)
+
+
+def _split_pairs(tokens: torch.Tensor, eids: torch.Tensor, w: torch.Tensor, bounds) -> list:
+    """Per calibration batch, ``(tokens - t0, eids, w)`` of the pairs whose token is in the batch's range, in order."""
     # The tokens come as a few ascending runs (the FP choices, then the near misses): a batch's pairs are then one
     # slice of each run, found by binary search, taken run after run: the pairs a mask over all of them would keep,
     # in the same order, without a pass over every pair per batch (pairs x batches at real calibration sizes).
@@ -1180,7 +1188,7 @@ def _pairs_by_batch(pairs, bounds) -> tuple[list, list]:
         for t0, t1 in bounds:
             sel = (tokens >= t0) & (tokens < t1)
             per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
-        return inputs, per_batch
+        return per_batch
     runs = list(itertools.pairwise([0, *breaks, tokens.numel()]))
     edges = torch.tensor([t for bound in bounds for t in bound], dtype=tokens.dtype, device=tokens.device)
     cuts = [(a + torch.searchsorted(tokens[a:b], edges)).view(-1, 2).tolist() for a, b in runs]
@@ -1188,7 +1196,7 @@ def _pairs_by_batch(pairs, bounds) -> tuple[list, list]:
     for i, (t0, _) in enumerate(bounds):
         sel = torch.cat([torch.arange(*run[i], device=tokens.device) for run in cuts])
         per_batch.append((tokens[sel] - t0, eids[sel], w[sel]))
-    return inputs, per_batch
+    return per_batch
 
 
 def _chunk_solve(dist, param: torch.Tensor, ch: slice, H, cfg: QuantConfig, name: str, sub: list[dict],

@@ -10,6 +10,9 @@ batched GPTQ against batched GPTQ with a rank-8 (``--rank``) row metric shared b
 ratios to GPTQ, and the metric objective ``tr((W-Q) H (W-Q)^T M)`` of each relative to GPTQ's and fast/exact.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_gptq.py [--experts 64] [--threads 2] [--metric [--rank 8]]
+
+``--device cuda`` runs every solve on the GPU (problems are built on the CPU, moved, and timed with the device
+synchronised; one untimed solve per shape first, so start-up and compilation stay out of the numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ SHAPES = {
     "qwen3 gate (768x2048)": (768, 2048),
     "qwen3 down (2048x768)": (2048, 768),
 }
+
+
+def timed(fn, device: str):
+    """``fn()`` and its wall seconds, the device synchronised on both sides (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
 
 
 def make_problem(experts: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,37 +66,40 @@ def main() -> None:
     ap.add_argument("--no-exact", action="store_true", help="--metric: skip the exact solve (minutes at rank 256)")
     ap.add_argument("--lam", type=float, default=32.0, help="--metric: lambda of M = I + lambda A / ||A||")
     ap.add_argument("--shapes", help="--metric: only the shapes whose name contains one of these (comma-separated)")
+    ap.add_argument("--device", default="cpu", help="where the solves run (cpu, cuda)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench_gptq: --device cuda asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     # with_error=False: the pipeline never asks for the Hessian-weighted error (solve.py); its product of every
     # weight with its Hessian would add the same time to both sides of every ratio below.
     kw = dict(bits=args.bits, group_size=args.group_size, sym=True, with_error=False)
 
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.experts} experts, W{args.bits}g{args.group_size}"
-    )
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}, {args.experts} experts, W{args.bits}g{args.group_size}")
     if args.metric:
         return metric_cost(args, kw)
     print(f"{'shape':24s} {'loop s':>9s} {'batched s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
     for name, (rows, cols) in SHAPES.items():
-        W, H = make_problem(args.experts, rows, cols, seed=0)
+        W, H = (t.to(args.device) for t in make_problem(args.experts, rows, cols, seed=0))
         gptq_quantize(W[:2], H[:2], **kw)  # warm-up: allocator and BLAS state, not measured
         t_loop = t_batch = float("inf")
         for _ in range(args.repeats):  # best of N: first-touch page faults and noise from the other core
-            t0 = time.perf_counter()
-            loop = [gptq_quantize(W[e : e + 1], H[e : e + 1], **kw)[0].weight for e in range(args.experts)]
-            t_loop = min(t_loop, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            batched = gptq_quantize(W, H, **kw)[0].weight
-            t_batch = min(t_batch, time.perf_counter() - t0)
+            loop, t = timed(
+                lambda: [gptq_quantize(W[e : e + 1], H[e : e + 1], **kw)[0].weight for e in range(args.experts)],
+                args.device,
+            )
+            t_loop = min(t_loop, t)
+            batched, t = timed(lambda: gptq_quantize(W, H, **kw)[0].weight, args.device)
+            t_batch = min(t_batch, t)
         diff = (torch.cat(loop) - batched).abs().max().item()
         print(f"{name:24s} {t_loop:9.2f} {t_batch:10.2f} {t_loop / t_batch:8.2f}x {diff:11.3g}", flush=True)
 
 
 def metric_objective(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, M: torch.Tensor) -> float:
     """``sum_b tr((W-Q) H (W-Q)^T M)`` in float64: what the metric solve minimises."""
-    E = (W - Q).double()
-    return float(torch.einsum("brd,bde,bsd,rs->", E, H.double(), E, M[0].double()))
+    E = (W - Q).double().cpu()
+    return float(torch.einsum("brd,bde,bsd,rs->", E, H.double().cpu(), E, M[0].double().cpu()))
 
 
 def metric_cost(args, kw) -> None:
@@ -95,19 +111,23 @@ def metric_cost(args, kw) -> None:
     for name, (rows, cols) in SHAPES.items():
         if args.shapes and not any(s in name for s in args.shapes.split(",")):
             continue
-        W, H = make_problem(args.experts, rows, cols, seed=0)
+        W, H = (t.to(args.device) for t in make_problem(args.experts, rows, cols, seed=0))
         U = torch.randn(rows, args.rank, generator=torch.Generator().manual_seed(1))
         A = U @ U.T
         M = (torch.eye(rows) + args.lam * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
+        M = M.to(args.device)
         modes = ("gptq", "fast") if args.no_exact else ("gptq", "exact", "fast")
         times = dict.fromkeys(modes, float("inf"))
         out = {}
+        if args.device.startswith("cuda"):  # one untimed pass: kernels load and the allocator fills on first use
+            for mode in modes:
+                extra = {} if mode == "gptq" else {"row_metric": M[:2], "metric_solve": mode}
+                gptq_quantize(W[:2], H[:2], **kw, **extra)
         for _ in range(args.repeats):
             for mode in times:
                 extra = {} if mode == "gptq" else {"row_metric": M, "metric_solve": mode}
-                t0 = time.perf_counter()
-                out[mode] = gptq_quantize(W, H, **kw, **extra)[0].weight
-                times[mode] = min(times[mode], time.perf_counter() - t0)
+                out[mode], t = timed(lambda: gptq_quantize(W, H, **kw, **extra)[0].weight, args.device)
+                times[mode] = min(times[mode], t)
         obj = {mode: metric_objective(W, Q, H, M) for mode, Q in out.items()}
         t, o = times, obj
         if args.no_exact:

@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run of under 10 minutes on an H100/H200 (each step has its own
-# time limit, so one slow step cannot eat the others' time). Run it from the repository root:
+# time limit, so one slow step cannot eat the others' time; the steps run in order of what a short loan must
+# not miss). Run it from the repository root:
 #
 #     bash benchmarks/gpu_check.sh            # logs and JSON under $OUT (default ./gpu_check_out)
 #
 # Steps:
-#   env          nvidia-smi, torch / transformers / triton versions
-#   kernels      tests/test_kernels.py compiled for the GPU (not the interpreter)
-#   bench        benchmarks/bench_kernels.py: dense and fused-MoE kernels at Mixtral / Qwen3-30B shapes,
-#                speed against fp16 matmul and the per-expert loop, and their error against
-#                dequantize-then-matmul (PASS below 1e-2 relative)
-#   mixed        benchmarks/bench_kernels.py --cases mixed: a mixed-width layer at Qwen3-30B-A3B's expert shape
-#                (hidden 2048, moe intermediate 768, 128 experts, top-8; widths 2/3/4 dealt round-robin), the
-#                single launch pair with the per-expert width table against one launch pair per width and
-#                against a uniform W4 layer, and its error against the per-expert dequantize loop
-#   fixture      benchmarks/gpu_fixture.py: the fixture quantized on the GPU and on the CPU, gptq and vsraq at
-#                W4g64 / W3g64: codes equal on >= 99.9 % of weights, agreement / KL / perplexity side by side
-#   metric       benchmarks/bench_gptq.py --metric on the GPU: the output-metric solve against GPTQ's solve
-#   scale        benchmarks/bench_scale.py on the GPU: gptq vs vsraq wall time, peak GPU memory and host RSS
-#                on the Qwen3-30B-A3B-width model (4 layers, 16 experts), each also 4 experts at a time
-#                (--expert-chunk 4: the FP gate/up copy moved from pinned host memory per chunk)
+#   env          nvidia-smi, torch / transformers / triton versions, and an import of the plugin's pipeline and
+#                the three fixture families (the carried wheels are dropped if that import fails with them)
+#   kernels      tests/test_kernels.py compiled for the GPU (not the interpreter), 8 pytest workers (compiles)
+#   metric       benchmarks/bench_gptq.py --metric --no-exact --device cuda: the fast (low-rank) output-metric
+#                solve against GPTQ's solve, 8 experts of each real width (the exact wavefront took 4.5 s at
+#                OLMoE's down shape alone on an H200, so it is left to a separate run)
+#   scale        benchmarks/bench_scale.py --device cuda: gptq vs vsraq wall time, peak GPU memory and host RSS
+#                on a random Qwen3-MoE at Qwen3-30B-A3B's widths with its 128 experts (2 layers)
+#   profile      benchmarks/profile_quantize.py on the scale step's model: vsraq under cProfile (where the host
+#                waits for the device): the listing in the log
+#   fixture      benchmarks/gpu_fixture.py: the shipped fixture quantized on the GPU and on the CPU, gptq and
+#                vsraq at W4g64 / W3g64 (codes equal on >= 99.9 % of weights, agreement / KL / perplexity side
+#                by side), then tiny-qwen3-moe and tiny-deepseek-v3 on the GPU alone; vsraq / gptq GPU time
+#   bench        benchmarks/bench_kernels.py: dense and fused-MoE kernels at Mixtral / Qwen3-30B shapes, speed
+#                against fp16 matmul and the per-expert loop, error against dequantize-then-matmul; then the
+#                mixed-width layer (widths 2/3/4 at Qwen3-30B-A3B's expert shape): one launch pair reading each
+#                expert's width from a table against one pair per width and a uniform W4 layer
 #
-# The machine's image may lack packages the project needs (optimum, datasets) or carry an older transformers:
-# put wheels in ./.whl (see the device tool's README) and they are installed into /tmp/site first.
+# The machine's image may lack packages the project needs or carry an older transformers: put wheels in ./.whl
+# (see the device tool's README) and they are installed into /tmp/site first. For transformers 5.25 on an image
+# with 5.17 (H200, 2026-12): transformers, huggingface_hub 2.x, httpx2, httpcore2, truststore, click, regex,
+# tomlkit and kernels (without kernels, 5.25's from_pretrained refuses to load on a CUDA machine).
+#
+# Measured once on an H200 (README, "Measured on a GPU"): env 15 s, kernels 38 s, scale 137 s, bench 96 s.
+# $OUT receives at most 8 files (the device tool's limit): the 7 step logs and bench_scale.json (the raw
+# profile stays in /tmp/vsraq-prof; its listing is in the profile step's log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -30,7 +39,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" SITE=1
 fi
 status=0
 step() {  # step NAME LIMIT_SECONDS COMMAND...
@@ -44,14 +53,24 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   echo "=== $name: exit $rc after $(( $(date +%s) - start ))s"
   [ "$rc" -eq 0 ] || status=1
 }
-step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
-import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"'
-step kernels 90 python3 -m pytest -q -x tests/test_kernels.py
-step bench 120 python3 benchmarks/bench_kernels.py --cases dense moe --m 1 16 64 512 4096
-step mixed 90 python3 benchmarks/bench_kernels.py --cases mixed --mixed-widths 2 3 4 --m 1 16 64 512 4096
-step fixture 120 python3 benchmarks/gpu_fixture.py --bits 4 3 --methods gptq vsraq --threads 16
-step metric 45 python3 benchmarks/bench_gptq.py --metric --experts 8 --threads 16 --device cuda
-step scale 180 python3 benchmarks/bench_scale.py --layers 4 --methods gptq vsraq --device cuda --threads 16 \
-  --n-samples 64 --expert-chunk 0 4 --work /tmp/vsraq-scale --out "$OUT/bench_scale.json"
+probe='import torch, transformers, triton, vsraq_plugin.pipeline
+from transformers import DeepseekV3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM
+print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())'
+if [ -n "${SITE:-}" ] && ! python3 -c "$probe" >/tmp/import_with_wheels.log 2>&1; then
+  echo "the carried wheels break the import (below); running on the image's own packages"
+  tail -n 5 /tmp/import_with_wheels.log
+  export PYTHONPATH=${PYTHONPATH%:/tmp/site}
+fi
+step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c '$probe'"
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where the image has it
+step kernels 120 python3 -m pytest -q -x $workers -p no:cacheprovider tests/test_kernels.py
+step metric 60 python3 benchmarks/bench_gptq.py --metric --no-exact --experts 8 --repeats 2 --device cuda
+step scale 170 python3 benchmarks/bench_scale.py --layers 2 --experts 128 --methods gptq vsraq --device cuda \
+  --threads 16 --n-samples 64 --work /tmp/vsraq-scale --out "$OUT/bench_scale.json"
+step profile 120 python3 benchmarks/profile_quantize.py /tmp/vsraq-scale/qwen3moe-2L --methods vsraq --device cuda \
+  --threads 16 --n-samples 64 --top 30 --out /tmp/vsraq-prof/prof
+step fixture 150 python3 benchmarks/gpu_fixture.py --bits 4 3 --methods gptq vsraq --threads 16 --cpu-models 1 \
+  --models src/vsraq_plugin/data/tiny-mixtral benchmarks/fixtures/tiny-qwen3-moe benchmarks/fixtures/tiny-deepseek-v3
+step bench 110 python3 benchmarks/bench_kernels.py --cases dense moe mixed --mixed-widths 2 3 4 --m 1 16 64 512 4096
 echo "gpu_check: $([ $status -eq 0 ] && echo ALL PASSED || echo SOME STEPS FAILED) (logs in $OUT)"
 exit $status

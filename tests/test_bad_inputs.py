@@ -78,6 +78,12 @@ class Ctx:
         return path
 
 
+def _experts(c: Ctx) -> int:
+    """The routed experts of the "tiny" asset (its config's count)."""
+    cfg = json.loads((c.root / "tiny" / "config.json").read_text())
+    return cfg["num_local_experts"]
+
+
 def _edit_config(folder: Path, **changes) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     for key, value in changes.items():
@@ -265,6 +271,9 @@ CASES: list[tuple[str, Callable, str]] = [
      "the config does not describe these weights"),
     ("q-config-more-experts-per-token-than-experts",
      q(lambda c: _edit_config(c.copy("tiny"), num_experts_per_tok=99), *RTN), "num_experts_per_tok=99 experts, but"),
+    ("q-vsraq-every-expert-routed",
+     q(lambda c: _edit_config(c.copy("tiny"), num_experts_per_tok=_experts(c)), *GPTQ[2:], "--method", "vsraq"),
+     "no routing decision for VSRAQ to keep"),
     ("q-model-already-quantized", q("q", *RTN), "is already quantized"),
     ("q-tokenizer-missing", q(_no_tokenizer, *RTN), "holds no tokenizer"),
     ("q-tokenizer-of-another-model", q("tiny96", *GPTQ, "--calib", "CALIB"), "the tokenizer does not belong"),

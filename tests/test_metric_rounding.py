@@ -95,6 +95,80 @@ def test_fast_rounding_descends(R, k, bits):
     assert fast.sum() <= 1.05 * plane.sum(), fast / plane
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("fed", [False, True])
+def test_sync_free_rounding_is_the_same_rounding(shared, fed, monkeypatch):
+    """The GPU form of the descent (``sync_free``: every pass runs, dense products, masked fall-back) against the
+    CPU form, on a batch where some matrices take the single-move fall-back, some finish early and some use every
+    pass: with the CPU form's sparse product made dense, the same codes and fed values bit for bit; as shipped
+    (sums in another order), the same codes on nearly every row and the same objective to float32 rounding."""
+    import vsraq_plugin.metric_rounding as mr
+
+    w, scale, zero, maxq, G = _column(11, 384, 12, 3, N=8)
+    w, scale, zero, G = w.float(), scale.float(), zero.float(), G.float()
+    G[::3] *= 30  # strong metrics: joint moves overshoot and the single best move is taken instead
+    G[1::3] *= 1e-3  # weak metrics: nearest rounding is already optimal, the passes stop at once
+    if shared:
+        G = G[:1].expand_as(G)
+    plan = default_plan(G)
+    fallbacks = []
+    real = mr._best_move_where
+
+    def spy(single, *rest):
+        fallbacks.append(single.clone())
+        return real(single, *rest)
+
+    monkeypatch.setattr(mr, "_best_move_where", spy)
+    kw = dict(plan=plan, passes=6, fed=fed)
+    free = round_column(w, scale, zero, maxq, G, sync_free=True, **kw)
+    host = round_column(w, scale, zero, maxq, G, sync_free=False, **kw)
+    codes_free, codes_host = (free[0], host[0]) if fed else (free, host)
+    assert codes_free.shape == codes_host.shape
+    agree = (codes_free == codes_host).double().mean()
+    assert agree >= 0.999, agree
+    f_free, f_host = _objective(w, scale, zero, G, codes_free), _objective(w, scale, zero, G, codes_host)
+    torch.testing.assert_close(f_free, f_host, rtol=1e-5, atol=0)
+    # Every pass ran, and the fall-back was taken by some matrices and not by others.
+    assert len(fallbacks) == 6
+    taken = torch.stack(fallbacks)
+    assert taken.any() and not taken.all()
+    with monkeypatch.context() as m:
+        m.setattr(mr, "_sparse_matvec", mr._matvec)
+        host = round_column(w, scale, zero, maxq, G, sync_free=False, **kw)
+    for a, b in zip(free if fed else (free,), host if fed else (host,), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_plans_take_no_lu_factorisation(monkeypatch):
+    """The plan's feedback rows ``G_[a,b) (I + K_a)^-1`` and the nearest plane's ``(I + K_r)^-1 g_r`` come from
+    Cholesky factors, never from an LU: MKL's batched LU fails on the CPU with more than one thread
+    (pytorch/pytorch#141358), which stopped ``vsraq quantize --threads 2`` in ``make_plan``. Same values as the
+    inverse in float64."""
+    import vsraq_plugin.metric_rounding as mr
+
+    g = torch.Generator().manual_seed(4)
+    G = torch.randn(3, 96, 5, generator=g)
+    Gd = G.double()
+    K = [Gd[:, a:].transpose(1, 2) @ Gd[:, a:] for a in range(0, 96, 12)]  # blocks of 12 rows (96 / 8)
+    want = [
+        Gd[:, a : a + 12] @ torch.linalg.inv(torch.eye(5, dtype=F64) + K[i]) for i, a in enumerate(range(0, 96, 12))
+    ]
+    outer = Gd[..., :, None] * Gd[..., None, :]
+    Kr = outer.flip(-3).cumsum(-3).flip(-3)
+    want_p = (torch.linalg.inv(torch.eye(5, dtype=F64) + Kr) @ Gd[..., None])[..., 0]
+
+    def no_lu(*args, **kwargs):
+        raise AssertionError("an LU factorisation was asked for")
+
+    for name in ("inv", "inv_ex", "solve", "solve_ex", "lu_factor", "lu_factor_ex", "lu"):
+        monkeypatch.setattr(torch.linalg, name, no_lu)
+    plan = default_plan(G)
+    assert plan.sizes == [12] * 8
+    for F, ref in zip(plan.feed, want, strict=True):
+        torch.testing.assert_close(F.double(), ref, rtol=1e-5, atol=1e-7)  # F is float32, as G
+    torch.testing.assert_close(mr.nearest_plane_vectors(G), want_p, rtol=1e-10, atol=1e-12)
+
+
 def _babai_cholesky(w, scale, zero, maxq, M):
     """Nearest plane through the upper Cholesky factor of ``M^-1``: the exact metric solve's rounding of one column
     (``gptq._solve_tiles``, and the scalar recursion of test_gptq)."""

@@ -161,7 +161,9 @@ def make_plan(G: torch.Tensor, block: int | None) -> Plan:
     grams = torch.stack([Gd[:, a:b].transpose(1, 2) @ Gd[:, a:b] for a, b in bounds])  # (C, N, k, k)
     K = grams.flip(0).cumsum(0).flip(0)
     eye = torch.eye(k, dtype=torch.float64, device=G.device)
-    P = torch.linalg.inv(eye + K)
+    # (I + K)^-1 through its Cholesky factor (I + K is positive definite). Not linalg.inv: its batched LU on the
+    # CPU fails with more than one thread under MKL (pytorch/pytorch#141358: "Pivots given to lu_solve ...").
+    P = torch.cholesky_inverse(torch.linalg.cholesky(eye + K))
     F = [(Gd[:, a:b] @ P[i]).to(G.dtype) for i, (a, b) in enumerate(bounds)]
     if shared:
         return Plan(True, gt, [b - a for a, b in bounds], [f[0].T for f in F], [G[0, a:b] for a, b in bounds])
@@ -227,6 +229,19 @@ def _sparse_matvec(x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x[:, None, rows], G[:, rows])[:, 0]
 
 
+def _best_move_where(single, step, de, dz, gain, d, best, scale, G):
+    """``round_column``'s fall-back to the best move alone, for the matrices flagged ``single``, as masked selects
+    over the whole batch (no host read of which matrices): the same values as its indexed form."""
+    at = gain.argmax(-1, keepdim=True)  # (N, 1)
+    alone = torch.zeros_like(step).scatter_(1, at, d.gather(1, at) * (best > 0).to(d.dtype)[:, None])
+    keep = single[:, None]
+    step = torch.where(keep, alone, step)
+    de = torch.where(keep, alone * scale, de)
+    g_at = G[torch.arange(G.shape[0], device=G.device), at[:, 0]]  # (N, k): row ``at`` of each matrix's G
+    dz = torch.where(keep, de.gather(1, at) * g_at, dz)
+    return step, de, dz
+
+
 def round_column(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -239,6 +254,7 @@ def round_column(
     fed: bool = False,
     plan: Plan | None = None,
     grid: Grid | None = None,
+    sync_free: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Codes ``(N, R)`` (float, in ``[0, maxq]``) of a column ``w`` ``(N, R)`` on the grid ``scale``/``zero``
     ``(N, R)``, that lower ``e^T (I + G G^T) e``, ``e = w - scale * (code - zero)``, by coordinate descent
@@ -251,8 +267,15 @@ def round_column(
     ``fed``: also return the values the codes are the nearest rounding of (``QuantizedWeight.prequant``, where
     refinement starts): row r's continuous optimum with every other row at its code, ``q_r + (M e)_r / M_rr`` (the
     analogue of the nearest plane's fed value), or the grid point itself where that would round elsewhere (a row
-    whose best move the last pass left undone)."""
+    whose best move the last pass left undone).
+
+    ``sync_free`` (default: on a CUDA device): no decision on the host. Every pass runs (a finished pass moves
+    nothing), the moves' ``G^T de`` is a dense product, and the single-move fall-back is a masked select. On the
+    CPU, skipping finished passes and reading only the moved rows of ``G`` pays. On a GPU each of those reads
+    waits for the device: three or more waits per column at some fifty launches. The two give the same codes,
+    but for the order of the sums in the moves' ``G^T de``."""
     passes = DEFAULT_PASSES if passes is None else passes
+    sync_free = w.is_cuda if sync_free is None else sync_free
     tau = DEFAULT_TAU if tau is None else tau
     blocked = plan is not None and bool(plan.sizes)
     if G.shape[-1] == 0 or (passes <= 0 and not blocked):
@@ -288,7 +311,7 @@ def round_column(
         d = torch.sign(c).add_(code).clamp_(grid.lo, grid.hi).sub_(code)
         gain = torch.addcmul(scale2 * c, neg_cost, d).mul_(d)  # d (2 s c - s^2 M_rr d): 0 where d = 0
         best = gain.amax(-1)
-        if not bool((best > 0).any()):
+        if not sync_free and not bool((best > 0).any()):
             break
         # The moves of at least tau x the best gain together: their exact joint change of the objective,
         # -2 de.c + de.de + |G^T de|^2 (e -> e - de); kept when it is negative, else the best move alone
@@ -296,10 +319,12 @@ def round_column(
         threshold = (tau * best).clamp_(min=tiny)[:, None]
         step = (gain - threshold).sign_().clamp_(min=0).mul_(d)  # gain = threshold only at tau = 1: the best
         de = step * scale
-        dz = _sparse_matvec(de, G)
+        dz = _matvec(de, G) if sync_free else _sparse_matvec(de, G)
         change = torch.linalg.vecdot(de, torch.add(de, c, alpha=-2)) + torch.linalg.vecdot(dz, dz)
         single = change >= 0
-        if bool(single.any()):
+        if sync_free:
+            step, de, dz = _best_move_where(single, step, de, dz, gain, d, best, scale, G)
+        elif bool(single.any()):
             rows = single.nonzero()[:, 0]
             at = gain[rows].argmax(-1)
             alone = torch.zeros_like(step[rows])
@@ -327,7 +352,7 @@ def nearest_plane_vectors(G: torch.Tensor) -> torch.Tensor:
     outer = Gd[..., :, None] * Gd[..., None, :]  # (N, R, k, k)
     K = outer.flip(-3).cumsum(-3).flip(-3)
     eye = torch.eye(G.shape[-1], dtype=torch.float64, device=G.device)
-    return torch.linalg.solve(eye + K, Gd[..., None])[..., 0]
+    return torch.cholesky_solve(Gd[..., None], torch.linalg.cholesky(eye + K))[..., 0]  # not LU: see make_plan
 
 
 def nearest_plane(

@@ -203,8 +203,10 @@ def _check_config(config) -> None:
     config.validate()  # fields may have been changed after construction
 
 
-def check_routing(model_config: dict) -> None:
-    """A MoE config that asks for more experts per token than it has is refused before any work."""
+def check_routing(model_config: dict, method: str | None = None) -> None:
+    """A MoE config that asks for more experts per token than it has is refused before any work; so is VSRAQ on
+    one that routes every token to every expert (no routing decision to keep: VSRAQ's terms need a best
+    non-chosen expert, DESIGN 3.2)."""
     cfg = model_config.get("text_config") or model_config
     k = cfg.get("num_experts_per_tok")
     n = next((cfg[key] for key in ("num_local_experts", "n_routed_experts", "num_experts") if cfg.get(key)), None)
@@ -212,6 +214,11 @@ def check_routing(model_config: dict) -> None:
         raise InputError(
             f"the model's config routes each token to num_experts_per_tok={k} experts, but it has only {n}: the "
             f"config is inconsistent; set num_experts_per_tok to at most {n} in config.json."
+        )
+    if method == "vsraq" and isinstance(k, int) and k == n:
+        raise InputError(
+            f"the model routes every token to all {n} of its experts (num_experts_per_tok={k}): there is no "
+            "routing decision for VSRAQ to keep; quantize it with method='gptq' (--method gptq)."
         )
 
 
@@ -228,7 +235,7 @@ def check_quantize_model(model, windows, config, batch_size: int) -> None:
         raise InputError(
             f"model must be a transformers causal LM (an nn.Module with .config); got {type(model).__name__}."
         )
-    check_routing(model.config.to_dict())
+    check_routing(model.config.to_dict(), config.method)
     adapter = get_adapter(model)
     adapter.decoder_layers(model)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -243,7 +250,7 @@ def check_quantize_folder(path, windows, config, out, batch_size: int, work_dir=
     _check_config(config)
     positive_int(batch_size, "batch_size", "windows per forward pass, e.g. 8")
     data = check_model_dir(path)
-    check_routing(data)
+    check_routing(data, config.method)
     check_paths(Path(path), Path(out), None if work_dir is None else Path(work_dir))
     vocab = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
     check_windows(windows, vocab if isinstance(vocab, int) else None)

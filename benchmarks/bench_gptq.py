@@ -18,6 +18,8 @@ synchronised; one untimed solve per shape first, so start-up and compilation sta
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import torch
@@ -30,6 +32,24 @@ SHAPES = {
     "qwen3 gate (768x2048)": (768, 2048),
     "qwen3 down (2048x768)": (2048, 768),
 }
+
+
+def _solve(mode: str) -> str:
+    return "fast" if mode == "fused" else mode
+
+
+@contextlib.contextmanager
+def _round_kernel(on: bool):
+    """``VSRAQ_ROUND_KERNEL`` set for the block: the fast solve's columns rounded by one Triton launch each."""
+    old = os.environ.get("VSRAQ_ROUND_KERNEL")
+    os.environ["VSRAQ_ROUND_KERNEL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VSRAQ_ROUND_KERNEL"]
+        else:
+            os.environ["VSRAQ_ROUND_KERNEL"] = old
 
 
 def timed(fn, device: str):
@@ -67,6 +87,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=32.0, help="--metric: lambda of M = I + lambda A / ||A||")
     ap.add_argument("--shapes", help="--metric: only the shapes whose name contains one of these (comma-separated)")
     ap.add_argument("--device", default="cpu", help="where the solves run (cpu, cuda)")
+    ap.add_argument(
+        "--fused", action="store_true", help="--metric, CUDA: add the fast solve with its one-launch rounding kernel"
+    )
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gptq: --device cuda asked for, but torch sees no CUDA device")
@@ -117,16 +140,19 @@ def metric_cost(args, kw) -> None:
         M = (torch.eye(rows) + args.lam * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
         M = M.to(args.device)
         modes = ("gptq", "fast") if args.no_exact else ("gptq", "exact", "fast")
+        modes += ("fused",) if args.fused else ()
         times = dict.fromkeys(modes, float("inf"))
         out = {}
         if args.device.startswith("cuda"):  # one untimed pass: kernels load and the allocator fills on first use
             for mode in modes:
-                extra = {} if mode == "gptq" else {"row_metric": M[:2], "metric_solve": mode}
-                gptq_quantize(W[:2], H[:2], **kw, **extra)
+                extra = {} if mode == "gptq" else {"row_metric": M[:2], "metric_solve": _solve(mode)}
+                with _round_kernel(mode == "fused"):
+                    gptq_quantize(W[:2], H[:2], **kw, **extra)
         for _ in range(args.repeats):
             for mode in times:
-                extra = {} if mode == "gptq" else {"row_metric": M, "metric_solve": mode}
-                out[mode], t = timed(lambda: gptq_quantize(W, H, **kw, **extra)[0].weight, args.device)
+                extra = {} if mode == "gptq" else {"row_metric": M, "metric_solve": _solve(mode)}
+                with _round_kernel(mode == "fused"):
+                    out[mode], t = timed(lambda: gptq_quantize(W, H, **kw, **extra)[0].weight, args.device)
                 times[mode] = min(times[mode], t)
         obj = {mode: metric_objective(W, Q, H, M) for mode, Q in out.items()}
         t, o = times, obj
@@ -138,6 +164,12 @@ def metric_cost(args, kw) -> None:
             f"{o['fast'] / o['exact']:11.4f}",
             flush=True,
         )
+        if "fused" in times:  # the same fast solve, each column rounded by one kernel launch
+            print(
+                f"{'':24s} fused {t['fused']:.2f} s = {t['fused'] / t['gptq']:.2f}x gptq, "
+                f"{t['fast'] / t['fused']:.2f}x faster than fast; objective fused/fast {o['fused'] / o['fast']:.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

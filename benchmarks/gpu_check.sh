@@ -9,11 +9,13 @@
 #   env          nvidia-smi, torch / transformers / triton versions, and an import of the plugin's pipeline and
 #                the three fixture families (the carried wheels are dropped if that import fails with them)
 #   kernels      tests/test_kernels.py compiled for the GPU (not the interpreter), 8 pytest workers (compiles)
-#   metric       benchmarks/bench_gptq.py --metric --no-exact --device cuda: the fast (low-rank) output-metric
-#                solve against GPTQ's solve, 8 experts of each real width (the exact wavefront took 4.5 s at
-#                OLMoE's down shape alone on an H200, so it is left to a separate run)
+#   metric       benchmarks/bench_gptq.py --metric --no-exact --fused --device cuda: the fast (low-rank)
+#                output-metric solve against GPTQ's solve, 8 experts of each real width, with its columns rounded
+#                in torch and by the one-launch kernel (kernels/metric_round.py); the exact wavefront took 4.5 s
+#                at OLMoE's down shape alone on an H200, so it is left to a separate run
 #   scale        benchmarks/bench_scale.py --device cuda: gptq vs vsraq wall time, peak GPU memory and host RSS
 #                on a random Qwen3-MoE at Qwen3-30B-A3B's widths with its 128 experts (2 layers)
+#   scale-fused  the same vsraq run with VSRAQ_ROUND_KERNEL=1 (the metric rounding as one launch per column)
 #   profile      benchmarks/profile_quantize.py on the scale step's model: vsraq under cProfile (where the host
 #                waits for the device): the listing in the log
 #   fixture      benchmarks/gpu_fixture.py: the shipped fixture quantized on the GPU and on the CPU, gptq and
@@ -30,8 +32,8 @@
 # tomlkit and kernels (without kernels, 5.25's from_pretrained refuses to load on a CUDA machine).
 #
 # Measured once on an H200 (README, "Measured on a GPU"): env 15 s, kernels 38 s, scale 137 s, bench 96 s.
-# $OUT receives at most 8 files (the device tool's limit): the 7 step logs and bench_scale.json (the raw
-# profile stays in /tmp/vsraq-prof; its listing is in the profile step's log).
+# $OUT receives at most 8 files (the device tool's limit): the 8 step logs. The JSON and the raw profile stay
+# in /tmp; the tables and the profile's listing are in the logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -64,13 +66,15 @@ fi
 step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c '$probe'"
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where the image has it
 step kernels 120 python3 -m pytest -q -x $workers -p no:cacheprovider tests/test_kernels.py
-step metric 60 python3 benchmarks/bench_gptq.py --metric --no-exact --experts 8 --repeats 2 --device cuda
+step metric 90 python3 benchmarks/bench_gptq.py --metric --no-exact --fused --experts 8 --repeats 2 --device cuda
 step scale 170 python3 benchmarks/bench_scale.py --layers 2 --experts 128 --methods gptq vsraq --device cuda \
-  --threads 16 --n-samples 64 --work /tmp/vsraq-scale --out "$OUT/bench_scale.json"
+  --threads 16 --n-samples 64 --work /tmp/vsraq-scale --out /tmp/vsraq-scale/bench_scale.json
+step scale-fused 120 env VSRAQ_ROUND_KERNEL=1 python3 benchmarks/bench_scale.py --layers 2 --experts 128 --methods vsraq \
+  --device cuda --threads 16 --n-samples 64 --work /tmp/vsraq-scale --out /tmp/vsraq-scale/bench_scale_fused.json
 step profile 120 python3 benchmarks/profile_quantize.py /tmp/vsraq-scale/qwen3moe-2L --methods vsraq --device cuda \
   --threads 16 --n-samples 64 --top 30 --out /tmp/vsraq-prof/prof
 step fixture 150 python3 benchmarks/gpu_fixture.py --bits 4 3 --methods gptq vsraq --threads 16 --cpu-models 1 \
   --models src/vsraq_plugin/data/tiny-mixtral benchmarks/fixtures/tiny-qwen3-moe benchmarks/fixtures/tiny-deepseek-v3
-step bench 110 python3 benchmarks/bench_kernels.py --cases dense moe mixed --mixed-widths 2 3 4 --m 1 16 64 512 4096
+step bench 110 python3 benchmarks/bench_kernels.py --cases dense moe mixed --mixed-widths 2 3 4 --m 1 64 4096
 echo "gpu_check: $([ $status -eq 0 ] && echo ALL PASSED || echo SOME STEPS FAILED) (logs in $OUT)"
 exit $status

@@ -29,10 +29,12 @@ before it). It is sequential over the rows (a block of one row above), so it ser
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
+from .kernels import triton_available
 from .quantizer import nearest_codes
 
 # Coordinate-descent passes per column and the share of the best gain a move needs to join a pass's joint move.
@@ -138,6 +140,7 @@ class Plan:
     sizes: list[int]
     feed: list[torch.Tensor]  # per block: F^T (k, b) when shared, else F (N, b, k)
     rows: list[torch.Tensor]  # per block: G (b, k) when shared, else (N, b, k)
+    stacked: torch.Tensor | None = None  # the blocks' F stacked by row, (1 or N, R, k): the fused kernel's feed
 
 
 def _is_shared(G: torch.Tensor) -> bool:
@@ -165,9 +168,11 @@ def make_plan(G: torch.Tensor, block: int | None) -> Plan:
     # CPU fails with more than one thread under MKL (pytorch/pytorch#141358: "Pivots given to lu_solve ...").
     P = torch.cholesky_inverse(torch.linalg.cholesky(eye + K))
     F = [(Gd[:, a:b] @ P[i]).to(G.dtype) for i, (a, b) in enumerate(bounds)]
+    stacked = torch.cat(F, dim=1)
     if shared:
-        return Plan(True, gt, [b - a for a, b in bounds], [f[0].T for f in F], [G[0, a:b] for a, b in bounds])
-    return Plan(False, gt, [b - a for a, b in bounds], F, [G[:, a:b] for a, b in bounds])
+        feed, rows = [f[0].T for f in F], [G[0, a:b] for a, b in bounds]
+        return Plan(True, gt, [b - a for a, b in bounds], feed, rows, stacked)
+    return Plan(False, gt, [b - a for a, b in bounds], F, [G[:, a:b] for a, b in bounds], stacked)
 
 
 def default_plan(G: torch.Tensor) -> Plan | None:
@@ -229,6 +234,12 @@ def _sparse_matvec(x: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x[:, None, rows], G[:, rows])[:, 0]
 
 
+def _kernel_by_default(w: torch.Tensor) -> bool:
+    """Whether ``round_column`` takes the one-launch kernel when not told: a CUDA column, with
+    ``VSRAQ_ROUND_KERNEL=1`` (opt-in until a GPU run shows it pays) and triton installed."""
+    return w.is_cuda and os.environ.get("VSRAQ_ROUND_KERNEL", "") == "1" and triton_available()
+
+
 def _best_move_where(single, step, de, dz, gain, d, best, scale, G):
     """``round_column``'s fall-back to the best move alone, for the matrices flagged ``single``, as masked selects
     over the whole batch (no host read of which matrices): the same values as its indexed form."""
@@ -255,6 +266,7 @@ def round_column(
     plan: Plan | None = None,
     grid: Grid | None = None,
     sync_free: bool | None = None,
+    kernel: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Codes ``(N, R)`` (float, in ``[0, maxq]``) of a column ``w`` ``(N, R)`` on the grid ``scale``/``zero``
     ``(N, R)``, that lower ``e^T (I + G G^T) e``, ``e = w - scale * (code - zero)``, by coordinate descent
@@ -273,7 +285,11 @@ def round_column(
     nothing), the moves' ``G^T de`` is a dense product, and the single-move fall-back is a masked select. On the
     CPU, skipping finished passes and reading only the moved rows of ``G`` pays. On a GPU each of those reads
     waits for the device: three or more waits per column at some fifty launches. The two give the same codes,
-    but for the order of the sums in the moves' ``G^T de``."""
+    but for the order of the sums in the moves' ``G^T de``.
+
+    ``kernel``: the whole rounding as one Triton launch (``kernels.metric_round``; not with ``fed``). Default: on
+    a CUDA device when ``VSRAQ_ROUND_KERNEL=1``. It is off by default until a GPU run shows it pays (its speed
+    has not been measured; under the interpreter it gives the same codes on nearly every row, tested)."""
     passes = DEFAULT_PASSES if passes is None else passes
     sync_free = w.is_cuda if sync_free is None else sync_free
     tau = DEFAULT_TAU if tau is None else tau
@@ -287,6 +303,17 @@ def round_column(
         Gsq = G.pow(2).sum(-1)
     if grid is None:
         grid = grid_terms(scale, zero, maxq, Gsq, plan)
+    if kernel is None:
+        kernel = _kernel_by_default(w)
+    if kernel and not fed:
+        from .kernels.metric_round import round_column_fused
+
+        feed = None if not blocked else plan.stacked.expand(G.shape[0], *plan.stacked.shape[1:])
+        code = round_column_fused(
+            w, *(t.contiguous() for t in (scale, grid.lo, grid.hi, grid.neg_cost)), G, feed,
+            plan.sizes[0] if blocked else 0, passes, tau,
+        )  # fmt: skip
+        return code.add_(zero)
     # Codes held centred (code - zero): integers either way, so the same values as nearest_codes' and one
     # operation less per use.
     code = torch.div(w, scale).round_().clamp_(grid.lo, grid.hi)

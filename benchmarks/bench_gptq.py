@@ -93,6 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gptq: --device cuda asked for, but torch sees no CUDA device")
+    if args.fused and not args.device.startswith("cuda"):
+        raise SystemExit("bench_gptq: --fused times the rounding kernel, which runs on CUDA; add --device cuda")
     torch.set_num_threads(args.threads)
     # with_error=False: the pipeline never asks for the Hessian-weighted error (solve.py); its product of every
     # weight with its Hessian would add the same time to both sides of every ratio below.
@@ -137,8 +139,8 @@ def metric_cost(args, kw) -> None:
         W, H = (t.to(args.device) for t in make_problem(args.experts, rows, cols, seed=0))
         U = torch.randn(rows, args.rank, generator=torch.Generator().manual_seed(1))
         A = U @ U.T
-        M = (torch.eye(rows) + args.lam * A / torch.linalg.eigvalsh(A)[-1]).expand(args.experts, rows, rows)
-        M = M.to(args.device)
+        M = torch.eye(rows) + args.lam * A / torch.linalg.eigvalsh(A)[-1]
+        M = M.to(args.device).expand(args.experts, rows, rows)  # shared, as the pipeline's (expand after the move)
         modes = ("gptq", "fast") if args.no_exact else ("gptq", "exact", "fast")
         modes += ("fused",) if args.fused else ()
         times = dict.fromkeys(modes, float("inf"))

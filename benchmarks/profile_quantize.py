@@ -56,8 +56,8 @@ def main() -> int:
         finally:
             profile.disable()
             sync()
+            seconds = time.perf_counter() - t0
             shutil.rmtree(dest, ignore_errors=True)
-        seconds = time.perf_counter() - t0
         text = io.StringIO()
         stats = pstats.Stats(profile, stream=text)
         stats.sort_stats("cumulative").print_stats("vsraq_plugin", args.top)

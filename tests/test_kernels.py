@@ -323,20 +323,25 @@ def _metric_column(seed, N, R, k, bits, shared):
     scale = 0.5 + torch.rand(N, R, generator=g)
     zero = torch.full((N, R), float((maxq + 1) // 2))
     w = (torch.rand(N, R, generator=g) * (maxq + 1.4) - zero - 0.7) * scale
-    if shared:
+    w, scale, zero, G = (t.to(DEV) for t in (w, scale, zero, G))
+    if shared:  # expanded on the device: .to() of an expanded tensor would copy it into N matrices
         G = G[:1].expand(N, R, k)
-    return (t.to(DEV) for t in (w, scale, zero, G)), maxq
+    return (w, scale, zero, G), maxq
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize(("R", "k", "bits", "passes"), [(300, 6, 3, None), (200, 20, 4, 6), (130, 1, 2, None)])
+@pytest.mark.parametrize(
+    ("R", "k", "bits", "passes"), [(300, 6, 3, None), (200, 20, 4, 6), (130, 1, 2, None), (1100, 6, 3, None)]
+)
 @pytest.mark.parametrize("start", ["plane", "nearest"])
 def test_fused_metric_rounding_against_the_torch_form(shared, R, k, bits, passes, start):
     """``kernels.metric_round``: one launch per column against ``metric_rounding.round_column`` in torch, same
-    column, grid and metric. Row counts that are not a multiple of the kernel's row chunk, ranks from 1 to 20,
-    blocked-plane and nearest starts, shared (expanded) and per-matrix ``G``. The kernel sums in another order,
-    so a row on a tie may round the other way: codes equal on >= 99 % of rows, the objective within 1e-4 of the
-    torch form's, never above nearest rounding's, and below it where the metric is strong (the descent ran)."""
+    column, grid and metric. Row counts that are not a multiple of the kernel's row chunk, plane blocks that
+    span two chunks (1100 rows: blocks of 138, chunks of 128), ranks from 1 to 20, blocked-plane and nearest
+    starts, shared (expanded) and per-matrix ``G``. Under the interpreter the same codes exactly. Compiled, the
+    sums run in another order, so a row on a tie may round the other way: codes equal on >= 99 % of rows and the
+    objective within 1e-4. Always: never above nearest rounding's objective, and below it where the metric is
+    strong (the descent ran)."""
     from vsraq_plugin.metric_rounding import default_plan, metric_objective, round_column
     from vsraq_plugin.quantizer import nearest_codes
 
@@ -350,11 +355,28 @@ def test_fused_metric_rounding_against_the_torch_form(shared, R, k, bits, passes
     def objective(codes):
         return metric_objective(w - scale * (codes - zero), G).double()
 
+    if DEV.type == "cpu":
+        assert torch.equal(fused, ref)
     assert (fused == ref).float().mean() >= 0.99
     torch.testing.assert_close(objective(fused), objective(ref), rtol=1e-4, atol=0)
     near = objective(nearest_codes(w, scale, zero, maxq))
     assert (objective(fused) <= near * (1 + 1e-6)).all()
     assert (objective(fused)[::2] < near[::2]).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_metric_rounding_starts(shared):
+    """With no descent pass (``passes=0``) the kernel's result is its start alone: the better, per matrix, of
+    nearest rounding and the blocked nearest plane, as in torch; with no plan, nearest rounding itself."""
+    from vsraq_plugin.metric_rounding import default_plan, round_column
+    from vsraq_plugin.quantizer import nearest_codes
+
+    (w, scale, zero, G), maxq = _metric_column(9, 6, 700, 5, 3, shared)
+    plan = default_plan(G)
+    fused = round_column(w, scale, zero, maxq, G, plan=plan, passes=0, kernel=True)
+    ref = round_column(w, scale, zero, maxq, G, plan=plan, passes=0, kernel=False)
+    assert not torch.equal(ref, nearest_codes(w, scale, zero, maxq))  # the plane was kept somewhere
+    assert (fused == ref).float().mean() >= (1.0 if DEV.type == "cpu" else 0.99)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -373,9 +395,9 @@ def test_fused_metric_rounding_inside_the_gptq_solve(shared, monkeypatch):
     H = (X.T @ X / 512).expand(B, cols, cols).contiguous()
     U = torch.randn(B, rows, 5, generator=g)
     M = torch.eye(rows) + 8 * U @ U.transpose(1, 2) / rows
-    if shared:
-        M = M[:1].expand(B, rows, rows)
     W, H, M = W.to(DEV), H.to(DEV), M.to(DEV)
+    if shared:  # expanded on the device, as the pipeline hands a metric shared by the experts
+        M = M[:1].expand(B, rows, rows)
     kw = dict(bits=3, group_size=32, with_error=False, metric_solve="fast")
     launches = []
     real = metric_round.round_column_fused
@@ -386,6 +408,8 @@ def test_fused_metric_rounding_inside_the_gptq_solve(shared, monkeypatch):
     monkeypatch.setattr(mr, "_kernel_by_default", lambda w: True)
     fused = gptq_quantize(W, H, row_metric=M, **kw)[0]
     assert len(launches) == cols  # one launch per column
+    if DEV.type == "cpu":  # the interpreter: the torch form's decisions exactly
+        assert torch.equal(fused.codes, ref.codes)
     assert (fused.codes == ref.codes).float().mean() >= 0.99
     E_f, E_r = (W - fused.weight).double(), (W - ref.weight).double()
     obj = [torch.einsum("brd,bde,bsd,brs->", E, H.double(), E, M.double()) for E in (E_f, E_r)]

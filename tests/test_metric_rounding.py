@@ -114,9 +114,9 @@ def test_sync_free_rounding_is_the_same_rounding(shared, fed, monkeypatch):
     fallbacks = []
     real = mr._best_move_where
 
-    def spy(single, *rest):
-        fallbacks.append(single.clone())
-        return real(single, *rest)
+    def spy(single, step, de, dz, gain, d, best, *rest):
+        fallbacks.append(single & (best > 0))  # a matrix that moves, and by its single best move
+        return real(single, step, de, dz, gain, d, best, *rest)
 
     monkeypatch.setattr(mr, "_best_move_where", spy)
     kw = dict(plan=plan, passes=6, fed=fed)
@@ -128,7 +128,8 @@ def test_sync_free_rounding_is_the_same_rounding(shared, fed, monkeypatch):
     assert agree >= 0.999, agree
     f_free, f_host = _objective(w, scale, zero, G, codes_free), _objective(w, scale, zero, G, codes_host)
     torch.testing.assert_close(f_free, f_host, rtol=1e-5, atol=0)
-    # Every pass ran, and the fall-back was taken by some matrices and not by others.
+    # Every pass ran, and a real fall-back (a matrix still moving, by its best move alone) happened, though not
+    # for every matrix in every pass.
     assert len(fallbacks) == 6
     taken = torch.stack(fallbacks)
     assert taken.any() and not taken.all()

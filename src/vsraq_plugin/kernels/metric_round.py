@@ -34,14 +34,22 @@ def _rint(x):
 
 
 @triton.jit
-def _fed(e, code, s, lo, hi, g_ptr, rows, kk, rmask, kmask, stride_gr, stride_gk, z):
-    """Per row of a chunk: ``c = e + g_r . z`` (the objective's half-gradient), the best move ``d`` (+-1 or 0 at
-    the grid's edge), and the chunk's ``G`` rows."""
+def _moves(code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk, z):
+    """A chunk's rows as a descent pass sees them: centred code, ``e``, scale, ``c = e + g_r . z`` (the objective's
+    half-gradient), the best move ``d`` (+-1, or 0 at the grid's edge), its gain ``d (2 s c - s^2 M_rr d)``, and
+    the chunk's ``G`` rows."""
+    code = tl.load(code_ptr + rows, rmask, 0.0)
+    e = tl.load(e_ptr + rows, rmask, 0.0)
+    s = tl.load(s_ptr + rows, rmask, 1.0)
+    lo = tl.load(lo_ptr + rows, rmask, 0.0)
+    hi = tl.load(hi_ptr + rows, rmask, 0.0)
+    nc = tl.load(nc_ptr + rows, rmask, 0.0)
     G = tl.load(g_ptr + rows[:, None] * stride_gr + kk[None, :] * stride_gk, rmask[:, None] & kmask[None, :], 0.0)
     c = e + tl.sum(G * z[None, :], axis=1)
     up = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     d = tl.minimum(tl.maximum(up + code, lo), hi) - code
-    return c, d, G
+    gain = (2 * s * c + nc * d) * d
+    return code, e, s, c, d, gain, G
 
 
 @triton.jit
@@ -124,20 +132,16 @@ def _round_column_kernel(
         tl.debug_barrier()
 
     # 3. Coordinate-descent passes (metric_rounding.round_column's loop, the same moves).
-    for _ in tl.static_range(PASSES):
+    for _pass in tl.static_range(PASSES):
         best = -float("inf")
         at = 0
         for r0 in range(0, R, BR):
             rows = r0 + br
             rmask = rows < R
-            code = tl.load(code_ptr + rows, rmask, 0.0)
-            e = tl.load(e_ptr + rows, rmask, 0.0)
-            s = tl.load(s_ptr + rows, rmask, 1.0)
-            lo = tl.load(lo_ptr + rows, rmask, 0.0)
-            hi = tl.load(hi_ptr + rows, rmask, 0.0)
-            nc = tl.load(nc_ptr + rows, rmask, 0.0)
-            c, d, G = _fed(e, code, s, lo, hi, g_ptr, rows, kk, rmask, kmask, stride_gr, stride_gk, z)
-            gain = tl.where(rmask, (2 * s * c + nc * d) * d, -float("inf"))
+            _ca, _ea, _sa, _c, _da, gain, _ga = _moves(
+                code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk, z
+            )
+            gain = tl.where(rmask, gain, -float("inf"))
             m = tl.max(gain, axis=0)
             i = tl.argmax(gain, axis=0)
             at = tl.where(m > best, r0 + i, at)  # strictly greater: the first row of the largest gain
@@ -149,14 +153,22 @@ def _round_column_kernel(
             for r0 in range(0, R, BR):  # the joint move and its exact change of the objective
                 rows = r0 + br
                 rmask = rows < R
-                code = tl.load(code_ptr + rows, rmask, 0.0)
-                e = tl.load(e_ptr + rows, rmask, 0.0)
-                s = tl.load(s_ptr + rows, rmask, 1.0)
-                lo = tl.load(lo_ptr + rows, rmask, 0.0)
-                hi = tl.load(hi_ptr + rows, rmask, 0.0)
-                nc = tl.load(nc_ptr + rows, rmask, 0.0)
-                c, d, G = _fed(e, code, s, lo, hi, g_ptr, rows, kk, rmask, kmask, stride_gr, stride_gk, z)
-                gain = (2 * s * c + nc * d) * d
+                _cb, _eb, s, c, d, gain, G = _moves(
+                    code_ptr,
+                    e_ptr,
+                    s_ptr,
+                    lo_ptr,
+                    hi_ptr,
+                    nc_ptr,
+                    g_ptr,
+                    rows,
+                    rmask,
+                    kk,
+                    kmask,
+                    stride_gr,
+                    stride_gk,
+                    z,
+                )
                 de = tl.where(rmask & (gain > threshold), d * s, 0.0)
                 dz += tl.sum(G * de[:, None], axis=0)
                 change += tl.sum(de * (de - 2 * c))
@@ -166,14 +178,10 @@ def _round_column_kernel(
                 for r0 in range(0, R, BR):
                     rows = r0 + br
                     rmask = rows < R
-                    code = tl.load(code_ptr + rows, rmask, 0.0)
-                    e = tl.load(e_ptr + rows, rmask, 0.0)
-                    s = tl.load(s_ptr + rows, rmask, 1.0)
-                    lo = tl.load(lo_ptr + rows, rmask, 0.0)
-                    hi = tl.load(hi_ptr + rows, rmask, 0.0)
-                    nc = tl.load(nc_ptr + rows, rmask, 0.0)
-                    c, d, G = _fed(e, code, s, lo, hi, g_ptr, rows, kk, rmask, kmask, stride_gr, stride_gk, z)
-                    gain = (2 * s * c + nc * d) * d
+                    code, e, s, _cc, d, gain, _gc = _moves(
+                        code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr,
+                        stride_gk, z,
+                    )  # fmt: skip
                     step = tl.where(gain > threshold, d, 0.0)
                     tl.store(code_ptr + rows, code + step, rmask)
                     tl.store(e_ptr + rows, e - step * s, rmask)
@@ -181,12 +189,22 @@ def _round_column_kernel(
             else:  # the best move alone: row `at`
                 rows = at + tl.arange(0, 2)
                 rmask = rows == at
-                code = tl.load(code_ptr + rows, rmask, 0.0)
-                e = tl.load(e_ptr + rows, rmask, 0.0)
-                s = tl.load(s_ptr + rows, rmask, 1.0)
-                lo = tl.load(lo_ptr + rows, rmask, 0.0)
-                hi = tl.load(hi_ptr + rows, rmask, 0.0)
-                c, d, G = _fed(e, code, s, lo, hi, g_ptr, rows, kk, rmask, kmask, stride_gr, stride_gk, z)
+                code, e, s, _cd, d, _gd, G = _moves(
+                    code_ptr,
+                    e_ptr,
+                    s_ptr,
+                    lo_ptr,
+                    hi_ptr,
+                    nc_ptr,
+                    g_ptr,
+                    rows,
+                    rmask,
+                    kk,
+                    kmask,
+                    stride_gr,
+                    stride_gk,
+                    z,
+                )
                 d = tl.where(rmask, d, 0.0)
                 tl.store(code_ptr + rows, code + d, rmask)
                 tl.store(e_ptr + rows, e - d * s, rmask)

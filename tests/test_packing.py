@@ -55,6 +55,26 @@ def test_byte_compatible_with_community_layout(bits):
     np.testing.assert_array_equal(ours, _autogptq_layout(codes, bits))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_whole_word_packer_equals_the_bit_stream(bits):
+    """The whole-word packer (2/4/8 bits, whole words: every real layer) against the general bit-stream packer,
+    bit for bit, on codes that reach the grid's top (the top code sets the word's sign bit) and its bottom; the
+    public entry takes the whole-word path there and the bit stream elsewhere."""
+    from vsraq_plugin import packing
+
+    g = torch.Generator().manual_seed(bits)
+    per = 32 // bits
+    codes = torch.randint(0, 2**bits, (per * 24, 11), generator=g)
+    codes[-1] = 2**bits - 1  # the last code of every column: the top field of its last word
+    codes[0] = 0
+    fast = packing._pack_words(codes, bits)
+    assert (fast < 0).any()  # sign bits were set
+    assert torch.equal(fast, packing._pack_stream(codes, bits))
+    assert torch.equal(pack_codes(codes.float(), bits), fast)  # float codes, as the solver holds them
+    ragged = codes[:-1]  # not whole words: the bit stream, zero-padded
+    assert torch.equal(pack_codes(ragged, bits), packing._pack_stream(ragged, bits))
+
+
 @settings(max_examples=60, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), n=st.integers(1, 90), m=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_pack_unpack_identity(bits, n, m, seed):

@@ -215,6 +215,13 @@ def _api_inf_module(c: Ctx):
     vsraq_plugin.quantize(model, None, QuantConfig(method="rtn", group_size=32), out=c.out)
 
 
+def _api_vsraq_every_expert_routed(c: Ctx):
+    model = _module(c)
+    model.config.num_experts_per_tok = _experts(c)
+    vsraq_plugin.quantize(model, torch.zeros(2, 16, dtype=torch.long), QuantConfig(method="vsraq", group_size=32),
+                          out=c.out, seq_len=16)  # fmt: skip
+
+
 def _api_windows_out_of_vocab(c: Ctx):
     windows = torch.full((2, 16), 10_000)
     vsraq_plugin.quantize(_module(c), windows, QuantConfig(method="gptq", group_size=32), out=c.out, seq_len=16)
@@ -342,6 +349,7 @@ CASES: list[tuple[str, Callable, str]] = [
      "config must be a QuantConfig"),
     ("api-weights-inf", _call(_api_inf_module), "model.layers.1.mlp.experts.down_proj holds 1 NaN/Inf"),
     ("api-windows-out-of-vocab", _call(_api_windows_out_of_vocab), "the tokenizer does not belong to this model"),
+    ("api-vsraq-every-expert-routed", _call(_api_vsraq_every_expert_routed), "no routing decision for VSRAQ to keep"),
     ("api-no-model-layers", _call(_api_no_model_layers), "has no `model.layers`"),
     ("load-missing", _call(lambda c: vsraq_plugin.load(c.tmp / "nope")), "does not exist"),
     ("load-not-gptq", _call(lambda c: vsraq_plugin.load(c.root / "tiny")), "is not a GPTQ checkpoint"),

@@ -138,9 +138,9 @@ class Plan:
     shared: bool  # one G for the batch (shared or a batch of one): plain matrix products in the plane
     gt: torch.Tensor | None  # G^T (k, R) of a G shared by a batch of several, for the passes' c = e + G z
     sizes: list[int]
-    feed: list[torch.Tensor]  # per block: F^T (k, b) when shared, else F (N, b, k)
+    feed: list[torch.Tensor]  # per block: F^T (k, b) when shared, else F (N, b, k); views of `stacked`
     rows: list[torch.Tensor]  # per block: G (b, k) when shared, else (N, b, k)
-    stacked: torch.Tensor | None = None  # the blocks' F stacked by row, (1 or N, R, k): the fused kernel's feed
+    stacked: torch.Tensor | None = None  # the blocks' F by row, (1 or N, R, k): the fused kernel's feed
 
 
 def _is_shared(G: torch.Tensor) -> bool:
@@ -167,12 +167,13 @@ def make_plan(G: torch.Tensor, block: int | None) -> Plan:
     # (I + K)^-1 through its Cholesky factor (I + K is positive definite). Not linalg.inv: its batched LU on the
     # CPU fails with more than one thread under MKL (pytorch/pytorch#141358: "Pivots given to lu_solve ...").
     P = torch.cholesky_inverse(torch.linalg.cholesky(eye + K))
-    F = [(Gd[:, a:b] @ P[i]).to(G.dtype) for i, (a, b) in enumerate(bounds)]
-    stacked = torch.cat(F, dim=1)
+    sizes = [b - a for a, b in bounds]
+    # One (N, R, k) tensor of every block's F (the fused kernel reads it whole); the blocks are views of it.
+    stacked = torch.cat([(Gd[:, a:b] @ P[i]).to(G.dtype) for i, (a, b) in enumerate(bounds)], dim=1)
     if shared:
-        feed, rows = [f[0].T for f in F], [G[0, a:b] for a, b in bounds]
-        return Plan(True, gt, [b - a for a, b in bounds], feed, rows, stacked)
-    return Plan(False, gt, [b - a for a, b in bounds], F, [G[:, a:b] for a, b in bounds], stacked)
+        feed, rows = [f.T for f in stacked[0].split(sizes)], [G[0, a:b] for a, b in bounds]
+        return Plan(True, gt, sizes, feed, rows, stacked)
+    return Plan(False, gt, sizes, list(stacked.split(sizes, 1)), [G[:, a:b] for a, b in bounds], stacked)
 
 
 def default_plan(G: torch.Tensor) -> Plan | None:
@@ -284,12 +285,12 @@ def round_column(
     ``sync_free`` (default: on a CUDA device): no decision on the host. Every pass runs (a finished pass moves
     nothing), the moves' ``G^T de`` is a dense product, and the single-move fall-back is a masked select. On the
     CPU, skipping finished passes and reading only the moved rows of ``G`` pays. On a GPU each of those reads
-    waits for the device: three or more waits per column at some fifty launches. The two give the same codes,
-    but for the order of the sums in the moves' ``G^T de``.
+    waits for the device: three or more waits per column behind its ~170 queued operations. The two give the
+    same codes, but for the order of the sums in the moves' ``G^T de``.
 
     ``kernel``: the whole rounding as one Triton launch (``kernels.metric_round``; not with ``fed``). Default: on
     a CUDA device when ``VSRAQ_ROUND_KERNEL=1``. It is off by default until a GPU run shows it pays (its speed
-    has not been measured; under the interpreter it gives the same codes on nearly every row, tested)."""
+    has not been measured; under the interpreter it gives the same codes, tested)."""
     passes = DEFAULT_PASSES if passes is None else passes
     sync_free = w.is_cuda if sync_free is None else sync_free
     tau = DEFAULT_TAU if tau is None else tau

@@ -34,6 +34,33 @@ def _rint(x):
 
 
 @triton.jit
+def _tile(ptr, rows, rmask, kk, kmask, stride_r, stride_k):
+    """A chunk's rows of a ``(R, k)`` matrix (``G`` or the plan's feed), zero-padded to ``(BR, KP)``."""
+    return tl.load(ptr + rows[:, None] * stride_r + kk[None, :] * stride_k, rmask[:, None] & kmask[None, :], 0.0)
+
+
+@triton.jit
+def _round_rows(w_ptr, s_ptr, lo_ptr, hi_ptr, f_ptr, g_ptr, code_ptr, e_ptr, rows, rmask, kk, kmask, stride_fr,
+                stride_fk, stride_gr, stride_gk, za, FEED: tl.constexpr):  # fmt: skip
+    """Round a chunk's rows on the grid at ``w`` (nearest rounding) or, with ``FEED``, at the nearest plane's fed
+    value ``w + F za``; store the centred codes and ``e = w - s * code``; return the chunk's ``G^T e`` and
+    ``|e|^2``."""
+    w = tl.load(w_ptr + rows, rmask, 0.0)
+    s = tl.load(s_ptr + rows, rmask, 1.0)
+    lo = tl.load(lo_ptr + rows, rmask, 0.0)
+    hi = tl.load(hi_ptr + rows, rmask, 0.0)
+    target = w
+    if FEED:
+        target = w + tl.sum(_tile(f_ptr, rows, rmask, kk, kmask, stride_fr, stride_fk) * za[None, :], axis=1)
+    code = tl.minimum(tl.maximum(_rint(tl.math.div_rn(target, s)), lo), hi)
+    e = tl.where(rmask, w - s * code, 0.0)
+    tl.store(code_ptr + rows, code, rmask)
+    tl.store(e_ptr + rows, e, rmask)
+    G = _tile(g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk)
+    return tl.sum(G * e[:, None], axis=0), tl.sum(e * e)
+
+
+@triton.jit
 def _moves(code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk, z):
     """A chunk's rows as a descent pass sees them: centred code, ``e``, scale, ``c = e + g_r . z`` (the objective's
     half-gradient), the best move ``d`` (+-1, or 0 at the grid's edge), its gain ``d (2 s c - s^2 M_rr d)``, and
@@ -44,7 +71,7 @@ def _moves(code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, k
     lo = tl.load(lo_ptr + rows, rmask, 0.0)
     hi = tl.load(hi_ptr + rows, rmask, 0.0)
     nc = tl.load(nc_ptr + rows, rmask, 0.0)
-    G = tl.load(g_ptr + rows[:, None] * stride_gr + kk[None, :] * stride_gk, rmask[:, None] & kmask[None, :], 0.0)
+    G = _tile(g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk)
     c = e + tl.sum(G * z[None, :], axis=1)
     up = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
     d = tl.minimum(tl.maximum(up + code, lo), hi) - code
@@ -81,18 +108,10 @@ def _round_column_kernel(
     f_near = 0.0
     for r0 in range(0, R, BR):
         rows = r0 + br
-        rmask = rows < R
-        w = tl.load(w_ptr + rows, rmask, 0.0)
-        s = tl.load(s_ptr + rows, rmask, 1.0)
-        lo = tl.load(lo_ptr + rows, rmask, 0.0)
-        hi = tl.load(hi_ptr + rows, rmask, 0.0)
-        code = tl.minimum(tl.maximum(_rint(tl.math.div_rn(w, s)), lo), hi)
-        e = tl.where(rmask, w - s * code, 0.0)
-        tl.store(code_ptr + rows, code, rmask)
-        tl.store(e_ptr + rows, e, rmask)
-        G = tl.load(g_ptr + rows[:, None] * stride_gr + kk[None, :] * stride_gk, rmask[:, None] & kmask[None, :], 0.0)
-        z += tl.sum(G * e[:, None], axis=0)
-        f_near += tl.sum(e * e)
+        dz, ee = _round_rows(w_ptr, s_ptr, lo_ptr, hi_ptr, f_ptr, g_ptr, code_ptr, e_ptr, rows, rows < R, kk, kmask,
+                             stride_fr, stride_fk, stride_gr, stride_gk, z, False)  # fmt: skip
+        z += dz
+        f_near += ee
     f_near += tl.sum(z * z)
     tl.debug_barrier()  # the passes read back what this sweep stored
 
@@ -105,21 +124,10 @@ def _round_column_kernel(
             for r0 in range(a, a + PB, BR):
                 rows = r0 + br
                 rmask = (rows < R) & (rows < a + PB)
-                w = tl.load(w_ptr + rows, rmask, 0.0)
-                s = tl.load(s_ptr + rows, rmask, 1.0)
-                lo = tl.load(lo_ptr + rows, rmask, 0.0)
-                hi = tl.load(hi_ptr + rows, rmask, 0.0)
-                F = tl.load(f_ptr + rows[:, None] * stride_fr + kk[None, :] * stride_fk,
-                            rmask[:, None] & kmask[None, :], 0.0)  # fmt: skip
-                fed = w + tl.sum(F * za[None, :], axis=1)
-                code = tl.minimum(tl.maximum(_rint(tl.math.div_rn(fed, s)), lo), hi)
-                e = tl.where(rmask, w - s * code, 0.0)
-                tl.store(cp_ptr + rows, code, rmask)
-                tl.store(ep_ptr + rows, e, rmask)
-                G = tl.load(g_ptr + rows[:, None] * stride_gr + kk[None, :] * stride_gk,
-                            rmask[:, None] & kmask[None, :], 0.0)  # fmt: skip
-                zp += tl.sum(G * e[:, None], axis=0)
-                f_plane += tl.sum(e * e)
+                dz, ee = _round_rows(w_ptr, s_ptr, lo_ptr, hi_ptr, f_ptr, g_ptr, cp_ptr, ep_ptr, rows, rmask, kk,
+                                     kmask, stride_fr, stride_fk, stride_gr, stride_gk, za, True)  # fmt: skip
+                zp += dz
+                f_plane += ee
         f_plane += tl.sum(zp * zp)
         tl.debug_barrier()
         if f_plane < f_near:  # never worse than nearest rounding: keep the plane's start
@@ -139,8 +147,9 @@ def _round_column_kernel(
             rows = r0 + br
             rmask = rows < R
             _ca, _ea, _sa, _c, _da, gain, _ga = _moves(
-                code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr, stride_gk, z
-            )
+                code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask,
+                stride_gr, stride_gk, z,
+            )  # fmt: skip
             gain = tl.where(rmask, gain, -float("inf"))
             m = tl.max(gain, axis=0)
             i = tl.argmax(gain, axis=0)
@@ -154,21 +163,9 @@ def _round_column_kernel(
                 rows = r0 + br
                 rmask = rows < R
                 _cb, _eb, s, c, d, gain, G = _moves(
-                    code_ptr,
-                    e_ptr,
-                    s_ptr,
-                    lo_ptr,
-                    hi_ptr,
-                    nc_ptr,
-                    g_ptr,
-                    rows,
-                    rmask,
-                    kk,
-                    kmask,
-                    stride_gr,
-                    stride_gk,
-                    z,
-                )
+                    code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask,
+                    stride_gr, stride_gk, z,
+                )  # fmt: skip
                 de = tl.where(rmask & (gain > threshold), d * s, 0.0)
                 dz += tl.sum(G * de[:, None], axis=0)
                 change += tl.sum(de * (de - 2 * c))
@@ -179,8 +176,8 @@ def _round_column_kernel(
                     rows = r0 + br
                     rmask = rows < R
                     code, e, s, _cc, d, gain, _gc = _moves(
-                        code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask, stride_gr,
-                        stride_gk, z,
+                        code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask,
+                        stride_gr, stride_gk, z,
                     )  # fmt: skip
                     step = tl.where(gain > threshold, d, 0.0)
                     tl.store(code_ptr + rows, code + step, rmask)
@@ -190,21 +187,9 @@ def _round_column_kernel(
                 rows = at + tl.arange(0, 2)
                 rmask = rows == at
                 code, e, s, _cd, d, _gd, G = _moves(
-                    code_ptr,
-                    e_ptr,
-                    s_ptr,
-                    lo_ptr,
-                    hi_ptr,
-                    nc_ptr,
-                    g_ptr,
-                    rows,
-                    rmask,
-                    kk,
-                    kmask,
-                    stride_gr,
-                    stride_gk,
-                    z,
-                )
+                    code_ptr, e_ptr, s_ptr, lo_ptr, hi_ptr, nc_ptr, g_ptr, rows, rmask, kk, kmask,
+                    stride_gr, stride_gk, z,
+                )  # fmt: skip
                 d = tl.where(rmask, d, 0.0)
                 tl.store(code_ptr + rows, code + d, rmask)
                 tl.store(e_ptr + rows, e - d * s, rmask)

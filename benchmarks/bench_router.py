@@ -7,7 +7,12 @@ the solve, CG iterations per solve, agreement history, and the weights' differen
 A dense solve is run only where its ``(E, d, d)`` float64 tensors fit in the memory available (measured: the
 dense re-fit peaks at about five of them); otherwise its memory is computed and printed.
 
+``cg-batch`` is CG with ``excess_times`` in its GPU form (one coefficient matrix per batch instead of a few
+operators per row and batch), run here on the CPU; ``--count-ops`` counts each re-fit's torch operators, i.e. the
+kernel launches it would make on a GPU, where the row loop's launches were 2.3 s a layer (H200, Qwen3-30B-A3B).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_router.py [--sizes olmoe-like qwen3-30b-a3b deepseek-v3] [--tokens 4096]
+    OMP_NUM_THREADS=1 python benchmarks/bench_router.py --sizes qwen3-30b-a3b --solves cg cg-batch --count-ops
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = {"olmoe-like": (64, 1024), "qwen3-30b-a3b": (128, 2048), "deepseek-v3": (256, 7168)}
 TOP_K = 8
 BATCHES = 16
+SOLVES = ("dense", "cg", "cg-batch")  # cg-batch: CG with excess_times by batch (its GPU form), on the CPU
 
 
 def _rss_mb() -> float:
@@ -43,8 +51,21 @@ def _available_mb() -> float:
     return float("inf")
 
 
-def one(experts: int, dim: int, tokens: int, solve: str, out: str) -> None:
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it (views included): the launches a GPU run would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def one(experts: int, dim: int, tokens: int, solve: str, out: str, count_ops: bool = False) -> None:
     """Child: one re-fit; prints one JSON line and saves the weights to ``out``."""
+    from vsraq_plugin import vsraq
     from vsraq_plugin.routing import RouterRule, route
     from vsraq_plugin.vsraq import TokenSplit, align_router
 
@@ -59,17 +80,24 @@ def one(experts: int, dim: int, tokens: int, solve: str, out: str) -> None:
     split = TokenSplit(slice(0, tokens), [(b * step, min((b + 1) * step, tokens)) for b in range(BATCHES)])
     base = _rss_mb()
     t0 = time.perf_counter()
-    fit = align_router(X_q, Z, R0, lambda z: route(z, rule), TOP_K, 1.0, 1.0, 1.0, 2, 0.1, split, solve)
+    vsraq.EXCESS_BY_BATCH = solve == "cg-batch"  # excess_times' GPU form, here on the CPU
+    solve = "cg" if solve == "cg-batch" else solve
+    refit = lambda: align_router(X_q, Z, R0, lambda z: route(z, rule), TOP_K, 1.0, 1.0, 1.0, 2, 0.1, split, solve)  # noqa: E731
+    fit = refit()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    torch.save(fit.weight, out)
+    save_file({"weight": fit.weight.contiguous()}, out)
     info = {"seconds": seconds, "peak_rss_mb": peak, "base_rss_mb": base, "agreement": fit.agreement}
+    if count_ops:  # a second re-fit, counting the torch operators it dispatches: each is a launch on a GPU
+        with _OpCounter() as ops:
+            refit()
+        info["ops"] = ops.count
     info.update(rounds=fit.rounds, iterations=fit.cg_iterations, dense_rows=fit.dense_rows)
     print(json.dumps(info), flush=True)
 
 
-def run(experts: int, dim: int, tokens: int, solve: str, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--one", str(experts), str(dim), str(tokens), solve, str(out)]
+def run(experts: int, dim: int, tokens: int, solve: str, out: Path, count_ops: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(experts), str(dim), str(tokens), solve, str(out), str(int(count_ops))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -82,12 +110,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=BATCHES * 256)
     ap.add_argument("--deepseek-tokens", type=int, default=BATCHES * 256)
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    ap.add_argument("--solves", nargs="+", choices=["dense", "cg"], default=["dense", "cg"])
-    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--solves", nargs="+", choices=SOLVES, default=["dense", "cg"])
+    ap.add_argument("--count-ops", action="store_true", help="also count the torch operators of each re-fit")
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        e, d, t, solve, out = args.one
-        one(int(e), int(d), int(t), solve, out)
+        e, d, t, solve, out, count = args.one
+        one(int(e), int(d), int(t), solve, out, bool(int(count)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +126,7 @@ def main() -> None:
             T = args.deepseek_tokens if name == "deepseek-v3" else args.tokens
             dense_gb = E * d * d * 8 / 1e9
             results = {}
-            for solve in ("dense", "cg"):
+            for solve in SOLVES:
                 if solve not in args.solves:
                     results[solve] = {"skipped": "not run (--solves)"}
                     continue
@@ -106,30 +135,34 @@ def main() -> None:
                     results[solve] = {"skipped": f"needs ~{5 * dense_gb:.0f} GB (A alone {dense_gb:.1f} GB)"}
                     continue
                 print(f"{name} (E={E}, d={d}, T={T}) {solve} ...", flush=True)
-                results[solve] = run(E, d, T, solve, Path(tmp) / f"{name}-{solve}.pt")
+                results[solve] = run(E, d, T, solve, Path(tmp) / f"{name}-{solve}.safetensors", args.count_ops)
                 print("   ", json.dumps(results[solve]), flush=True)
-            diff = None
-            if all("seconds" in results[s] for s in ("dense", "cg")):
-                a, b = (torch.load(Path(tmp) / f"{name}-{s}.pt") for s in ("dense", "cg"))
-                diff = float((a - b).norm() / a.norm())
+            weights = {s: load_file(Path(tmp) / f"{name}-{s}.safetensors")["weight"] for s in SOLVES
+                       if "seconds" in results[s]}  # fmt: skip
+            ref = weights.get("dense", weights.get("cg"))
+            diff = {s: float((w - ref).norm() / ref.norm()) for s, w in weights.items()}
             rows.append((name, E, d, T, dense_gb, results, diff))
     print()
-    print("| router (E, d), T | A = E d^2 float64 | dense: s / peak RSS MiB (growth) | cg: s / peak RSS MiB (growth) | "
-          "cg iterations per solve | agreement (cg) | rel. diff dense-cg |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("Seconds / peak RSS MiB (its growth during the solve)"
+          + (", torch operators dispatched (a GPU's launches)" if args.count_ops else "")
+          + "; rel. diff: each router against the dense solve's (cg's where dense did not run).")  # fmt: skip
+    print("| router (E, d), T | A = E d^2 float64 | " + " | ".join(SOLVES) + " | cg iterations per solve | "
+          "agreement (cg) | rel. diff |")  # fmt: skip
+    print("|---|---|" + "---|" * len(SOLVES) + "---|---|---|")
     for name, E, d, T, dense_gb, results, diff in rows:
         cells = []
-        for solve in ("dense", "cg"):
+        for solve in SOLVES:
             r = results[solve]
             if "seconds" in r:
-                cells.append(f"{r['seconds']:.1f} / {r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['base_rss_mb']:.0f})")
+                cell = f"{r['seconds']:.1f} / {r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['base_rss_mb']:.0f})"
+                cells.append(cell + (f", {r['ops']} ops" if "ops" in r else ""))
             else:
                 cells.append(r.get("skipped") or f"failed: {r.get('error')}")
         cg = results["cg"]
         its = ", ".join(map(str, cg.get("iterations", []))) or "-"
         hist = " -> ".join(f"{100 * a:.1f}" for a in cg.get("agreement", []))
-        rel = "-" if diff is None else f"{diff:.1e}"
-        print(f"| {name} ({E}, {d}), {T} | {dense_gb:.2f} GB | {cells[0]} | {cells[1]} | {its} | {hist} % | {rel} |")
+        rel = ", ".join(f"{s} {v:.1e}" for s, v in diff.items()) or "-"
+        print(f"| {name} ({E}, {d}), {T} | {dense_gb:.2f} GB | " + " | ".join(cells) + f" | {its} | {hist} % | {rel} |")
 
 
 if __name__ == "__main__":

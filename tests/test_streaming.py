@@ -285,6 +285,30 @@ def test_streamed_vsraq_holds_one_layer_of_experts(family, tmp_path, monkeypatch
     assert partial[0] >= 1 and peak[0] == 1
 
 
+def test_streamed_results_reach_the_sink_without_their_dequantized_weights(tmp_path, monkeypatch):
+    """A streamed layer's results go to the checkpoint as codes, scales and zeros only: the dequantized weight
+    (the model's float32 parameter; 45 GB a layer at DeepSeek-V3's widths) is never copied to the host for the
+    sink, which packs the codes where they were solved and moves the packed words. The checkpoint is unchanged
+    (``test_streamed_equals_in_memory_on_every_family``)."""
+    from vsraq_plugin.checkpoint import StreamingCheckpoint
+
+    model = tiny_model("qwen3_moe", seed=2)
+    model.save_pretrained(tmp_path / "fp")
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    write = StreamingCheckpoint.write_layer
+
+    def recording(self, layer, weights):
+        seen.extend(weights.values())
+        return write(self, layer, weights)
+
+    monkeypatch.setattr(StreamingCheckpoint, "write_layer", recording)
+    cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
+    assert len(seen) > model.config.num_hidden_layers  # every layer's linears and experts
+    assert all(qw.weight is None and qw.prequant is None and qw.codes.dtype == torch.uint8 for qw in seen)
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_in_memory_onload_without_experts_moves_all_but_the_experts(family):
     """``InMemoryLayers.onload(i, experts=False)`` moves every tensor of the layer but its routed experts' to the

@@ -84,6 +84,33 @@ def test_router_cg_equals_the_dense_solve(ridge, T):
     assert float((cg - dense).norm() / dense.norm()) < 1e-5
 
 
+def test_router_excess_by_batch_equals_the_row_loop(monkeypatch):
+    """The GPU form of ``excess_times`` (one coefficient matrix per batch, in chunks) against the CPU row loop, on
+    every row and on a subset (CG's unconverged rows), across a reweighting round's second block: the same
+    float64 sums in another order, so equal to 1e-13 relative; CG then takes the same steps to the same router."""
+    X, Z, R0, W, _ = _router_problem(5, T=300)
+    system = RouterSystem(X, R0.shape[0])
+    system.add(Z, W)
+    pos = torch.arange(0, X.shape[0], 4)
+    system.add(Z[pos], 2 * W[pos], pos)
+    V = torch.randn(R0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    E = R0.shape[0]
+    for rows in (torch.arange(E), torch.tensor([E - 1, 0, 3])):
+        monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", False)
+        loop = system.excess_times(V[: rows.numel()], rows)
+        monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", True)
+        monkeypatch.setattr(vsraq, "EXCESS_CHUNK", 7 * X.shape[1])  # chunks of 7 entries: segments split across them
+        batch = system.excess_times(V[: rows.numel()], rows)
+        assert float(loop.norm()) > 0
+        torch.testing.assert_close(batch, loop, rtol=1e-13, atol=1e-13 * float(loop.abs().max()))
+    monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", False)
+    by_row = system.solve(R0, 0.1)
+    monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", True)
+    by_batch = system.solve(R0, 0.1)
+    assert system.iterations[0] == system.iterations[1]
+    torch.testing.assert_close(by_batch, by_row, rtol=1e-6, atol=1e-7)  # float32 out, CG tolerance 1e-10
+
+
 def test_router_cg_falls_back_to_dense_rows(monkeypatch):
     """Rows that do not converge within the iteration cap are solved densely, one (d, d) matrix at a time."""
     X, Z, R0, W, _ = _router_problem(2)

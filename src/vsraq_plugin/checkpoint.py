@@ -143,8 +143,10 @@ def quantization_config(
 
 # ---------------------------------------------------------------------------------------------- save
 def _pack(qw: QuantizedWeight, e: int, bits: int | None = None) -> dict[str, torch.Tensor]:
+    """Matrix ``e`` packed where its codes are (a streamed run's stay on the solve device), then on the host:
+    only the packed words cross, one matrix at a time."""
     packed = pack_linear(qw.codes[e], qw.scales[e], qw.zeros[e], qw.g_idx[e], bits or qw.bits)
-    return packed.state_dict()
+    return {k: v.cpu() for k, v in packed.state_dict().items()}
 
 
 def layer_tensors(
@@ -182,8 +184,9 @@ def layer_tensors(
     if layer.is_moe:
         for proj in EXPERT_PROJECTIONS:
             qw = weights[f"{prefix}.mlp.experts.{proj}"]
+            widths = None if qw.bits_per_matrix is None else qw.bits_per_matrix.tolist()
             for e in range(qw.codes.shape[0]):
-                bits = qw.bits if qw.bits_per_matrix is None else int(qw.bits_per_matrix[e])
+                bits = qw.bits if widths is None else int(widths[e])
                 key = _expert_key(adapter, layer.index, e, proj, layout)
                 tensors.update({f"{key}.{k}": v for k, v in _pack(qw, e, bits).items()})
         quantized_params.update({f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"})

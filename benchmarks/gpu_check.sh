@@ -8,7 +8,8 @@
 # Steps:
 #   env          nvidia-smi, torch / transformers / triton versions, and an import of the plugin's pipeline and
 #                the three fixture families (the carried wheels are dropped if that import fails with them)
-#   kernels      tests/test_kernels.py compiled for the GPU (not the interpreter), 8 pytest workers (compiles)
+#   kernels      tests/test_kernels.py compiled for the GPU (not the interpreter), 8 pytest workers (compiles),
+#                and the two CUDA-only tests: a streamed run packing on the device, the router re-fit's batch form
 #   metric       benchmarks/bench_gptq.py --metric --no-exact --fused --device cuda: the fast (low-rank)
 #                output-metric solve against GPTQ's solve, 8 experts of each real width, with its columns rounded
 #                in torch and by the one-launch kernel (kernels/metric_round.py); the exact wavefront took 4.5 s
@@ -65,7 +66,9 @@ if [ -n "${SITE:-}" ] && ! python3 -c "$probe" >/tmp/import_with_wheels.log 2>&1
 fi
 step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; python3 -c '$probe'"
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, where the image has it
-step kernels 90 python3 -m pytest -q -x $workers -p no:cacheprovider tests/test_kernels.py
+step kernels 90 python3 -m pytest -q -x $workers -p no:cacheprovider tests/test_kernels.py \
+  tests/test_streaming.py::test_cuda_streamed_run_packs_on_the_device_and_equals_in_memory \
+  tests/test_vsraq.py::test_cuda_router_excess_takes_the_batch_form_and_equals_the_cpu_loop
 step metric 60 python3 benchmarks/bench_gptq.py --metric --no-exact --fused --experts 8 --repeats 2 --device cuda
 step scale 150 python3 benchmarks/bench_scale.py --layers 2 --experts 128 --methods gptq vsraq --device cuda \
   --threads 16 --n-samples 64 --work /tmp/vsraq-scale --out /tmp/vsraq-scale/bench_scale.json

@@ -306,7 +306,36 @@ def test_streamed_results_reach_the_sink_without_their_dequantized_weights(tmp_p
     cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
     quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
     assert len(seen) > model.config.num_hidden_layers  # every layer's linears and experts
-    assert all(qw.weight is None and qw.prequant is None and qw.codes.dtype == torch.uint8 for qw in seen)
+    assert all(qw.weight is None and qw.codes.dtype == torch.uint8 for qw in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_streamed_run_packs_on_the_device_and_equals_in_memory(tmp_path, monkeypatch):
+    """On a GPU the streamed results reach the sink on the device, its packed tensors come back on the host, and
+    the checkpoint has the in-memory run's codes (both solved on the GPU)."""
+    from vsraq_plugin import checkpoint
+
+    model = tiny_model("qwen3_moe", seed=2)
+    model.save_pretrained(tmp_path / "fp")
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=16, method="vsraq", device="cuda")
+    devices, packed = set(), []
+    layer_tensors = checkpoint.layer_tensors
+
+    def recording(adapter, layer, weights, *args, **kwargs):
+        devices.update(qw.codes.device.type for qw in weights.values())
+        out = layer_tensors(adapter, layer, weights, *args, **kwargs)
+        packed.extend(out.values())
+        return out
+
+    monkeypatch.setattr(checkpoint, "layer_tensors", recording)
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
+    assert devices == {"cuda"} and packed and all(t.device.type == "cpu" for t in packed)
+    monkeypatch.setattr(checkpoint, "layer_tensors", layer_tensors)
+    mem_model = load_model(tmp_path / "fp")
+    res = quantize_model(mem_model, windows, cfg, batch_size=2, progress=False)
+    save_checkpoint(mem_model, res, tmp_path / "mem")
+    _assert_same_codes(_checkpoint(tmp_path / "mem"), _checkpoint(tmp_path / "str"))
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

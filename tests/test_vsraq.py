@@ -84,10 +84,13 @@ def test_router_cg_equals_the_dense_solve(ridge, T):
     assert float((cg - dense).norm() / dense.norm()) < 1e-5
 
 
-def test_router_excess_by_batch_equals_the_row_loop(monkeypatch):
-    """The GPU form of ``excess_times`` (one coefficient matrix per batch, in chunks) against the CPU row loop, on
-    every row and on a subset (CG's unconverged rows), across a reweighting round's second block: the same
-    float64 sums in another order, so equal to 1e-13 relative; CG then takes the same steps to the same router."""
+@pytest.mark.parametrize(("chunk_entries", "group_rows"), [(7, 32), (10**6, 3), (10**6, 32)])
+def test_router_excess_by_batch_equals_the_row_loop(monkeypatch, chunk_entries, group_rows):
+    """The GPU form of ``excess_times`` (coefficient matrices over groups of rows) against the CPU row loop, on every
+    row and on a subset (CG's unconverged rows), across a reweighting round's second block, with chunks of 7 entries
+    that cut segments, groups of 3 rows, and one group of all rows: the same float64 sums in another order, so equal
+    to 1e-13 relative; CG then takes the same steps to the same router."""
+    monkeypatch.setattr(vsraq, "EXCESS_ROWS", group_rows)
     X, Z, R0, W, _ = _router_problem(5, T=300)
     system = RouterSystem(X, R0.shape[0])
     system.add(Z, W)
@@ -99,7 +102,7 @@ def test_router_excess_by_batch_equals_the_row_loop(monkeypatch):
         monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", False)
         loop = system.excess_times(V[: rows.numel()], rows)
         monkeypatch.setattr(vsraq, "EXCESS_BY_BATCH", True)
-        monkeypatch.setattr(vsraq, "EXCESS_CHUNK", 7 * X.shape[1])  # chunks of 7 entries: segments split across them
+        monkeypatch.setattr(vsraq, "EXCESS_CHUNK", chunk_entries * X.shape[1])
         batch = system.excess_times(V[: rows.numel()], rows)
         assert float(loop.norm()) > 0
         torch.testing.assert_close(batch, loop, rtol=1e-13, atol=1e-13 * float(loop.abs().max()))
@@ -109,6 +112,21 @@ def test_router_excess_by_batch_equals_the_row_loop(monkeypatch):
     by_batch = system.solve(R0, 0.1)
     assert system.iterations[0] == system.iterations[1]
     torch.testing.assert_close(by_batch, by_row, rtol=1e-6, atol=1e-7)  # float32 out, CG tolerance 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_cuda_router_excess_takes_the_batch_form_and_equals_the_cpu_loop():
+    """On a GPU ``excess_times`` takes the batch form by default; it equals the CPU row loop to float64 rounding."""
+    X, Z, R0, W, _ = _router_problem(5, T=300)
+    cpu, gpu = RouterSystem(X, R0.shape[0]), RouterSystem(X.cuda(), R0.shape[0])
+    cpu.add(Z, W)
+    gpu.add(Z.cuda(), W.cuda())
+    V = torch.randn(R0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows = torch.arange(R0.shape[0])
+    loop = cpu.excess_times(V, rows)
+    torch.testing.assert_close(
+        gpu.excess_times(V.cuda(), rows.cuda()).cpu(), loop, rtol=1e-12, atol=1e-12 * float(loop.abs().max())
+    )
 
 
 def test_router_cg_falls_back_to_dense_rows(monkeypatch):

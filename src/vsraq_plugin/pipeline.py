@@ -370,7 +370,8 @@ def _run(
                     continue
                 qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym)
                 t.weight.copy_(qw.weight)
-                done[t.name] = _layer_result(qw, keep, host)
+                # (the codes to the host at once, streamed too: later targets' round-to-nearest copies need the room)
+                done[t.name] = weight_to(qw if keep else dataclasses.replace(qw, weight=None), host)
             finish_layer(layer, done)
             store.offload(layer.index)
             result.summary["layer_seconds"].append(time.perf_counter() - t0)

@@ -148,6 +148,29 @@ SHIFT_RATIO = 4.0  # rows whose ridge shifts lie within this ratio share one pre
 # row loop is cheaper: the batch form multiplies a (rows, entries) matrix that is mostly zeros.
 EXCESS_BY_BATCH: bool | None = None
 EXCESS_CHUNK = 2**25  # float64 elements of the entries' inputs per product in the batch form (256 MiB)
+EXCESS_ROWS = 32  # router rows per product in the batch form: up to (1 + this) / 2 times the loop's multiply-adds
+
+
+def _excess_groups(segments: list[tuple[int, int, int]], d: int) -> list[tuple[int, int, int, int]]:
+    """``(row0, row1, entry0, entry1)``: the batch's ``(row, start, end)`` segments (sorted by row) in groups of
+    consecutive rows spanning at most ``EXCESS_ROWS`` rows and ``EXCESS_CHUNK`` input elements; a segment larger
+    than that alone is cut into entry ranges of its row. Host arithmetic on the segment list: no device read."""
+    step = max(1, EXCESS_CHUNK // max(d, 1))
+    groups, cur = [], None
+    for i, e0, e1 in segments:
+        if e1 - e0 > step:
+            if cur is not None:
+                groups.append(cur)
+                cur = None
+            groups += [(i, i + 1, s0, min(e1, s0 + step)) for s0 in range(e0, e1, step)]
+            continue
+        if cur is not None and (i + 1 - cur[0] > EXCESS_ROWS or e1 - cur[2] > step):
+            groups.append(cur)
+            cur = None
+        cur = (i, i + 1, e0, e1) if cur is None else (cur[0], i + 1, cur[2], e1)
+    if cur is not None:
+        groups.append(cur)
+    return groups
 
 
 def dense_router_solve(solve: str, experts: int, dim: int) -> bool:
@@ -165,7 +188,7 @@ class _Batch:
     tokens: torch.Tensor  # (n,) indices into X
     weights: torch.Tensor  # (n,) float32
     segments: list[tuple[int, int, int]]
-    rows: torch.Tensor  # (n,) each entry's row (the segments, per entry)
+    rows: torch.Tensor  # (n,) int32: each entry's row (the segments, per entry)
 
 
 def _add_split(acc: torch.Tensor, P: torch.Tensor) -> None:
@@ -224,7 +247,7 @@ class RouterSystem:
             ends = torch.tensor(counts).cumsum(0).tolist()
             segments = [(i, e - n, e) for i, (n, e) in enumerate(zip(counts, ends, strict=True)) if n]
             if segments:
-                self.batches.append(_Batch(index(toks + t0), weights, segments, rows))
+                self.batches.append(_Batch(index(toks + t0), weights, segments, rows.to(torch.int32)))
         for t in (G, b, wsum, trace):
             self.split.reduce(t)
         # float32 Gram products are not exactly symmetric; keep the lower triangle (what the dense path's
@@ -249,7 +272,7 @@ class RouterSystem:
             slot_of = torch.full((self.E,), -1, dtype=torch.long, device=V.device)
             slot_of[rows] = torch.arange(rows.numel(), device=V.device)
             for batch in self.batches:
-                _add_split(acc, self._batch_excess(batch, V, slot_of))
+                _add_split(acc, self._batch_excess(batch, V, slot_of, rows))
         else:
             slot = [-1] * self.E
             for j, i in enumerate(rows.tolist()):
@@ -269,25 +292,23 @@ class RouterSystem:
         self.split.reduce(acc)
         return acc[0] + acc[1]
 
-    def _batch_excess(self, batch: _Batch, V: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
-        """One batch's ``X_S^T diag(e_i) X_S v_i`` for every row at once, without a host read: each entry's
-        coefficient ``e_ti x_t . v_i`` (zero for rows not asked), then the segment sums as one product of a
-        ``(rows, entries)`` coefficient matrix with the entries' inputs, in chunks of ``EXCESS_CHUNK`` elements.
-        The same sums as the per-row loop in another order (float64: they agree to ~1e-15 relative)."""
-        P = torch.zeros_like(V)
-        n = batch.tokens.numel()
-        step = max(1, EXCESS_CHUNK // max(self.d, 1))
-        for s0 in range(0, n, step):
-            s1 = min(n, s0 + step)
-            j = slot_of[batch.rows[s0:s1]]
-            asked = j >= 0
-            j = j.clamp(min=0)
-            Xi = self.X[batch.tokens[s0:s1]].double()
-            coef = batch.weights[s0:s1].double() * (Xi * V[j]).sum(1) * asked
-            C = torch.zeros(V.shape[0], s1 - s0, dtype=torch.float64, device=V.device)
-            C[j, torch.arange(s1 - s0, device=V.device)] = coef
-            P += C @ Xi
-        return P
+    def _batch_excess(self, batch: _Batch, V: torch.Tensor, slot_of: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """One batch's ``X_S^T diag(e_i) X_S v_i`` for the asked ``rows`` at once, without a host read. Entries are
+        sorted by row, so a group of up to ``EXCESS_ROWS`` consecutive rows is a contiguous entry range: each entry's
+        coefficient ``e_ti x_t . v_i`` (zero for rows not asked), then the group's row sums as one product of a
+        ``(group rows, entries)`` coefficient matrix with the entries' inputs (up to ``(1 + EXCESS_ROWS) / 2`` times the
+        row loop's multiply-adds, on a GPU's float64 units), at most ``EXCESS_CHUNK`` input elements at a time. The same
+        sums as the row loop in another order (float64: they agree to ~1e-15 relative)."""
+        P = torch.zeros(self.E, self.d, dtype=torch.float64, device=V.device)  # by router row, then by slot
+        for r0, r1, e0, e1 in _excess_groups(batch.segments, self.d):
+            Xi = self.X[batch.tokens[e0:e1]].double()
+            j = slot_of[batch.rows[e0:e1]]
+            dots = (Xi * V[j.clamp(min=0)]).sum(1)
+            coef = torch.where(j >= 0, batch.weights[e0:e1].double() * dots, torch.zeros_like(dots))
+            C = torch.zeros(r1 - r0, e1 - e0, dtype=torch.float64, device=V.device)
+            C[batch.rows[e0:e1] - r0, torch.arange(e1 - e0, device=V.device)] = coef
+            P[r0:r1] += C @ Xi
+        return P[rows]
 
     def row_matrix(self, i: int) -> torch.Tensor:
         """``A_i`` ``(d, d)`` float64 for one row (the fallback): the system CG solves, summed as ``excess_times``."""

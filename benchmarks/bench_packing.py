@@ -2,8 +2,10 @@
 by side in one run (same codes, bitwise equal outputs checked).
 
 Shapes are Qwen3-30B-A3B's experts (gate/up fused 1536 x 2048, down 2048 x 768) and DeepSeek-V3's (4096 x 7168,
-7168 x 2048); the per-layer figure multiplies by the expert count (128 / 256). Packing runs on the host after the
-solve, in both methods: on an H200 it was about half of gptq's 5.6 s a layer at Qwen3-30B-A3B's shape.
+7168 x 2048); the per-layer figure multiplies by the expert count (128 / 256). Packing runs after the solve, in
+both methods (on the solve device in a streamed run since 2026-12-04; on the host before, where on an H200 it was
+about half of gptq's 5.6 s a layer at Qwen3-30B-A3B's shape). The codes here are float (the README's figures were
+measured so); the solver's are uint8, and both packers convert either.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_packing.py [--threads 1] [--bits 4 2 8]
 """
@@ -46,7 +48,7 @@ def main() -> None:
     for model, (shapes, experts) in SHAPES.items():
         for bits in args.bits:
             for out_f, in_f in shapes:
-                codes = torch.randint(0, 2**bits, (in_f, out_f), generator=g).float()  # as pack_linear hands it
+                codes = torch.randint(0, 2**bits, (in_f, out_f), generator=g).float()
                 assert torch.equal(packing._pack_stream(codes, bits), packing.pack_codes(codes, bits))
                 stream = best_of(lambda: packing._pack_stream(codes, bits), args.repeats)
                 words = best_of(lambda: packing.pack_codes(codes, bits), args.repeats)

@@ -7,9 +7,10 @@ the solve, CG iterations per solve, agreement history, and the weights' differen
 A dense solve is run only where its ``(E, d, d)`` float64 tensors fit in the memory available (measured: the
 dense re-fit peaks at about five of them); otherwise its memory is computed and printed.
 
-``cg-batch`` is CG with ``excess_times`` in its GPU form (one coefficient matrix per batch instead of a few
-operators per row and batch), run here on the CPU; ``--count-ops`` counts each re-fit's torch operators, i.e. the
-kernel launches it would make on a GPU, where the row loop's launches were 2.3 s a layer (H200, Qwen3-30B-A3B).
+``cg-batch`` is CG with ``excess_times`` in its GPU form (per batch, coefficient matrices over groups of up to 32
+rows instead of a few operators per row), run here on the CPU; ``--count-ops`` counts each re-fit's torch
+operators, i.e. the kernel launches it would make on a GPU, where the row loop's launches were 2.3 s a layer
+(H200, Qwen3-30B-A3B).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_router.py [--sizes olmoe-like qwen3-30b-a3b deepseek-v3] [--tokens 4096]
     OMP_NUM_THREADS=1 python benchmarks/bench_router.py --sizes qwen3-30b-a3b --solves cg cg-batch --count-ops

@@ -115,8 +115,11 @@ def test_router_excess_by_batch_equals_the_row_loop(monkeypatch, chunk_entries, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
-def test_cuda_router_excess_takes_the_batch_form_and_equals_the_cpu_loop():
+def test_cuda_router_excess_takes_the_batch_form_and_equals_the_cpu_loop(monkeypatch):
     """On a GPU ``excess_times`` takes the batch form by default; it equals the CPU row loop to float64 rounding."""
+    calls = []
+    batch_excess = RouterSystem._batch_excess
+    monkeypatch.setattr(RouterSystem, "_batch_excess", lambda self, *a: calls.append(1) or batch_excess(self, *a))
     X, Z, R0, W, _ = _router_problem(5, T=300)
     cpu, gpu = RouterSystem(X, R0.shape[0]), RouterSystem(X.cuda(), R0.shape[0])
     cpu.add(Z, W)
@@ -124,9 +127,11 @@ def test_cuda_router_excess_takes_the_batch_form_and_equals_the_cpu_loop():
     V = torch.randn(R0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     rows = torch.arange(R0.shape[0])
     loop = cpu.excess_times(V, rows)
+    assert not calls  # the CPU took the row loop
     torch.testing.assert_close(
         gpu.excess_times(V.cuda(), rows.cuda()).cpu(), loop, rtol=1e-12, atol=1e-12 * float(loop.abs().max())
     )
+    assert len(calls) == len(gpu.batches)  # the GPU took the batch form, one call per batch
 
 
 def test_router_cg_falls_back_to_dense_rows(monkeypatch):

@@ -371,7 +371,7 @@ def _run(
                 qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym)
                 t.weight.copy_(qw.weight)
                 # (the codes to the host at once, streamed too: later targets' round-to-nearest copies need the room)
-                done[t.name] = weight_to(qw if keep else dataclasses.replace(qw, weight=None), host)
+                done[t.name] = _layer_result(qw, keep, host, codes_to_host=True)
             finish_layer(layer, done)
             store.offload(layer.index)
             result.summary["layer_seconds"].append(time.perf_counter() - t0)
@@ -755,14 +755,16 @@ def _lookahead_logits(
     return {}, None
 
 
-def _layer_result(qw: QuantizedWeight, keep: bool, host: torch.device) -> QuantizedWeight:
+def _layer_result(qw: QuantizedWeight, keep: bool, host: torch.device, codes_to_host: bool = False) -> QuantizedWeight:
     """A finished layer's result as it leaves the step. In memory it stays with the caller, on the host. Streamed,
     only the sink reads it and it packs codes, scales and zeros: those stay where they were solved (the sink packs
-    them there and moves the packed words), and the dequantized weight, the model's own float32 parameter, is
-    dropped instead of copied to the host (DeepSeek-V3: 45 GB a layer over PCIe and in host memory)."""
+    them there and moves the packed words; ``codes_to_host`` moves them now instead), and the dequantized weight,
+    the model's own float32 parameter, is dropped instead of copied to the host (DeepSeek-V3: 45 GB a layer over
+    PCIe and in host memory)."""
     if keep:
         return weight_to(qw, host)
-    return dataclasses.replace(qw, weight=None, prequant=None)
+    codes = dataclasses.replace(qw, weight=None, prequant=None)
+    return weight_to(codes, host) if codes_to_host else codes
 
 
 def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResult, cfg, progress) -> None:

@@ -52,6 +52,7 @@ ROWS: dict[str, dict] = {
     "rtn": dict(method="rtn"),
     "gptq reference (no GAR)": dict(method="gptq", act_group_aware=False),
     "gptq": dict(method="gptq"),
+    "gptq + mse 2.4": dict(method="gptq", mse=2.4),
     "agq": dict(method="agq"),
     "vsraq value only": dict(method="vsraq", **{**OFF, "lambda_value": 1.0}),
     "vsraq value+structure": dict(
@@ -73,6 +74,7 @@ ROWS: dict[str, dict] = {
     "vsraq full + drift 0.5": dict(method="vsraq", drift_beta=0.5),
     "vsraq full without q/k probes": dict(method="vsraq", lambda_metric_qk=0.0),
     "vsraq full without MLP probes": dict(method="vsraq", lambda_metric_mlp=0.0),
+    "vsraq full + mse 2.4": dict(method="vsraq", mse=2.4),
     "vsraq full as of 2026-12-03": dict(method="vsraq", **NO_PROBES),
     "vsraq full as of 2026-12-01": dict(
         method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0, **NO_PROBES

@@ -579,3 +579,21 @@ def test_an_outlier_column_is_quantized_like_the_reference():
     assert (diff <= step * 1.001).all() and (diff > 1e-3 * step).float().mean() < 0.05
     torch.testing.assert_close(qw.weight[0, :, 5].double(), expect[:, 5], rtol=1e-6, atol=0)
     assert torch.isfinite(qw.weight).all()
+
+
+@pytest.mark.parametrize(("metric_solve", "tile"), [("fast", 32), ("exact", 4), ("exact", 16)])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_clipping_search_is_the_same_in_every_solve(metric_solve, tile, static_groups, monkeypatch):
+    """``mse`` reaches every place a grid is made (the column solve, the tiled metric solve's groups that start
+    inside a tile and across tiles, static groups): with M = I the metric solves equal the column solve bit for
+    bit, and the grids are not stock GPTQ's."""
+    monkeypatch.setattr(gptq_module, "_METRIC_TILE", tile)
+    W, H = _correlated_batch(3, 12, 32, 0)
+    kw = dict(block_size=8, static_groups=static_groups, act_group_aware=True, mse=2.4)
+    ref, _, _ = gptq_quantize(W, H, 3, 8, **kw)
+    metric = torch.eye(12).expand(3, 12, 12)
+    got, _, _ = gptq_quantize(W, H, 3, 8, **kw, row_metric=metric, metric_solve=metric_solve)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.weight, ref.weight)
+    assert torch.equal(got.scales, ref.scales) and torch.equal(got.zeros, ref.zeros)
+    stock, _, _ = gptq_quantize(W, H, 3, 8, **{**kw, "mse": 0.0})
+    assert not torch.equal(stock.scales, ref.scales)

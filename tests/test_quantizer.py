@@ -4,15 +4,19 @@ import torch
 from vsraq_plugin.quantizer import compute_qparams, rtn
 
 
-def _reference_grid(x, bits, sym):
-    """Scalar re-statement of GPTQ's quant.py grid, one group at a time, in float64."""
-    maxq = 2**bits - 1
+def _reference_range(x, sym):
+    """GPTQ's quant.py range of one group: holding 0, symmetric with ``sym``, [-1, 1] when all zero."""
     xmin, xmax = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     if sym:
         xmax = max(abs(xmin), xmax)
         xmin = -xmax if xmin < 0 else xmin
-    if xmin == 0 and xmax == 0:
-        xmin, xmax = -1.0, 1.0
+    return (-1.0, 1.0) if xmin == 0 and xmax == 0 else (xmin, xmax)
+
+
+def _reference_grid(x, bits, sym):
+    """Scalar re-statement of GPTQ's quant.py grid, one group at a time, in float64."""
+    maxq = 2**bits - 1
+    xmin, xmax = _reference_range(x, sym)
     scale = float(torch.tensor((xmax - xmin) / maxq).half())
     zero = (maxq + 1) / 2 if sym else round(-xmin / scale)
     codes = [min(max(round(v / scale) + zero, 0), maxq) for v in x.double().tolist()]
@@ -57,3 +61,60 @@ def test_rtn_rejects_nan_and_bad_group():
         rtn(torch.tensor([[1.0, float("nan")]]), 4)
     with pytest.raises(ValueError, match=r"does not divide the input dimension 10"):
         rtn(torch.randn(2, 10), 4, group_size=4)
+
+
+def _reference_search(x, bits, sym, norm, shrinks):
+    """The clipping search re-stated per group in float64: every shrunk range's grid (the scalar grid above on
+    ``p * range``) and its error ``sum |x - deq|^norm``. Returns the errors per candidate and their grids."""
+    maxq = 2**bits - 1
+    lo, hi = _reference_range(x, sym)
+    errs, grids = [], []
+    for p in shrinks:
+        scale = float(torch.tensor(p * (hi - lo) / maxq).half())
+        zero = (maxq + 1) / 2 if sym else min(max(round(-p * lo / scale), 0), maxq)
+        codes = [min(max(round(v / scale) + zero, 0), maxq) for v in x.double().tolist()]
+        errs.append(sum(abs(v - scale * (c - zero)) ** norm for v, c in zip(x.double().tolist(), codes, strict=True)))
+        grids.append((scale, zero))
+    return errs, grids
+
+
+@pytest.mark.parametrize(("bits", "sym", "norm"), [(2, True, 2.4), (3, False, 2.4), (4, True, 2.0), (3, True, 3.0)])
+def test_clipping_search_picks_the_least_error_range(bits, sym, norm):
+    """``search_qparams`` returns, per group, the candidate range whose rounding error in the norm is the least
+    (float64 scalar reference over the same candidates; float32 sums may swap near-ties, so the chosen grid's
+    error is compared, to 1e-5), never more than the full range's, and shrinks the range of some groups."""
+    from vsraq_plugin.quantizer import MSE_MIN_SHRINK, MSE_STEPS, search_qparams
+
+    g = torch.Generator().manual_seed(bits * 10 + sym)
+    w = torch.randn(4, 6, 32, generator=g) * 0.05 + (0.0 if sym else 0.02)
+    shrinks = torch.linspace(1.0, MSE_MIN_SHRINK, MSE_STEPS).tolist()
+    scale, zero = search_qparams(w, bits, sym, norm)
+    full_scale, _ = compute_qparams(w, bits, sym)
+    for r in range(4):
+        for grp in range(6):
+            errs, grids = _reference_search(w[r, grp], bits, sym, norm, shrinks)
+            got = grids.index((scale[r, grp].item(), zero[r, grp].item()))  # the grid is one of the candidates
+            assert errs[got] <= min(errs) * (1 + 1e-5)
+            assert errs[got] <= errs[0] * (1 + 1e-5)  # never worse than the full range
+    assert (scale < full_scale).any()  # the search is not the full range everywhere
+
+
+def test_clipping_search_in_gptq_with_an_identity_hessian_is_the_search_per_group():
+    """With H = I GPTQ has nothing to compensate: ``mse`` gives exactly the search's grid per group and the
+    nearest codes on it (the search's plumbing through the column solve, blocks not aligned to groups)."""
+    from vsraq_plugin.gptq import gptq_quantize
+    from vsraq_plugin.quantizer import dequantize, quantize, search_qparams
+
+    W = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(5))
+    W[0, 0, 7] = 6.0
+    H = torch.eye(64).expand(2, 64, 64).contiguous()
+    qw, _, _ = gptq_quantize(W, H, 3, 16, sym=False, block_size=24, act_group_aware=False, mse=2.4)
+    scale, zero = search_qparams(W.reshape(2, 12, 4, 16), 3, False, 2.4)
+    codes = quantize(W.reshape(2, 12, 4, 16), scale[..., None], zero[..., None], 3)
+    assert torch.equal(qw.scales, scale) and torch.equal(qw.zeros, zero.to(torch.int32))
+    assert torch.equal(qw.codes, codes.reshape(2, 12, 64).to(torch.uint8))
+    assert torch.equal(qw.weight, dequantize(codes, scale[..., None], zero[..., None]).reshape(2, 12, 64))
+    stock, _, _ = gptq_quantize(W, H, 3, 16, sym=False, block_size=24, act_group_aware=False)
+    assert not torch.equal(stock.scales, qw.scales)
+    with pytest.raises(ValueError, match=r"mse=0.5 is not a norm"):
+        gptq_quantize(W, H, 3, 16, mse=0.5)

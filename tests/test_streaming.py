@@ -309,6 +309,49 @@ def test_streamed_results_reach_the_sink_without_their_dequantized_weights(tmp_p
     assert all(qw.weight is None and qw.codes.dtype == torch.uint8 for qw in seen)
 
 
+def test_a_run_freezes_what_was_alive_collects_its_own_cycles_and_hands_the_freeze_back(tmp_path, monkeypatch):
+    """The per-layer collection skips the objects alive before the run (``frozen_imports``), still frees the
+    reference cycles a layer leaves, and leaves the collector as it found it: unfrozen, or frozen by the caller."""
+    import gc
+    import weakref
+
+    from vsraq_plugin import pipeline
+
+    class Cycle:
+        pass
+
+    model = tiny_model("qwen3_moe", seed=2)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=4, group_size=16, method="gptq", device="cpu")
+    frozen, freed = [], []
+    release = pipeline.release_host_memory
+
+    def watching():
+        frozen.append(gc.get_freeze_count())
+        a = Cycle()
+        a.me = a  # a cycle made inside the run: only the collector frees it
+        ref = weakref.ref(a)
+        del a
+        release()
+        freed.append(ref() is None)
+
+    monkeypatch.setattr(pipeline, "release_host_memory", watching)
+    gc.unfreeze()
+    quantize_model(model, windows, cfg, progress=False)
+    assert frozen and all(n > 1000 for n in frozen) and all(freed)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze is left alone: neither extended nor handed back
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    try:
+        quantize_model(tiny_model("qwen3_moe", seed=2), windows, cfg, progress=False)
+        assert calls == [] and gc.get_freeze_count() > 1000
+    finally:
+        monkeypatch.undo()
+        gc.unfreeze()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
 def test_cuda_streamed_run_packs_on_the_device_and_equals_in_memory(tmp_path, monkeypatch):
     """On a GPU the streamed results reach the sink on the device, its packed tensors come back on the host, and

@@ -260,6 +260,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         sym=not args.asym,
         desc_act=args.desc_act,
         damp_percent=args.damp_percent,
+        mse=args.mse,
         method=args.method,
         metric_solve=args.metric_solve,
         router_solve=args.router_solve,
@@ -502,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
     q.add_argument("--desc-act", action="store_true", help="act-order (quantize columns by decreasing diag(H))")
     q.add_argument("--damp-percent", type=float, default=0.01)
+    q.add_argument(
+        "--mse",
+        type=float,
+        default=0.0,
+        help="clipping search of each group's grid in this norm (gptqmodel's mse; e.g. 2.4); 0 (default): the full "
+        "range, as stock GPTQ",
+    )
     q.add_argument(
         "--metric-solve",
         choices=("fast", "exact"),

@@ -15,7 +15,7 @@ import torch
 
 from .config import METRIC_SOLVES
 from .metric_rounding import default_plan, grid_terms, low_rank_factor, round_column
-from .quantizer import QuantizedWeight, all_finite, compute_qparams, dequantize, group_count, quantize
+from .quantizer import QuantizedWeight, all_finite, dequantize, grid_params, group_count, quantize
 
 
 class HessianError(RuntimeError):
@@ -258,6 +258,7 @@ def _solve_columns(
     block_size: int,
     G: torch.Tensor | None = None,
     keep_prequant: bool = False,
+    mse: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's blocked column solve on column-major weights ``Wt`` ``(N, in, rows)`` (modified in place),
     with ``Hinv`` the upper Cholesky factor of each damped, permuted ``H^-1``. Returns codes and dequantized
@@ -276,7 +277,7 @@ def _solve_columns(
     ngroups = d // gs
 
     def grid(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, k, r) -> params (N, r)
-        return compute_qparams(cols.transpose(1, 2), bits, sym)
+        return grid_params(cols.transpose(1, 2), bits, sym, mse)
 
     codes = torch.empty_like(Wt)
     Q = torch.empty_like(Wt)
@@ -346,6 +347,7 @@ def _solve_wavefront(
     group_size: int,
     static: tuple[torch.Tensor, torch.Tensor] | None,
     Minv: torch.Tensor,
+    mse: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ with an output metric ``M`` (DESIGN 3.5b): ``min tr((W-Q) H (W-Q)^T M)``, same inputs and outputs
     as ``_solve_columns`` plus ``Minv``, the upper Cholesky factor of each ``M^-1`` ``(N, rows, rows)``.
@@ -386,7 +388,7 @@ def _solve_wavefront(
         scales = torch.zeros(N, r, ngroups, device=Wt.device)
         zeros = torch.zeros(N, r, ngroups, device=Wt.device)
     if group_size == -1:
-        scales[..., 0], zeros[..., 0] = compute_qparams(Wc, bits, sym)
+        scales[..., 0], zeros[..., 0] = grid_params(Wc, bits, sym, mse)
     col_blocks = [(c, min(c + tc, d)) for c in range(0, d, tc)]
     row_blocks = [(q, min(q + tr, r)) for q in range(0, r, tr)]
     for diag in range(len(col_blocks) + len(row_blocks) - 1):
@@ -399,7 +401,7 @@ def _solve_wavefront(
             shapes.setdefault((rb[1] - rb[0], cb[1] - cb[0]), []).append((cb, rb))
         for batch in shapes.values():
             errs, ferrs = _solve_tiles(
-                batch, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, perm, bits, sym, group_size, static
+                batch, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, perm, bits, sym, group_size, static, mse
             )
             for k, ((c0, c1), (r0, r1)) in enumerate(batch):
                 if c1 < d:  # this tile's column errors reach the later columns of its rows
@@ -409,7 +411,9 @@ def _solve_wavefront(
     return codes.transpose(1, 2), Q.transpose(1, 2), scales, zeros, U.transpose(1, 2)
 
 
-def _solve_tiles(tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, perm, bits, sym, group_size, static):
+def _solve_tiles(
+    tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, perm, bits, sym, group_size, static, mse=0.0
+):
     """The element wavefront inside a batch of same-shape tiles ``[((c0, c1), (r0, r1)), ...]``, vectorised
     over matrices and tiles; writes codes and weights, returns the column and row errors ``(N, K, h, w)``."""
     N = Wc.shape[0]
@@ -445,7 +449,7 @@ def _solve_tiles(tiles, Wc, feed, codes, Q, U, Hs, Hd, Ms, Md, scales, zeros, pe
                     else:  # the group starts the tile and runs into later ones, which hold every update so far
                         span = cols[ks, rb][:, None] + torch.arange(gs, device=dev)
                         vals = Wc[:, rows[ks, ra][:, None], span]
-                    s_, z_ = compute_qparams(vals, bits, sym)
+                    s_, z_ = grid_params(vals, bits, sym, mse)
                     r_, g_ = rows[ks, ra], cols[ks, rb] // gs
                     scales[:, r_, g_], zeros[:, r_, g_] = s_, z_
             g = cols[:, b] // gs if group_size != -1 else torch.zeros_like(cols[:, b])
@@ -503,6 +507,7 @@ def gptq_quantize(
     keep_prequant: bool = False,
     metric_solve: str = "fast",
     with_error: bool = True,
+    mse: float = 0.0,
 ) -> tuple[QuantizedWeight, torch.Tensor | None, torch.Tensor]:
     """GPTQ-quantize a batch of weights ``W`` ``(B, rows, in)`` with Hessians ``H``.
 
@@ -519,6 +524,10 @@ def gptq_quantize(
     diagonal and columns inside a group likewise, so the important columns go first while every group
     keeps its own columns: ``g_idx`` stays trivial and the checkpoint is a plain ``desc_act=False`` one.
 
+    ``mse`` > 0: each group's grid is the clipping search of ``quantizer.search_qparams`` in that norm (2.4 in the
+    GPTQ reference and gptqmodel) over the group's weights as GPTQ has compensated them when the group starts;
+    0 is stock GPTQ's full range.
+
     ``H`` is ``(B, in, in)``, or ``(B, rows, in, in)`` for a distinct Hessian per output row. Returns the
     quantized weight (codes, fp16-exact scales, zeros, ``g_idx``, dequantized weight, all in the original
     column order), the Hessian-weighted error ``tr((W-Q) H (W-Q)^T)`` per matrix with the undamped H (None with
@@ -533,6 +542,8 @@ def gptq_quantize(
         raise ValueError(f"row_metric must be (B, rows, rows) = {(B, R, R)} with a shared Hessian per matrix.")
     if metric_solve not in METRIC_SOLVES:
         raise ValueError(f"metric_solve={metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")
+    if mse and not 1.0 <= mse <= 16.0:
+        raise ValueError(f"mse={mse} is not a norm of the clipping search; use 0 (off) or a norm in [1, 16], e.g. 2.4.")
     # The O(d^3) factorisations and the error feedback stream whole Hessians through memory: batches of
     # matrices sized to stay cache-resident are faster than one huge batch, which is memory-bound.
     per_matrix = (R if row_hessian else 1) * d * d * 4
@@ -542,12 +553,12 @@ def gptq_quantize(
     args = (bits, group_size, sym, desc_act, static_groups, damp_percent, damp_auto_increment, block_size)
     args += (act_group_aware,)
     if chunk >= B:
-        return _gptq_batch(W, H, *args, row_metric, keep_prequant, metric_solve, with_error)
+        return _gptq_batch(W, H, *args, row_metric, keep_prequant, metric_solve, with_error, mse)
     out = error = damp = None
     for c in range(0, B, chunk):
         metric = None if row_metric is None else row_metric[c : c + chunk]
         qw, err, dmp = _gptq_batch(W[c : c + chunk], H[c : c + chunk], *args, metric, keep_prequant, metric_solve,
-                                   with_error)  # fmt: skip
+                                   with_error, mse)  # fmt: skip
         if out is None:  # preallocate once: no concatenation copies of the full batch
             names = ("codes", "scales", "zeros", "g_idx", "weight") + (("prequant",) if keep_prequant else ())
             fields = {f: getattr(qw, f).new_empty((B, *getattr(qw, f).shape[1:])) for f in names}
@@ -577,6 +588,7 @@ def _gptq_batch(
     keep_prequant: bool = False,
     metric_solve: str = "fast",
     with_error: bool = True,
+    mse: float = 0.0,
 ) -> tuple[QuantizedWeight, torch.Tensor | None, torch.Tensor]:
     """``gptq_quantize`` on one cache-sized batch (inputs already checked)."""
     row_hessian = H.dim() == 4
@@ -608,7 +620,7 @@ def _gptq_batch(
     # Static groups: grid parameters from the (dead-zeroed) weight before any error feedback.
     static = None
     if static_groups and group_size != -1:
-        static = compute_qparams(Wt.reshape(N, ngroups, gs, r).permute(0, 3, 1, 2), bits, sym)  # (N, r, groups)
+        static = grid_params(Wt.reshape(N, ngroups, gs, r).permute(0, 3, 1, 2), bits, sym, mse)  # (N, r, groups)
 
     gar = act_group_aware and not desc_act and group_size != -1
     group_order = None
@@ -640,7 +652,7 @@ def _gptq_batch(
         if not bool(ok.all()):
             raise ValueError("row_metric must be symmetric positive definite (I plus a positive semidefinite matrix).")
         Minv = Minv.float()
-        codes, Q, scales, zeros, U = _solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static, Minv)
+        codes, Q, scales, zeros, U = _solve_wavefront(Wt, Hinv, perm_n, bits, sym, group_size, static, Minv, mse)
     else:
         # The column loop streams one block (in-block columns x rows) of every matrix of a chunk per column: chunks
         # sized to stay cache-resident beat one huge batch (memory-bound) and a Python loop (overhead-bound).
@@ -663,6 +675,7 @@ def _gptq_batch(
                     block_size,
                     G_part,
                     keep_prequant,
+                    mse,
                 )
             )
         codes, Q, scales, zeros, U = (torch.cat(t) for t in zip(*parts, strict=True))

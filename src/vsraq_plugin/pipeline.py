@@ -69,6 +69,7 @@ from .streaming import (
     InMemoryLayers,
     ModelSource,
     StreamedLayers,
+    frozen_imports,
     release_host_memory,
     resolve_device,
     resolve_store,
@@ -324,7 +325,13 @@ def _rank_device(device: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _run(
+def _run(*args, **kwargs) -> QuantizationResult:
+    """``_run_layers`` with the imported libraries' objects out of the per-layer collections' way."""
+    with frozen_imports():
+        return _run_layers(*args, **kwargs)
+
+
+def _run_layers(
     store: InMemoryLayers | StreamedLayers,
     windows: torch.Tensor | None,
     cfg: QuantConfig,

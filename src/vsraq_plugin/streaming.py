@@ -85,6 +85,23 @@ def release_host_memory() -> None:
 _LIBC = None
 
 
+@contextmanager
+def frozen_imports():
+    """Within a run, ``release_host_memory``'s collection walks only the objects made since the run began: the
+    ~400k objects already alive (the imported libraries, mostly) are moved out of the collector's reach
+    (``gc.freeze``) and handed back after. A full collection over them took 0.19-0.27 s a layer on the CPU. Left
+    alone when the caller has frozen objects of its own."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()  # nothing already garbage is frozen
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 # ---------------------------------------------------------------------------------------------- source files
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -45,6 +45,7 @@ OFF = dict(
     fp_target_alpha=0.0,
     drift_beta=0.0,
     metric_horizon=1,
+    mse=0.0,
 )
 NO_PROBES = dict(lambda_metric_qk=0.0, lambda_metric_mlp=0.0)
 NO_METRIC = dict(lambda_metric=0.0, lambda_metric_v=0.0, lambda_metric_up=0.0, **NO_PROBES)
@@ -74,10 +75,10 @@ ROWS: dict[str, dict] = {
     "vsraq full + drift 0.5": dict(method="vsraq", drift_beta=0.5),
     "vsraq full without q/k probes": dict(method="vsraq", lambda_metric_qk=0.0),
     "vsraq full without MLP probes": dict(method="vsraq", lambda_metric_mlp=0.0),
-    "vsraq full + mse 2.4": dict(method="vsraq", mse=2.4),
-    "vsraq full as of 2026-12-03": dict(method="vsraq", **NO_PROBES),
+    "vsraq full without the grid search": dict(method="vsraq", mse=0.0),
+    "vsraq full as of 2026-12-03": dict(method="vsraq", mse=0.0, **NO_PROBES),
     "vsraq full as of 2026-12-01": dict(
-        method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0, **NO_PROBES
+        method="vsraq", metric_horizon=1, fp_target_alpha=0.5, drift_beta=0.0, mse=0.0, **NO_PROBES
     ),
     "vsraq full, router quantized": dict(method="vsraq", router_mode="quantize"),
     "vsraq full": dict(method="vsraq"),

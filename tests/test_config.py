@@ -63,11 +63,12 @@ def test_group_size_must_divide_in_features():
         cfg.check_in_features(96, "model.layers.0.mlp.down_proj")
 
 
-def test_the_clipping_search_is_off_by_default_and_refuses_a_bad_norm():
-    """``mse`` is 0 (stock GPTQ's full range) for every method unless asked for; a value that is no norm is refused
-    with the fix."""
-    assert all(QuantConfig(method=m).mse == 0 for m in ("rtn", "gptq", "agq", "vsraq"))
-    assert QuantConfig(method="vsraq", mse=2.4).mse == 2.4
+def test_the_clipping_search_defaults_to_vsraq_only_and_refuses_a_bad_norm():
+    """``mse=None`` resolves per method (vsraq 2.4, the stock methods the full range), an explicit value wins, and
+    a value that is no norm is refused with the fix."""
+    assert QuantConfig(method="vsraq").mse_norm == 2.4
+    assert all(QuantConfig(method=m).mse_norm == 0.0 for m in ("rtn", "gptq", "agq"))
+    assert QuantConfig(method="vsraq", mse=0).mse_norm == 0.0 and QuantConfig(method="gptq", mse=2).mse_norm == 2.0
     for bad in (0.5, -1.0, True, "2.4", 17.0):
         with pytest.raises(ConfigError, match=r"mse=.* must be 0 \(the full range\)"):
             QuantConfig(mse=bad)

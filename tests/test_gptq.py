@@ -531,7 +531,8 @@ def test_hessian_singular_after_damping_falls_back_to_rtn_of_that_matrix_only():
     W = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(3))
     good = [_hessian(_correlated(256, 32, seed=s)) for s in (1, 2)]
     H = torch.stack([good[0], -torch.eye(32), good[1]])
-    cfg = __import__("vsraq_plugin").QuantConfig(bits=4, group_size=-1, sym=False)
+    # The reference's stock grid (vsraq, the default method, searches the clipping).
+    cfg = __import__("vsraq_plugin").QuantConfig(bits=4, group_size=-1, sym=False, mse=0)
     fallbacks: list[dict] = []
     qw = solve_batch(W, H, cfg, "x", fallbacks)
     assert [(f["index"], f["action"]) for f in fallbacks] == [(1, "rtn")]

@@ -362,6 +362,7 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
         lambda_metric_mlp=0.0,
         fp_target_alpha=0.0,
         drift_beta=0.0,
+        mse=0.0,  # vsraq's default grid search off: gptq's stock grid (same norm, same grids: the test below)
     )
     rb = quantize_model(
         b, windows, QuantConfig(bits=3, group_size=16, method="vsraq", **zero), batch_size=2, progress=False
@@ -374,9 +375,10 @@ def test_all_lambdas_zero_reproduce_gptq_bit_for_bit():
         assert torch.equal(p1, p2), n1
 
 
-def test_the_clipping_search_reaches_every_solve_of_a_run_and_is_the_same_for_both_methods():
-    """``mse=2.4`` changes the grids of a run (the pipeline hands the norm to every solve), and with every routing
-    term off vsraq still equals gptq bit for bit under it."""
+def test_vsraq_default_grid_search_is_gptqs_with_the_same_norm_and_reaches_every_solve():
+    """vsraq's default grid is the clipping search in the 2.4 norm (``mse=None``): with every routing term off it
+    equals gptq run with ``mse=2.4`` bit for bit, and every quantized matrix's grids differ from stock gptq's (the
+    pipeline hands the norm to every solve)."""
     fp = tiny_model("qwen2_moe", seed=6)
     windows = torch.randint(0, fp.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
     zero = dict(lambda_value=0.0, lambda_structure=0.0, lambda_expert=0.0, lambda_attention=0.0, lambda_metric=0.0)
@@ -385,12 +387,12 @@ def test_the_clipping_search_reaches_every_solve_of_a_run_and_is_the_same_for_bo
     for name, cfg in {
         "gptq": QuantConfig(bits=3, group_size=16, method="gptq"),
         "gptq mse": QuantConfig(bits=3, group_size=16, method="gptq", mse=2.4),
-        "vsraq mse": QuantConfig(bits=3, group_size=16, method="vsraq", mse=2.4, **zero),
+        "vsraq": QuantConfig(bits=3, group_size=16, method="vsraq", **zero),
     }.items():
         runs[name] = quantize_model(copy.deepcopy(fp), windows, cfg, batch_size=2, progress=False).weights
     for name in runs["gptq"]:
-        assert torch.equal(runs["gptq mse"][name].codes, runs["vsraq mse"][name].codes), name
-        assert torch.equal(runs["gptq mse"][name].scales, runs["vsraq mse"][name].scales), name
+        assert torch.equal(runs["gptq mse"][name].codes, runs["vsraq"][name].codes), name
+        assert torch.equal(runs["gptq mse"][name].scales, runs["vsraq"][name].scales), name
     changed = [n for n in runs["gptq"] if not torch.equal(runs["gptq"][n].scales, runs["gptq mse"][n].scales)]
     assert len(changed) == len(runs["gptq"]), sorted(set(runs["gptq"]) - set(changed))  # every solve searched
 

@@ -506,9 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--mse",
         type=float,
-        default=0.0,
-        help="clipping search of each group's grid in this norm (gptqmodel's mse; e.g. 2.4); 0 (default): the full "
-        "range, as stock GPTQ",
+        default=None,
+        help="clipping search of each group's grid in this norm (gptqmodel's mse; e.g. 2.4), 0 for the full range "
+        "(stock GPTQ); default: 2.4 with vsraq, 0 with the other methods",
     )
     q.add_argument(
         "--metric-solve",

@@ -52,7 +52,7 @@ def gptq_solve(
         cfg.refine_steps > 0,  # refinement starts from the values the solver rounded
         cfg.metric_solve,
         with_error=False,
-        mse=cfg.mse,
+        mse=cfg.mse_norm,
     )
     return qw
 

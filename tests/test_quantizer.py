@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from vsraq_plugin.quantizer import compute_qparams, rtn
+from vsraq_plugin.gptq import gptq_quantize
+from vsraq_plugin.quantizer import (
+    MSE_MIN_SHRINK,
+    MSE_STEPS,
+    compute_qparams,
+    dequantize,
+    quantize,
+    rtn,
+    search_qparams,
+)
 
 
 def _reference_range(x, sym):
@@ -83,8 +92,6 @@ def test_clipping_search_picks_the_least_error_range(bits, sym, norm):
     """``search_qparams`` returns, per group, the candidate range whose rounding error in the norm is the least
     (float64 scalar reference over the same candidates; float32 sums may swap near-ties, so the chosen grid's
     error is compared, to 1e-5), never more than the full range's, and shrinks the range of some groups."""
-    from vsraq_plugin.quantizer import MSE_MIN_SHRINK, MSE_STEPS, search_qparams
-
     g = torch.Generator().manual_seed(bits * 10 + sym)
     w = torch.randn(4, 6, 32, generator=g) * 0.05 + (0.0 if sym else 0.02)
     shrinks = torch.linspace(1.0, MSE_MIN_SHRINK, MSE_STEPS).tolist()
@@ -102,9 +109,6 @@ def test_clipping_search_picks_the_least_error_range(bits, sym, norm):
 def test_clipping_search_in_gptq_with_an_identity_hessian_is_the_search_per_group():
     """With H = I GPTQ has nothing to compensate: ``mse`` gives exactly the search's grid per group and the
     nearest codes on it (the search's plumbing through the column solve, blocks not aligned to groups)."""
-    from vsraq_plugin.gptq import gptq_quantize
-    from vsraq_plugin.quantizer import dequantize, quantize, search_qparams
-
     W = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(5))
     W[0, 0, 7] = 6.0
     H = torch.eye(64).expand(2, 64, 64).contiguous()

@@ -21,6 +21,7 @@ DAMAGE_METRICS = ("readers", "residual")
 METRIC_SOLVES = ("fast", "exact")
 ROUTER_SOLVES = ("auto", "dense", "cg")
 VSRAQ_MSE = 2.4  # vsraq's default clipping-search norm (the GPTQ reference's)
+MSE_NORMS = (1.0, 16.0)  # the norms the clipping search takes (0: no search)
 DYNAMIC_SETTINGS = ("bits", "group_size")  # what a ``dynamic`` override may set per module
 
 
@@ -179,11 +180,11 @@ class QuantConfig:
         if self.mse is not None and (
             isinstance(self.mse, bool)
             or not isinstance(self.mse, (int, float))
-            or not (self.mse == 0 or 1 <= self.mse <= 16)
+            or not (self.mse == 0 or MSE_NORMS[0] <= self.mse <= MSE_NORMS[1])
         ):
             raise ConfigError(
-                f"mse={self.mse!r} must be 0 (the full range), a norm in [1, 16] for the clipping search (e.g. 2.4), "
-                "or None (the method's default: 2.4 for vsraq, 0 otherwise)."
+                f"mse={self.mse!r} must be 0 (the full range), a norm in {list(MSE_NORMS)} for the clipping search "
+                "(e.g. 2.4), or None (the method's default: 2.4 for vsraq, 0 otherwise)."
             )
         if self.metric_solve not in METRIC_SOLVES:
             raise ConfigError(f"metric_solve={self.metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import METRIC_SOLVES
+from .config import METRIC_SOLVES, MSE_NORMS
 from .metric_rounding import default_plan, grid_terms, low_rank_factor, round_column
 from .quantizer import QuantizedWeight, all_finite, dequantize, grid_params, group_count, quantize
 
@@ -542,8 +542,10 @@ def gptq_quantize(
         raise ValueError(f"row_metric must be (B, rows, rows) = {(B, R, R)} with a shared Hessian per matrix.")
     if metric_solve not in METRIC_SOLVES:
         raise ValueError(f"metric_solve={metric_solve!r} is unknown; use one of {METRIC_SOLVES}.")
-    if mse and not 1.0 <= mse <= 16.0:
-        raise ValueError(f"mse={mse} is not a norm of the clipping search; use 0 (off) or a norm in [1, 16], e.g. 2.4.")
+    if mse and not MSE_NORMS[0] <= mse <= MSE_NORMS[1]:
+        raise ValueError(
+            f"mse={mse} is not a norm of the clipping search; use 0 (off) or a norm in {list(MSE_NORMS)}, e.g. 2.4."
+        )
     # The O(d^3) factorisations and the error feedback stream whole Hessians through memory: batches of
     # matrices sized to stay cache-resident are faster than one huge batch, which is memory-bound.
     per_matrix = (R if row_hessian else 1) * d * d * 4

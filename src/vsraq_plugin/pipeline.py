@@ -325,13 +325,8 @@ def _rank_device(device: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _run(*args, **kwargs) -> QuantizationResult:
-    """``_run_layers`` with the imported libraries' objects out of the per-layer collections' way."""
-    with frozen_imports():
-        return _run_layers(*args, **kwargs)
-
-
-def _run_layers(
+@frozen_imports()  # the imported libraries' objects out of the per-layer collections' way
+def _run(
     store: InMemoryLayers | StreamedLayers,
     windows: torch.Tensor | None,
     cfg: QuantConfig,

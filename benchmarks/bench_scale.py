@@ -10,6 +10,10 @@ the shallowest model (1.0 = flat in depth), and the bf16 size of each model for 
 adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time and prints its
 peak RSS and wall time as ratios to the one-chunk run, and whether the two checkpoints' tensors are bitwise equal
 (they are on the CPU; on a GPU, batched factorisations of different batch sizes might round differently).
+``--in-memory`` adds, per method, the other door: the model loaded whole in bf16 (``from_pretrained(dtype=
+torch.bfloat16)``, as a transformers / optimum user holds it) and quantized in place by ``vsraq_plugin.quantize``;
+its peak RSS over the bf16 size says what the in-memory path adds to the model it is given (one float32 layer and
+the calibration streams, not a float32 copy of the model).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --layers 4 8 --methods gptq vsraq \
         --gptqmodel-python /tmp/gqvenv/bin/python
@@ -108,7 +112,26 @@ def same_tensors(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def in_memory_child(model_dir: str, method: str, bits: int, group_size: int, n: int, seq: int, device: str) -> None:
+    """The in-memory door, in its own process: the model loaded whole in bf16 and quantized in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import vsraq_plugin
+    from vsraq_plugin import QuantConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = QuantConfig(method=method, bits=bits, group_size=group_size, device=device)
+    calib = str(Path(model_dir) / "calib.txt")
+    vsraq_plugin.quantize(model, calib, cfg, tokenizer=tok, seq_len=seq, n_samples=n, progress=False)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--in-memory-child"]:
+        a = sys.argv[2:]
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        in_memory_child(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), int(a[5]), a[6])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--experts", type=int, default=16)
@@ -126,6 +149,7 @@ def main() -> int:
         default=[0],
         help="vsraq quantize --expert-chunk values, a row each (e.g. 0 4: one chunk vs 4 experts at a time)",
     )
+    ap.add_argument("--in-memory", action="store_true", help="add the in-memory door (bf16 nn.Module) per method")
     ap.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.7: adds it as a row")
     ap.add_argument("--work", type=Path, help="folder for the models and checkpoints (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path("bench_scale.json"))
@@ -154,6 +178,13 @@ def main() -> int:
             one = work / f"q-{method}-0-{depth}L"
             if chunk and one.exists():  # the chunks change memory, never the checkpoint's tensors
                 r["same_tensors_as_one_chunk"] = same_tensors(one, out)
+            rows.append({"tool": tool, "layers": depth, **r})
+            print(f"{depth} layers, {tool}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+        for method in args.methods if args.in_memory else []:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--in-memory-child", str(model_dir), method]
+            cmd += [str(args.bits), str(args.group_size), str(args.n_samples), str(args.seq_len), args.device]
+            r = measure(cmd, env, work)
+            tool = f"vsraq_plugin.quantize(bf16 nn.Module) --method {method}"
             rows.append({"tool": tool, "layers": depth, **r})
             print(f"{depth} layers, {tool}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
         if args.gptqmodel_python:

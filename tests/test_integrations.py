@@ -40,12 +40,13 @@ def model_dir(request, tmp_path_factory):
     return root / "fp"
 
 
-def _native(model_dir, out, **gptq_fields):
-    """The reference: vsraq_plugin.quantize with the translated config."""
+def _native(model_dir, out, dtype="auto", **gptq_fields):
+    """The reference: vsraq_plugin.quantize with the translated config, on the model loaded in ``dtype`` (``auto``:
+    its stored dtype, as ``from_pretrained`` loads it by default; the fixture's is bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = config_from_gptq(gptq_fields, gptq_fields.pop("knobs", None))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     vsraq_plugin.quantize(model, TEXTS, cfg, out=out, tokenizer=tok, seq_len=SEQ, batch_size=BATCH, progress=False)
     return out
@@ -75,6 +76,8 @@ def test_transformers_gptqconfig_quantizer_vsraq_equals_native(model_dir, tmp_pa
         bits=4, group_size=32, dataset=TEXTS, tokenizer=tok, quantizer="vsraq", model_seqlen=SEQ, batch_size=BATCH
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
+    stored = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
+    assert model.dtype == getattr(torch, stored)  # quantized in its own dtype, never cast whole to float32
     model.save_pretrained(tmp_path / "hf")
     native = _native(model_dir, tmp_path / "native", bits=4, group_size=32, damp_percent=cfg.damp_percent)
     _same_checkpoint(tmp_path / "hf", native)
@@ -82,7 +85,7 @@ def test_transformers_gptqconfig_quantizer_vsraq_equals_native(model_dir, tmp_pa
     # in-memory quantized model, bit for bit.
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(reloaded.model.layers[0].mlp.experts).__name__ == "QuantExperts"
-    ref = vsraq_plugin.load(native)
+    ref = vsraq_plugin.load(native, dtype="auto")
     assert torch.equal(_logits(reloaded), _logits(ref))
     assert torch.equal(_logits(model), _logits(ref))
     # A loaded checkpoint re-saves as it came.
@@ -100,7 +103,7 @@ def test_optimum_quantizer_vsraq_equals_native(model_dir, tmp_path):
     assert type(again) is type(q) and again.to_dict() == q.to_dict() and again.to_dict()["quantizer"] == "vsraq"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     q.save(q.quantize_model(model, AutoTokenizer.from_pretrained(model_dir)), str(tmp_path / "opt"))
-    native = _native(model_dir, tmp_path / "native", bits=3, group_size=32, damp_percent=0.1)
+    native = _native(model_dir, tmp_path / "native", torch.float32, bits=3, group_size=32, damp_percent=0.1)
     _same_checkpoint(tmp_path / "opt", native)
 
 
@@ -249,6 +252,6 @@ def test_dynamic_overrides_through_transformers_equal_native_and_load_back(model
     attn0 = reloaded.model.layers[0].self_attn
     assert type(attn0.o_proj) is torch.nn.Linear and isinstance(attn0.k_proj, QuantLinear)
     assert attn0.q_proj.bits == 8 and attn0.k_proj.bits == 4
-    ref = vsraq_plugin.load(native)
+    ref = vsraq_plugin.load(native, dtype="auto")
     assert torch.equal(attn0.o_proj.weight, ref.model.layers[0].self_attn.o_proj.weight)
     assert torch.equal(_logits(reloaded), _logits(ref))

@@ -19,7 +19,7 @@ from vsraq_plugin.checkpoint import QUANT_SUFFIXES, CheckpointError, ShardWriter
 from vsraq_plugin.cli import fixture_path, load_model, load_tokenizer
 from vsraq_plugin.config import ConfigError, QuantConfig
 from vsraq_plugin.pipeline import calibration_windows, quantize_folder, quantize_model
-from vsraq_plugin.streaming import ModelSource, ModelSourceError, resolve_device
+from vsraq_plugin.streaming import InMemoryLayers, ModelSource, ModelSourceError, resolve_device
 
 
 def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -96,6 +96,56 @@ def test_streamed_equals_in_memory_on_every_family(family, tmp_path):
     with torch.no_grad():
         ref = _serving(mem_model, torch.bfloat16)(input_ids=windows[:2]).logits
         assert torch.equal(ref, loaded(input_ids=windows[:2]).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_bf16_in_memory_model_is_never_float32_whole(family, tmp_path, monkeypatch):
+    """A bf16 model quantized in memory stays bf16 (DeepSeek's float32 router and correction bias stay float32):
+    at any time at most the current layer and the look-ahead's next layer (without its experts) are float32
+    beside it, not the whole model. Its codes equal the streamed run's bit for bit, and it computes exactly what
+    its checkpoint loaded in bf16 computes."""
+    model = tiny_model(family, seed=2)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "fp")
+    windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
+    mem = load_model(tmp_path / "fp", dtype="bfloat16")
+    before = {n: t.dtype for n, t in [*mem.named_parameters(), *mem.named_buffers()]}
+    assert torch.float32 in before.values() if family == "deepseek_v3" else True
+
+    def fp32(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.dtype == torch.float32)
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    layers = mem.model.layers
+    experts = [size(layer.mlp.experts) if hasattr(layer.mlp, "experts") else 0 for layer in layers]
+    bound = fp32(mem) + max(size(a) + size(b) - e for a, b, e in zip(layers, layers[1:], experts[1:], strict=False))
+    assert bound < size(mem)  # the bound is below what a whole float32 model holds: the check can fail
+    seen: list[int] = []
+    onload = InMemoryLayers.onload
+
+    def spy(self, index, experts=True):
+        layer = onload(self, index, experts)
+        seen.append(fp32(self.model))
+        return layer
+
+    monkeypatch.setattr(InMemoryLayers, "onload", spy)
+    res = quantize_model(mem, windows, cfg, batch_size=2, progress=False)
+    assert seen and max(seen) <= bound, (max(seen), bound)
+    assert {n: t.dtype for n, t in [*mem.named_parameters(), *mem.named_buffers()]} == before
+    assert all(qw.weight is None for qw in res.weights.values())  # no float32 copy of the weights in the result
+    save_checkpoint(mem, res, tmp_path / "mem")
+    quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)
+    mem_ck, st_ck = _checkpoint(tmp_path / "mem"), _checkpoint(tmp_path / "str")
+    _assert_same_codes(mem_ck, st_ck)
+    for k in st_ck:  # the unquantized tensors too, in their stored dtype
+        assert st_ck[k].dtype == mem_ck[k].dtype and torch.equal(st_ck[k], mem_ck[k]), k
+    loaded = load_checkpoint(tmp_path / "str", dtype="auto")
+    for p in mem.parameters():  # the checkpoint stores DeepSeek's float32 (re-fitted) router in bf16
+        p.data = p.data.to(torch.bfloat16).to(p.dtype)
+    with torch.no_grad():
+        assert torch.equal(mem(input_ids=windows[:2]).logits, loaded(input_ids=windows[:2]).logits)
 
 
 def test_sharded_source_and_sharded_output(tmp_path):

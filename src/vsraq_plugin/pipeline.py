@@ -229,10 +229,14 @@ def quantize_model(
 ) -> QuantizationResult:
     """Quantize an in-memory ``model`` in place with ``config.method`` on calibration ``windows`` ``(n, seq_len)``.
 
-    The model ends up computing with the dequantized weights (float32); the returned result holds the
-    integer codes and grids for the checkpoint (``checkpoint.save_checkpoint``). Layers move to
-    ``config.device`` one at a time and back. With ``work_dir``, every finished layer is saved there and a
-    re-run with the same model, data and config resumes after the last finished layer, bit for bit.
+    The model keeps its dtype and ends up computing with the dequantized weights in it (each layer is solved,
+    and its outputs streamed to the next, in float32 on ``config.device``, one layer at a time: a bf16 model
+    never holds more than one float32 layer beside itself); the returned result holds the integer codes and
+    grids for the checkpoint (``checkpoint.save_checkpoint``), the same bytes as ``quantize_folder`` writes, and
+    each dequantized float32 weight only where it is the model's own tensor (a float32 model solved on its own
+    device; else ``weight`` is None and ``solve.dequantize_grid`` rebuilds it). With ``work_dir``, every finished
+    layer is saved there and a re-run with the same model, data and config resumes after the last finished layer,
+    bit for bit.
     With ``config.bits_budget``, each MoE layer's experts get widths by ``config.allocation`` (``mixed_precision``):
     ``measured`` solves the layer's experts once per candidate width and keeps, per expert, the width of the exact
     least-damage allocation under the budget (``width_per_projection``: per expert and projection, gate/up and down;
@@ -248,8 +252,6 @@ def quantize_model(
     dist = dist or Dist.from_env(device, dist_timeout)
     store = InMemoryLayers(model, device)
     _check_settings(store.adapter, store.layers, config, windows)
-    if source_dtype != torch.float32:
-        model.float()  # the in-memory model must hold the grid values exactly (bf16 cannot)
     model.eval()
     result = _run(store, windows, config, batch_size, work_dir, progress, on_layer_done, router_init, expert_bits,
                   dist=dist)  # fmt: skip
@@ -373,7 +375,7 @@ def _run(
                 qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym)
                 t.weight.copy_(qw.weight)
                 # (the codes to the host at once, streamed too: later targets' round-to-nearest copies need the room)
-                done[t.name] = _layer_result(qw, keep, host, codes_to_host=True)
+                done[t.name] = _layer_result(qw, keep, host, codes_to_host=True, own=not store.lifted(layer.index))
             finish_layer(layer, done)
             store.offload(layer.index)
             result.summary["layer_seconds"].append(time.perf_counter() - t0)
@@ -482,7 +484,8 @@ def _run(
             _refine(store, runner, adapter, layer, x_q, x_fp_next, result, cfg, progress)
         x_q = runner.run(layer.layer, x_q)
         prefix = f"model.layers.{index}."
-        done = {n: _layer_result(qw, keep, host) for n, qw in result.weights.items() if n.startswith(prefix)}
+        own = not store.lifted(index)
+        done = {n: _layer_result(qw, keep, host, own=own) for n, qw in result.weights.items() if n.startswith(prefix)}
         for n in done:
             del result.weights[n]
         router = layer.router.weight.detach().clone() if layer.is_moe else None
@@ -757,16 +760,20 @@ def _lookahead_logits(
     return {}, None
 
 
-def _layer_result(qw: QuantizedWeight, keep: bool, host: torch.device, codes_to_host: bool = False) -> QuantizedWeight:
-    """A finished layer's result as it leaves the step. In memory it stays with the caller, on the host. Streamed,
-    only the sink reads it and it packs codes, scales and zeros: those stay where they were solved (the sink packs
-    them there and moves the packed words; ``codes_to_host`` moves them now instead), and the dequantized weight,
-    the model's own float32 parameter, is dropped instead of copied to the host (DeepSeek-V3: 45 GB a layer over
-    PCIe and in host memory)."""
-    if keep:
+def _layer_result(
+    qw: QuantizedWeight, keep: bool, host: torch.device, codes_to_host: bool = False, own: bool = False
+) -> QuantizedWeight:
+    """A finished layer's result as it leaves the step. In memory it stays with the caller, on the host, with its
+    dequantized weight only when that is the model's own tensor (``own``: a float32 model solved where it lives);
+    a lifted layer's float32 copy (another device, or a bf16 model) is not kept, or the result would hold the
+    model again in float32 (``solve.dequantize_grid`` rebuilds it from the codes). Streamed, only the sink reads
+    it and it packs codes, scales and zeros: those stay where they were solved (the sink packs them there and moves
+    the packed words; ``codes_to_host`` moves them now instead), and the dequantized weight is dropped instead of
+    copied to the host (DeepSeek-V3: 45 GB a layer over PCIe and in host memory)."""
+    if keep and own:
         return weight_to(qw, host)
     codes = dataclasses.replace(qw, weight=None, prequant=None)
-    return weight_to(codes, host) if codes_to_host else codes
+    return weight_to(codes, host) if codes_to_host or keep else codes
 
 
 def _refine(store, runner, adapter, layer, x_q, fp_out, result: QuantizationResult, cfg, progress) -> None:

@@ -381,8 +381,51 @@ def _state_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------- layer stores
+# Where a lifted tensor was: its module, which slot, and its device and dtype before.
+Held = dict[tuple[int, str, str], tuple[nn.Module, torch.device, torch.dtype]]
+
+
+def lift(modules: Iterable[nn.Module], device: torch.device, held: Held, recurse: bool = True) -> None:
+    """The tensors of ``modules`` (with ``recurse=False`` only their own) on ``device``, floating ones in float32
+    (the solve's dtype); where each was goes into ``held`` for ``put_back``. A tensor already held keeps its
+    first record, so lifting a module twice (the look-ahead's part, then the whole layer) undoes in one step."""
+    for top in modules:
+        for m in top.modules() if recurse else (top,):
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(m, kind).items():
+                    key = (id(m), kind, name)
+                    if t is None or key in held:
+                        continue
+                    dtype = torch.float32 if t.is_floating_point() else t.dtype
+                    if t.device == device and t.dtype == dtype:
+                        continue
+                    held[key] = (m, t.device, t.dtype)
+                    _set_tensor(m, kind, name, t.to(device, dtype))
+
+
+def put_back(held: Held) -> None:
+    """Every lifted tensor to its device and dtype before ``lift`` (a quantized layer's dequantized weights are
+    rounded to the model's dtype here, as a server loading the checkpoint in that dtype rounds them)."""
+    for (_, kind, name), (m, device, dtype) in held.items():
+        _set_tensor(m, kind, name, getattr(m, kind)[name].to(device, dtype))
+    held.clear()
+
+
+def _set_tensor(m: nn.Module, kind: str, name: str, t: torch.Tensor) -> None:
+    if kind == "_buffers":
+        m._buffers[name] = t
+        return
+    param = m._parameters[name]
+    try:
+        param.data = t  # the same Parameter object: hooks and tied references keep seeing it
+    except RuntimeError:  # a tensor type .data cannot take (the meta device): a new Parameter, as Module.to does
+        m._parameters[name] = nn.Parameter(t, requires_grad=param.requires_grad)
+
+
 class InMemoryLayers:
-    """A materialised model: layers move to the solve device for their turn and back to where they were."""
+    """A materialised model, left in its own dtype: each layer is lifted to the solve device in float32 for its
+    turn and put back afterwards (its quantized weights rounded to the model's dtype), so a bf16 model never
+    holds more than one float32 layer beside itself."""
 
     streamed = False
 
@@ -390,46 +433,45 @@ class InMemoryLayers:
         self.model, self.device = model, device
         self.adapter = get_adapter(model)
         self.layers = self.adapter.layers(model)
-        self.home = next(model.parameters()).device
+        self.held: dict[int | str, Held] = {}
+
+    def _inputs_modules(self) -> list[nn.Module]:
+        base = getattr(self.model, "model", self.model)
+        return [child for name, child in base.named_children() if name != "layers"]
 
     def prepare_inputs(self) -> None:
-        """Put what the layer-0 capture runs (embeddings, rotary) on the solve device."""
-        if self.device != self.home:
-            base = getattr(self.model, "model", self.model)
-            for name, child in base.named_children():
-                if name != "layers":
-                    child.to(self.device)
+        """What the layer-0 capture runs (embeddings, rotary) on the solve device in float32, as a streamed
+        model builds them: the layer-0 inputs and position embeddings are then the streamed run's, bit for bit."""
+        lift(self._inputs_modules(), self.device, self.held.setdefault("inputs", {}))
 
     def finish_inputs(self) -> None:
-        if self.device != self.home:
-            base = getattr(self.model, "model", self.model)
-            for name, child in base.named_children():
-                if name != "layers":
-                    child.to(self.home)
+        put_back(self.held.pop("inputs", {}))
 
     def onload(self, index: int, experts: bool = True) -> MoELayer:
-        """Layer ``index`` on the solve device; ``experts=False``: all but its routed experts (a forward that stops
-        at the router, the look-ahead's, needs no more)."""
+        """Layer ``index`` on the solve device in float32; ``experts=False``: all but its routed experts (a forward
+        that stops at the router, the look-ahead's, needs no more)."""
         layer = self.layers[index]
-        if self.device != self.home:
-            whole, own = split_around(layer.layer, None if experts else layer.experts)
-            for m in whole:
-                m.to(self.device)
-            for m in own:
-                m._apply(lambda t: t.to(self.device), recurse=False)
+        whole, own = split_around(layer.layer, None if experts else layer.experts)
+        held = self.held.setdefault(index, {})
+        lift(whole, self.device, held)
+        lift(own, self.device, held, recurse=False)
         return layer
 
     def offload(self, index: int) -> None:
-        if self.device != self.home:
-            self.layers[index].layer.to(self.home)
+        put_back(self.held.pop(index, {}))
+
+    def lifted(self, index: int) -> bool:
+        """Whether layer ``index`` was moved or cast for its turn: its solved weights are then copies that
+        ``offload`` moves back or rounds, not the model's own tensors."""
+        return bool(self.held.get(index))
 
     def router(self, index: int) -> RouterView:
         return RouterView.of(self.layers[index]).to(self.device)
 
     def fingerprint_parts(self) -> list[bytes]:
         parts = [self.model.config.to_json_string().encode()]
-        for p in self.model.parameters():
-            parts.append(p.detach().float().flatten()[:: max(1, p.numel() // 64)].cpu().numpy().tobytes())
+        for p in self.model.parameters():  # a strided sample, cast after slicing (no float32 copy of the model)
+            parts.append(p.detach().flatten()[:: max(1, p.numel() // 64)].float().cpu().numpy().tobytes())
         return parts
 
 
@@ -506,6 +548,9 @@ class StreamedLayers:
 
     def offload(self, index: int) -> None:
         self.layers[index].layer.to("meta")
+
+    def lifted(self, index: int) -> bool:
+        return True  # every tensor is read from the shards for the layer's turn and freed after it
 
     def router(self, index: int) -> RouterView:
         layer = self.layers[index]

@@ -162,8 +162,9 @@ class _PluginQuantizer:
     def update_dtype(self, dtype):
         if not self._plugin:
             return super().update_dtype(dtype)
-        # Quantizing: the solve runs in float32 and the model must hold the grid values exactly (bf16 cannot).
-        return dtype if self.pre_quantized else torch.float32
+        # Quantizing keeps the dtype the user asked for: each layer is solved in float32 on its turn (pipeline),
+        # so a bf16 model is never held whole in float32.
+        return dtype
 
     # ------------------------------------------------------------------ model
     def _process_model_before_weight_loading(self, model, **kwargs):

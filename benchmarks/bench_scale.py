@@ -4,9 +4,10 @@ GPTQModel (its default offloading) on the same models and calibration tokens, in
 The models are random-weight Qwen3-MoE at Qwen3-30B-A3B's widths (hidden 2048, 32 query / 4 kv heads of 128,
 expert intermediate 768, top-8) with ``--experts`` experts (16 by default: the layer shapes of the real model
 with fewer experts, so a layer fits a CPU run), saved in bf16 in several shards, at each ``--layers`` depth.
-Every quantization runs in its own process; its peak RSS comes from ``wait4`` (that process alone) and its wall
-time from the parent. Printed: peak RSS and wall time per tool and depth, the RSS ratio between the deepest and
-the shallowest model (1.0 = flat in depth), and the bf16 size of each model for scale. ``--expert-chunk 0 4``
+Every quantization runs in its own process; its peak RSS and peak anonymous RSS are sampled from ``/proc``
+(that process alone) and its wall time comes from the parent. Printed: peak RSS and wall time per tool and
+depth, the RSS ratio between the deepest and the shallowest model (1.0 = flat in depth), and the bf16 size of
+each model for scale. ``--expert-chunk 0 4``
 adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time and prints its
 peak RSS and wall time as ratios to the one-chunk run, and whether the two checkpoints' tensors are bitwise equal
 (they are on the CPU; on a GPU, batched factorisations of different batch sizes might round differently).
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,13 +77,36 @@ def make_model(folder: Path, layers: int, experts: int, seed: int = 0) -> int:
     return size
 
 
+def sample_memory(pid: int, stop: threading.Event, peak: dict[str, float]) -> None:
+    """Every 50 ms until ``stop``: the process's high-water RSS (``VmHWM``) and its peak anonymous RSS
+    (``RssAnon``), in MiB. Not ``wait4``'s ``ru_maxrss``: exec carries the forking parent's high-water mark into
+    the child's, so a child forked by a parent that had just built a 1.5 GB model reported that parent's peak.
+    RSS also counts the clean pages of memory-mapped files (a model from ``from_pretrained`` maps its shards),
+    which the kernel drops under pressure; the anonymous part is what the process itself holds."""
+    keys = {"VmHWM": "rss", "RssAnon": "anon"}
+    while not stop.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name in keys:
+                        peak[keys[name]] = max(peak[keys[name]], int(value.split()[0]) / 1024)
+        except OSError:
+            return
+        stop.wait(0.05)
+
+
 def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
-    """Run ``cmd``: its wall seconds and peak RSS in MiB (that process alone: reaped with ``wait4``)."""
+    """Run ``cmd``: its wall seconds, peak RSS and peak anonymous RSS in MiB (that process alone, sampled)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        stop, peak = threading.Event(), {"rss": 0.0, "anon": 0.0}
+        sampler = threading.Thread(target=sample_memory, args=(proc.pid, stop, peak), daemon=True)
+        sampler.start()
+        proc.wait()
+        stop.set()
+        sampler.join()
         seconds = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
@@ -91,7 +116,8 @@ def measure(cmd: list[str], env: dict, cwd: Path) -> dict:
     device = re.search(r"peak device memory: (\d+) MiB", stdout)
     return {
         "seconds": seconds,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "peak_rss_mb": peak["rss"],
+        "peak_anon_mb": peak["anon"],
         "peak_device_mb": float(device.group(1)) if device else None,
         "stdout": stdout[-2000:],
     }
@@ -211,13 +237,14 @@ def main() -> int:
         f"Random Qwen3-MoE at Qwen3-30B-A3B widths, {args.experts} experts, W{args.bits}g{args.group_size}, "
         f"{args.n_samples} x {args.seq_len} calibration tokens, {args.threads} thread(s), device {args.device}"
     )
-    print("| tool | layers | bf16 model MiB | wall s | s / layer | peak RSS MiB | RSS / bf16 size | peak GPU MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| tool | layers | bf16 model MiB | wall s | s / layer | peak RSS MiB | peak anon RSS MiB | RSS / bf16 size "
+          "| peak GPU MiB |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mb = sizes[r["layers"]] / 2**20
         gpu = "-" if r.get("peak_device_mb") is None else f"{r['peak_device_mb']:.0f}"
         print(f"| {r['tool']} | {r['layers']} | {mb:.0f} | {r['seconds']:.0f} | {r['seconds'] / r['layers']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x | {gpu} |")  # fmt: skip
+              f"{r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} | {r['peak_rss_mb'] / mb:.2f}x | {gpu} |")  # fmt: skip
     lo, hi = min(args.layers), max(args.layers)
     for r in rows:  # the same tool one chunk of experts at a time (same codes, less memory)
         if " --expert-chunk " in r["tool"]:
@@ -232,7 +259,8 @@ def main() -> int:
         a = next(r for r in rows if r["tool"] == tool and r["layers"] == lo)
         b = next(r for r in rows if r["tool"] == tool and r["layers"] == hi)
         ratios[tool] = b["peak_rss_mb"] / a["peak_rss_mb"]
-        print(f"{tool}: peak RSS at {hi} layers / at {lo} layers = {ratios[tool]:.3f}x")
+        print(f"{tool}: peak RSS at {hi} layers / at {lo} layers = {ratios[tool]:.3f}x "
+              f"(anonymous {b['peak_anon_mb'] / max(a['peak_anon_mb'], 1e-9):.3f}x)")  # fmt: skip
     args.out.write_text(json.dumps({"rows": rows, "model_bytes": sizes, "rss_ratio": ratios}, indent=2) + "\n")
     return 0
 

@@ -598,3 +598,21 @@ def test_clipping_search_is_the_same_in_every_solve(metric_solve, tile, static_g
     assert torch.equal(got.scales, ref.scales) and torch.equal(got.zeros, ref.zeros)
     stock, _, _ = gptq_quantize(W, H, 3, 8, **{**kw, "mse": 0.0})
     assert not torch.equal(stock.scales, ref.scales)
+
+
+def test_static_groups_search_in_slices_equals_one_pass(monkeypatch):
+    """Static groups' clipping search runs a slice of groups at a time (bounded temporaries at real widths): the
+    grids, codes and weights are those of the whole batch searched in one pass, and each group's grid is the
+    search on that group's own weights."""
+    from vsraq_plugin.quantizer import search_qparams
+
+    W, H = _correlated_batch(3, 12, 32, 0)
+    kw = dict(block_size=8, static_groups=True, mse=2.4)
+    whole, _, _ = gptq_quantize(W, H, 3, 8, **kw)
+    monkeypatch.setattr(gptq_module, "_STATIC_SEARCH_ELEMENTS", 1)  # one group per slice
+    sliced, _, _ = gptq_quantize(W, H, 3, 8, **kw)
+    for f in ("codes", "weight", "scales", "zeros"):
+        assert torch.equal(getattr(sliced, f), getattr(whole, f)), f
+    # (search_qparams itself is checked against a float64 scalar search in test_quantizer.py)
+    ref_s, ref_z = search_qparams(W.reshape(3, 12, 4, 8), 3, True, 2.4)  # sym, gptq_quantize's default
+    assert torch.equal(whole.scales, ref_s) and torch.equal(whole.zeros, ref_z.to(whole.zeros.dtype))

@@ -51,11 +51,15 @@ def test_rtn_matches_scalar_reference(bits, sym):
             )
 
 
-def test_rtn_error_bounded_by_half_step():
-    w = torch.randn(8, 128)
+@pytest.mark.parametrize("seed", [0, 57, 122])
+def test_rtn_error_bounded_by_half_step(seed):
+    """Inside the grid's span the error is at most half a step; the scale is rounded to fp16 (the checkpoint's
+    dtype), which can shrink the span by up to maxq = 15 fp16 half-ulps of the scale, so the extremes may land
+    that much further (seeds 57 and 122 do: unseeded, this check failed about 3 % of the time)."""
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(seed))
     q = rtn(w, 4, group_size=32, sym=False)
     step = q.scales.repeat_interleave(32, dim=1)
-    assert ((w - q.weight).abs() <= step / 2 + 1e-6).all()
+    assert ((w - q.weight).abs() <= step / 2 + 15 * step * 2.0**-11 + 1e-6).all()
 
 
 def test_zero_group_and_nonnegative_group():
@@ -104,6 +108,23 @@ def test_clipping_search_picks_the_least_error_range(bits, sym, norm):
             assert errs[got] <= min(errs) * (1 + 1e-5)
             assert errs[got] <= errs[0] * (1 + 1e-5)  # never worse than the full range
     assert (scale < full_scale).any()  # the search is not the full range everywhere
+
+
+@pytest.mark.parametrize("mse", [0.0, 2.4])
+def test_rtn_is_gptq_with_an_identity_hessian_on_the_same_grids(mse):
+    """Round to nearest (the method, the model-scope pre-pass's damages, a starved expert's fallback) makes its
+    grids as the solve does: with ``mse`` the clipping search, else the full range. GPTQ with H = I has nothing to
+    compensate, so it is the reference: the same grids, codes and weights."""
+    W = torch.randn(3, 10, 48, generator=torch.Generator().manual_seed(8))
+    W[1, 2, 5] = 7.0
+    H = torch.eye(48).expand(3, 48, 48).contiguous()
+    ref, _, _ = gptq_quantize(W, H, 3, 16, sym=False, act_group_aware=False, mse=mse)
+    got = rtn(W, 3, 16, sym=False, mse=mse)
+    for f in ("codes", "scales", "zeros", "weight"):
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    full = rtn(W, 3, 16, sym=False)
+    assert torch.equal(full.scales, compute_qparams(W.reshape(3, 10, 3, 16), 3, False)[0])
+    assert torch.equal(full.scales, got.scales) == (mse == 0)
 
 
 def test_clipping_search_in_gptq_with_an_identity_hessian_is_the_search_per_group():

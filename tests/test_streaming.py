@@ -102,14 +102,15 @@ def test_streamed_equals_in_memory_on_every_family(family, tmp_path):
 def test_bf16_in_memory_model_is_never_float32_whole(family, tmp_path, monkeypatch):
     """A bf16 model quantized in memory stays bf16 (DeepSeek's float32 router and correction bias stay float32):
     at any time at most the current layer and the look-ahead's next layer (without its experts) are float32
-    beside it, not the whole model. Its codes equal the streamed run's bit for bit, and it computes exactly what
-    its checkpoint loaded in bf16 computes."""
+    beside it, not the whole model, and each layer's values go back into the model's own tensors. Its codes equal
+    the streamed run's bit for bit, and it computes exactly what its checkpoint loaded in bf16 computes."""
     model = tiny_model(family, seed=2)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "fp")
     windows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     cfg = QuantConfig(bits=4, group_size=16, method="vsraq", device="cpu")
     mem = load_model(tmp_path / "fp", dtype="bfloat16")
     before = {n: t.dtype for n, t in [*mem.named_parameters(), *mem.named_buffers()]}
+    storage = {n: p.data_ptr() for n, p in mem.named_parameters()}
     assert torch.float32 in before.values() if family == "deepseek_v3" else True
 
     def fp32(module: torch.nn.Module) -> int:
@@ -134,6 +135,7 @@ def test_bf16_in_memory_model_is_never_float32_whole(family, tmp_path, monkeypat
     res = quantize_model(mem, windows, cfg, batch_size=2, progress=False)
     assert seen and max(seen) <= bound, (max(seen), bound)
     assert {n: t.dtype for n, t in [*mem.named_parameters(), *mem.named_buffers()]} == before
+    assert {n: p.data_ptr() for n, p in mem.named_parameters()} == storage  # written back in place, no new copy
     assert all(qw.weight is None for qw in res.weights.values())  # no float32 copy of the weights in the result
     save_checkpoint(mem, res, tmp_path / "mem")
     quantize_folder(tmp_path / "fp", windows, cfg, tmp_path / "str", batch_size=2, progress=False)

@@ -333,6 +333,21 @@ def _solve_columns(
     return codes, Q, scales, zeros, U
 
 
+# Elements per slice of the static-groups clipping search: each of its candidates makes weight-sized temporaries,
+# so the whole batch at once would be several times the experts' weights (Qwen3-30B-A3B's 128 gate/up on a GPU:
+# ~5 GB); slices of groups give the same grids (each group's search is its own) in 64 MiB temporaries.
+_STATIC_SEARCH_ELEMENTS = 1 << 24
+
+
+def _static_grids(W: torch.Tensor, bits: int, sym: bool, mse: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static groups' grids of ``W`` ``(N, groups, gs, rows)``: ``(N, rows, groups)`` scales and zeros, the
+    clipping search a slice of groups at a time."""
+    N, ngroups, gs, r = W.shape
+    step = ngroups if not mse else max(1, _STATIC_SEARCH_ELEMENTS // (N * gs * r))
+    parts = [grid_params(W[:, g : g + step].permute(0, 3, 1, 2), bits, sym, mse) for g in range(0, ngroups, step)]
+    return torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
+
+
 # Tile edge of the metric solve: rows; columns round it to a multiple of the group size. 32 was fastest on
 # 2048x1024 and 256x512 expert batches (fewer in-tile element updates; the step count is ~2 (rows + cols) anyway).
 _METRIC_TILE = 32
@@ -622,7 +637,7 @@ def _gptq_batch(
     # Static groups: grid parameters from the (dead-zeroed) weight before any error feedback.
     static = None
     if static_groups and group_size != -1:
-        static = grid_params(Wt.reshape(N, ngroups, gs, r).permute(0, 3, 1, 2), bits, sym, mse)  # (N, r, groups)
+        static = _static_grids(Wt.reshape(N, ngroups, gs, r), bits, sym, mse)  # (N, r, groups)
 
     gar = act_group_aware and not desc_act and group_size != -1
     group_order = None

@@ -372,7 +372,7 @@ def _run(
                 _note_overrides(result, cfg, {t.name: mcfg})
                 if mcfg is None:  # left unquantized (a "-:" dynamic pattern)
                     continue
-                qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym)
+                qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym, mcfg.mse_norm)
                 t.weight.copy_(qw.weight)
                 # (the codes to the host at once, streamed too: later targets' round-to-nearest copies need the room)
                 done[t.name] = _layer_result(qw, keep, host, codes_to_host=True, own=not store.lifted(layer.index))
@@ -556,8 +556,10 @@ def _model_budgets(store, runner: LayerRunner, cfg: QuantConfig, hidden: list[to
             read = _read_metric(store.adapter, layer, cfg)  # per projection: both terms in the read metric
             batches = [(x.reshape(-1, x.shape[-1]).float(), idx, w) for x, idx, w in seen]
             for e in range(E):
-                q_gu = {b: rtn(gu[e : e + 1], b, cfg.group_size, cfg.sym).weight for b in levels}
-                err_dn = {b: dn[e] - rtn(dn[e : e + 1], b, cfg.group_size, cfg.sym).weight[0] for b in levels}
+                q_gu = {b: rtn(gu[e : e + 1], b, cfg.group_size, cfg.sym, cfg.mse_norm).weight for b in levels}
+                err_dn = {
+                    b: dn[e] - rtn(dn[e : e + 1], b, cfg.group_size, cfg.sym, cfg.mse_norm).weight[0] for b in levels
+                }
                 for x, idx, w in batches:
                     hit = idx == e
                     rows = hit.any(-1).nonzero().flatten()

@@ -152,15 +152,16 @@ def group_count(in_features: int, group_size: int) -> int:
     return in_features // group_size
 
 
-def rtn(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``w`` (``(..., rows, in)``) with contiguous groups."""
+def rtn(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True, mse: float = 0.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w`` (``(..., rows, in)``) with contiguous groups, on grids from the full
+    range or (``mse`` > 0) from the clipping search in that norm, as the GPTQ solve makes them."""
     *lead, rows, cols = w.shape
     if not all_finite(w):
         raise ValueError("the weight holds NaN or Inf values; it cannot be quantized.")
     groups = group_count(cols, group_size)
     gs = cols // groups
     wg = w.float().reshape(*lead, rows, groups, gs)
-    scale, zero = compute_qparams(wg, bits, sym)
+    scale, zero = grid_params(wg, bits, sym, mse)
     codes = quantize(wg, scale[..., None], zero[..., None], bits)
     deq = dequantize(codes, scale[..., None], zero[..., None]).reshape(*lead, rows, cols)
     g_idx = (torch.arange(cols, device=w.device) // gs).to(torch.int32).expand(*lead, cols).contiguous()

@@ -156,7 +156,8 @@ def solve_batch(
     for i in dead.nonzero().flatten().tolist():
         if not any(f["target"] == name and f["index"] == i for f in fallbacks):
             fallbacks.append({"target": name, "index": i, "action": "rtn", "reason": "no calibration token"})
-        parts.append((torch.tensor([i], device=W.device), rtn(W[i : i + 1].float(), cfg.bits, cfg.group_size, cfg.sym)))
+        fallback = rtn(W[i : i + 1].float(), cfg.bits, cfg.group_size, cfg.sym, cfg.mse_norm)
+        parts.append((torch.tensor([i], device=W.device), fallback))
     return take(parts, B)
 
 

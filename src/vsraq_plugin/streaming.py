@@ -381,14 +381,14 @@ def _state_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------- layer stores
-# Where a lifted tensor was: its module, which slot, and its device and dtype before.
-Held = dict[tuple[int, str, str], tuple[nn.Module, torch.device, torch.dtype]]
+# What a lifted tensor was: its module, which slot, and the original tensor (kept: put back writes into it).
+Held = dict[tuple[int, str, str], tuple[nn.Module, torch.Tensor]]
 
 
 def lift(modules: Iterable[nn.Module], device: torch.device, held: Held, recurse: bool = True) -> None:
     """The tensors of ``modules`` (with ``recurse=False`` only their own) on ``device``, floating ones in float32
-    (the solve's dtype); where each was goes into ``held`` for ``put_back``. A tensor already held keeps its
-    first record, so lifting a module twice (the look-ahead's part, then the whole layer) undoes in one step."""
+    (the solve's dtype); the originals go into ``held`` for ``put_back``. A tensor already held keeps its first
+    record, so lifting a module twice (the look-ahead's part, then the whole layer) undoes in one step."""
     for top in modules:
         for m in top.modules() if recurse else (top,):
             for kind in ("_parameters", "_buffers"):
@@ -399,15 +399,18 @@ def lift(modules: Iterable[nn.Module], device: torch.device, held: Held, recurse
                     dtype = torch.float32 if t.is_floating_point() else t.dtype
                     if t.device == device and t.dtype == dtype:
                         continue
-                    held[key] = (m, t.device, t.dtype)
-                    _set_tensor(m, kind, name, t.to(device, dtype))
+                    held[key] = (m, t.detach())
+                    _set_tensor(m, kind, name, t.detach().to(device, dtype))
 
 
 def put_back(held: Held) -> None:
-    """Every lifted tensor to its device and dtype before ``lift`` (a quantized layer's dequantized weights are
-    rounded to the model's dtype here, as a server loading the checkpoint in that dtype rounds them)."""
-    for (_, kind, name), (m, device, dtype) in held.items():
-        _set_tensor(m, kind, name, getattr(m, kind)[name].to(device, dtype))
+    """Every lifted tensor's values written back into its original tensor (device and dtype as before ``lift``;
+    a quantized layer's dequantized weights are rounded to the model's dtype here, as a server loading the
+    checkpoint in that dtype rounds them), which the module then holds again. Written in place: the model's
+    memory is the memory it came with (no second allocation per layer; a memory-mapped load stays one copy)."""
+    for (_, kind, name), (m, original) in held.items():
+        original.copy_(getattr(m, kind)[name].detach())
+        _set_tensor(m, kind, name, original)
     held.clear()
 
 

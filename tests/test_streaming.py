@@ -15,7 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tiny_models import MOE_FAMILIES, tiny_model
-from vsraq_plugin.checkpoint import QUANT_SUFFIXES, CheckpointError, ShardWriter, load_checkpoint, save_checkpoint
+from vsraq_plugin.checkpoint import (
+    QUANT_SUFFIXES,
+    CheckpointError,
+    ShardWriter,
+    kept_in_float32,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vsraq_plugin.cli import fixture_path, load_model, load_tokenizer
 from vsraq_plugin.config import ConfigError, QuantConfig
 from vsraq_plugin.pipeline import calibration_windows, quantize_folder, quantize_model
@@ -38,10 +45,11 @@ def _assert_same_codes(a: dict, b: dict) -> None:
 
 
 def _serving(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """The model as a server computes it: parameters (and persistent buffers) in ``dtype``; the rotary
-    frequencies stay float32, as transformers keeps them when it loads a model in ``dtype``."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    """The model as a server computes it: parameters in ``dtype``; the rotary frequencies and what the class keeps
+    in float32 (DeepSeek-V3's routers) stay float32, as transformers keeps them when it loads a model in ``dtype``."""
+    for name, p in model.named_parameters():
+        if not kept_in_float32(model, name):
+            p.data = p.data.to(dtype)
     return model
 
 
@@ -143,9 +151,11 @@ def test_bf16_in_memory_model_is_never_float32_whole(family, tmp_path, monkeypat
     _assert_same_codes(mem_ck, st_ck)
     for k in st_ck:  # the unquantized tensors too, in their stored dtype
         assert st_ck[k].dtype == mem_ck[k].dtype and torch.equal(st_ck[k], mem_ck[k]), k
+    # Stored in float32: what transformers keeps in float32 (DeepSeek's routers and correction biases), no more.
+    fp32 = {k for k in st_ck if st_ck[k].dtype == torch.float32}
+    routers = {k for k in st_ck if k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))}
+    assert fp32 == (routers if family == "deepseek_v3" else set()) and routers
     loaded = load_checkpoint(tmp_path / "str", dtype="auto")
-    for p in mem.parameters():  # the checkpoint stores DeepSeek's float32 (re-fitted) router in bf16
-        p.data = p.data.to(torch.bfloat16).to(p.dtype)
     with torch.no_grad():
         assert torch.equal(mem(input_ids=windows[:2]).logits, loaded(input_ids=windows[:2]).logits)
 

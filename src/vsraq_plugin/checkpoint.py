@@ -202,14 +202,29 @@ def layer_tensors(
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
+def kept_in_float32(model: nn.Module, name: str) -> bool:
+    """Whether transformers keeps the tensor ``name`` in float32 whatever the model's dtype (the class's
+    ``_keep_in_fp32_modules(_strict)``, matched as transformers matches them: DeepSeek-V3's router weight and
+    correction bias). The checkpoint stores such a tensor in float32, as ``save_pretrained`` does: a re-fitted
+    router keeps its precision, and both doors write the same bytes."""
+    patterns = [*(getattr(model, "_keep_in_fp32_modules", None) or ())]
+    patterns += getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return any(p in name for p in patterns)
+
+
 def checkpoint_tensors(
     model: nn.Module, result: QuantizationResult, layout: str = "original"
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint of an in-memory quantized model, by its name in the file (``layout``: see
-    ``_expert_key``); unquantized tensors in ``result.source_dtype`` (the model's dtype before quantization)."""
+    ``_expert_key``); unquantized tensors in ``result.source_dtype`` (the model's dtype before quantization), those
+    transformers keeps in float32 in float32 (``kept_in_float32``)."""
     adapter = get_adapter(model)
-    dtype = result.source_dtype
-    dtype_of = None if dtype is None else (lambda name: dtype)
+    source_dtype = result.source_dtype
+
+    def dtype(name: str) -> torch.dtype | None:
+        return torch.float32 if source_dtype is not None and kept_in_float32(model, name) else source_dtype
+
+    dtype_of = None if source_dtype is None else dtype
     tensors: dict[str, torch.Tensor] = {}
     for layer in adapter.layers(model):
         tensors.update(layer_tensors(adapter, layer, result.weights, layout, dtype_of, result.config))
@@ -217,7 +232,8 @@ def checkpoint_tensors(
     for name, tensor in model.state_dict().items():
         if name.startswith("model.layers.") or (tied and name == "lm_head.weight"):
             continue
-        t = tensor.detach() if dtype is None or not tensor.is_floating_point() else tensor.detach().to(dtype)
+        cast = dtype(name)
+        t = tensor.detach() if cast is None or not tensor.is_floating_point() else tensor.detach().to(cast)
         tensors[_param_key(adapter, name, layout)] = t.contiguous()
     return tensors
 
@@ -599,6 +615,8 @@ class StreamingCheckpoint:
     def _dtype_of(self, native: str) -> torch.dtype:
         from .streaming import native_to_source
 
+        if kept_in_float32(self.store.model, native):
+            return torch.float32
         source = self.store.source
         for key in (native, native_to_source(self.adapter, native)):
             if key in source:
@@ -969,7 +987,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str = torch.float32, 
                         raise CheckpointError(
                             f"{path}: {key} holds {bad} NaN/Inf value(s); the checkpoint is damaged: re-create it."
                         )
-                    value = value.to(dtype) if value.is_floating_point() else value
+                    if value.is_floating_point():  # (what transformers keeps in float32 stays so, as it loads it)
+                        value = value.to(torch.float32 if kept_in_float32(model, name) else dtype)
                     rest[name] = value.to(place(name))
                     consumed.add(key)
                     break

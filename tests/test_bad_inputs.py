@@ -420,3 +420,21 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(build, fragment, assets,
     assert _snapshot(out) == before  # nothing written, nothing changed
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     assert leftovers == []  # no temporary folder, no lock file
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_count_in_slices(dtype, monkeypatch):
+    """The NaN/Inf check behind every weight check counts exactly whichever slice a bad value falls in, never
+    takes large finite values for an overflow, and reduces a slice at a time (a float64 sum copies what it sums:
+    DeepSeek-V3's fused experts at once would be 60 GB)."""
+    from vsraq_plugin import validation
+
+    monkeypatch.setattr(validation, "NONFINITE_CHUNK", 7)
+    sizes = []
+    sum_ = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sizes.append(self.numel()) or sum_(self, *a, **k))
+    t = torch.full((5, 9), 3e38, dtype=dtype)  # the float32 sum of these would overflow; float64's does not
+    assert validation.nonfinite_count(t) == 0 and max(sizes) == 7
+    t[0, 1], t[2, 3], t[4, 8] = float("inf"), float("-inf"), float("nan")  # +inf and -inf in different slices
+    assert validation.nonfinite_count(t) == 3
+    assert validation.nonfinite_count(t.T) == 3  # not contiguous

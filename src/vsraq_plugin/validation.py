@@ -139,15 +139,27 @@ def check_paths(model: Path, out: Path, work_dir: Path | None, names=("out", "wo
 
 
 # ---------------------------------------------------------------------------------------------- tensors
+# Elements per float64 reduction of ``nonfinite_count``: ``sum(dtype=float64)`` makes a float64 copy of what it
+# sums, so one reduction over DeepSeek-V3's fused gate/up experts (7.5e9 elements) would hold 60 GB at once.
+NONFINITE_CHUNK = 1 << 24
+
+
 def nonfinite_count(t) -> int:
-    """Number of NaN/Inf elements of a floating tensor (0 for any other dtype); cheap when there are none."""
+    """Number of NaN/Inf elements of a floating tensor (0 for any other dtype); cheap when there are none: float64
+    sums of slices (no overflow from large finite values), added on the tensor's device, read once."""
     import torch
 
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for i in range(0, flat.numel(), NONFINITE_CHUNK):
+        total += flat[i : i + NONFINITE_CHUNK].sum(dtype=torch.float64)
+    if bool(torch.isfinite(total)):
         return 0
-    return int((~torch.isfinite(t)).sum())
+    return sum(
+        int((~torch.isfinite(flat[i : i + NONFINITE_CHUNK])).sum()) for i in range(0, flat.numel(), NONFINITE_CHUNK)
+    )
 
 
 def check_finite(tensors, what: str, fix: str, error: type[Exception] = InputError) -> None:

@@ -374,6 +374,7 @@ def _run(
                     continue
                 qw = rtn(t.weight.float(), mcfg.bits, mcfg.group_size, mcfg.sym, mcfg.mse_norm)
                 t.weight.copy_(qw.weight)
+                qw.weight = t.weight.detach()  # the model now holds these values: no second copy (as in the solves)
                 # (the codes to the host at once, streamed too: later targets' round-to-nearest copies need the room)
                 done[t.name] = _layer_result(qw, keep, host, codes_to_host=True, own=not store.lifted(layer.index))
             finish_layer(layer, done)

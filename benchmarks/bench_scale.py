@@ -7,14 +7,14 @@ with fewer experts, so a layer fits a CPU run), saved in bf16 in several shards,
 Every quantization runs in its own process; its peak RSS and peak anonymous RSS are sampled from ``/proc``
 (that process alone) and its wall time comes from the parent. Printed: peak RSS and wall time per tool and
 depth, the RSS ratio between the deepest and the shallowest model (1.0 = flat in depth), and the bf16 size of
-each model for scale. ``--expert-chunk 0 4``
-adds, per method, a run that builds and solves the routed experts' Hessians 4 experts at a time and prints its
-peak RSS and wall time as ratios to the one-chunk run, and whether the two checkpoints' tensors are bitwise equal
-(they are on the CPU; on a GPU, batched factorisations of different batch sizes might round differently).
-``--in-memory`` adds, per method, the other door: the model loaded whole in bf16 (``from_pretrained(dtype=
-torch.bfloat16)``, as a transformers / optimum user holds it) and quantized in place by ``vsraq_plugin.quantize``;
-its peak RSS over the bf16 size says what the in-memory path adds to the model it is given (one float32 layer and
-the calibration streams, not a float32 copy of the model).
+each model for scale. ``--expert-chunk 0 4`` adds, per method, a run that builds and solves the routed experts'
+Hessians 4 experts at a time and prints its peak RSS and wall time as ratios to the one-chunk run, and whether
+the two checkpoints' tensors are bitwise equal (they are on the CPU; on a GPU, batched factorisations of
+different batch sizes might round differently). ``--in-memory`` adds, per method, the other door: the model
+loaded whole in bf16 (``from_pretrained(dtype=torch.bfloat16)``, as a transformers / optimum user holds it) and
+quantized in place by ``vsraq_plugin.quantize``. Its peak anonymous RSS is what that door holds: the model, one
+float32 layer, the calibration streams and the result's codes (its total RSS also counts the clean pages of the
+shards the bf16 model stays mapped to).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --layers 4 8 --methods gptq vsraq \
         --gptqmodel-python /tmp/gqvenv/bin/python

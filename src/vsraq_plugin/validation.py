@@ -151,15 +151,13 @@ def nonfinite_count(t) -> int:
 
     if not t.is_floating_point() or t.numel() == 0:
         return 0
-    flat = t.detach().reshape(-1)
+    slices = t.detach().reshape(-1).split(NONFINITE_CHUNK)  # views
     total = torch.zeros((), dtype=torch.float64, device=t.device)
-    for i in range(0, flat.numel(), NONFINITE_CHUNK):
-        total += flat[i : i + NONFINITE_CHUNK].sum(dtype=torch.float64)
+    for s in slices:
+        total += s.sum(dtype=torch.float64)
     if bool(torch.isfinite(total)):
         return 0
-    return sum(
-        int((~torch.isfinite(flat[i : i + NONFINITE_CHUNK])).sum()) for i in range(0, flat.numel(), NONFINITE_CHUNK)
-    )
+    return sum(int((~torch.isfinite(s)).sum()) for s in slices)
 
 
 def check_finite(tensors, what: str, fix: str, error: type[Exception] = InputError) -> None:
